@@ -1,0 +1,159 @@
+"""Devices, speed profiles and links: where the simulator's clock comes from.
+
+A *profile* is what `hetsim profile` measures on a real device: for each (workload, batch size)
+the distribution of one local step's duration, and the cost of an evaluation. The file format
+is documented in `hetsim/profiles/FORMAT.md`; built-in profiles are referenced as `builtin:NAME`.
+The exchange cost model is the standard alpha-beta model of collectives:
+
+- ring all-reduce over n workers, model of S bytes, slowest link B bytes/s, per-hop latency a:
+  T = 2(n-1)·a + 2(n-1)/n · S/B   (reduce-scatter then all-gather; Patarasuk & Yuan 2009)
+- parameter server, server link B_s, slowest worker link B_w:
+  T = 2·a + 2·max(n·S/B_s, S/B_w)  (every worker pushes and pulls S through the server)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hetsim.config import DeviceSpec, NetworkSpec, StepTimeSpec, convert
+from hetsim.errors import SpecError
+
+PROFILE_FORMAT = "hetsim-profile/1"
+BUILTIN_PROFILES = Path(__file__).parent / "profiles"
+COLLECTIVES = ("ring_allreduce", "parameter_server")
+DISTRIBUTIONS = ("constant", "lognormal", "empirical")
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    """A distribution of positive durations in seconds. `sample` never returns a value <= 0."""
+
+    dist: str
+    mean_s: float
+    std_s: float = 0.0
+    samples_s: tuple[float, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: StepTimeSpec, where: str) -> "StepTimeModel":
+        if spec.dist not in DISTRIBUTIONS:
+            raise SpecError(f"{where}.dist: expected one of {list(DISTRIBUTIONS)}, got {spec.dist!r}")
+        if spec.dist == "empirical":
+            if not spec.samples_s:
+                raise SpecError(f"{where}.samples_s: expected a non-empty list of step times for dist 'empirical'")
+            bad = [s for s in spec.samples_s if not s > 0]
+            if bad:
+                raise SpecError(f"{where}.samples_s: expected step times > 0, got {bad[0]!r}")
+            samples = tuple(float(s) for s in spec.samples_s)
+            return cls("empirical", float(np.mean(samples)), float(np.std(samples)), samples)
+        if not spec.mean_s > 0:
+            raise SpecError(f"{where}.mean_s: expected a step time > 0 seconds, got {spec.mean_s!r}")
+        if spec.std_s < 0:
+            raise SpecError(f"{where}.std_s: expected a number >= 0, got {spec.std_s!r}")
+        if spec.dist == "constant":
+            return cls("constant", spec.mean_s, 0.0)
+        return cls("lognormal", spec.mean_s, spec.std_s)
+
+    def sample(self, rng: np.random.Generator) -> float:
+        if self.dist == "constant" or (self.dist == "lognormal" and self.std_s == 0):
+            return self.mean_s
+        if self.dist == "lognormal":
+            # Moment-matched: E[X] = mean_s, Std[X] = std_s.
+            sigma2 = math.log1p((self.std_s / self.mean_s) ** 2)
+            return float(rng.lognormal(math.log(self.mean_s) - sigma2 / 2, math.sqrt(sigma2)))
+        return self.samples_s[int(rng.integers(len(self.samples_s)))]
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """One device's time model for one workload and batch size, resolved from its spec/profile."""
+
+    kind: str
+    step_time: StepTimeModel
+    eval_time_s: float
+    bandwidth_Bps: float | None  # None = the network's
+    latency_s: float | None
+    source: str  # where the numbers come from: 'inline', 'assumed: ...', 'measured: <hardware>'
+
+
+def _profile_path(ref: str) -> Path:
+    if ref.startswith("builtin:"):
+        return BUILTIN_PROFILES / f"{ref.removeprefix('builtin:')}.json"
+    return Path(ref)
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(f"builtin:{p.stem}" for p in BUILTIN_PROFILES.glob("*.json"))
+
+
+def load_profile(ref: str) -> dict[str, Any]:
+    """Read and check a profile file's structure (not yet its entries)."""
+    path = _profile_path(ref)
+    if not path.is_file():
+        hint = f" (built-ins: {', '.join(builtin_profiles())})" if ref.startswith("builtin:") else ""
+        raise SpecError(f"{ref}: no such profile file{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise SpecError(f"{path}: format: expected {PROFILE_FORMAT!r}")
+    if not isinstance(data.get("entries"), list):
+        raise SpecError(f"{path}: entries: expected a list of {{workload, batch_size, step_time}}")
+    return data
+
+
+def profile_entry(ref: str, workload: str, batch_size: int) -> tuple[StepTimeModel, float, str]:
+    """(step-time model, eval time, source label) of a profile's entry for workload and batch size."""
+    data = load_profile(ref)
+    path = _profile_path(ref)
+    available = []
+    for i, entry in enumerate(data["entries"]):
+        where = f"{path}: entries[{i}]"
+        if not isinstance(entry, dict):
+            raise SpecError(f"{where}: expected a table")
+        available.append(f"{entry.get('workload')}@{entry.get('batch_size')}")
+        if entry.get("workload") != workload or entry.get("batch_size") != batch_size:
+            continue
+        step = convert(StepTimeSpec, entry.get("step_time", {}), f"{where}.step_time")
+        model = StepTimeModel.from_spec(step, f"{where}.step_time")
+        eval_time = entry.get("eval_time_s", 0.0)
+        if isinstance(eval_time, bool) or not isinstance(eval_time, (int, float)) or eval_time < 0:
+            raise SpecError(f"{where}.eval_time_s: expected a number >= 0, got {eval_time!r}")
+        label = f"{data.get('source', 'measured')}: {data.get('hardware', 'unknown hardware')}"
+        return model, float(eval_time), label
+    raise SpecError(f"{ref}: no entry for workload {workload!r} at batch size {batch_size} "
+                    f"(has: {', '.join(available) or 'none'}); profile that pair or give step_time inline")
+
+
+def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> DeviceModel:
+    if d.profile:
+        try:
+            step, eval_time, source = profile_entry(d.profile, workload, batch_size)
+        except SpecError as e:
+            raise SpecError(f"{where}.profile: {e}") from None
+    else:
+        assert d.step_time is not None
+        step, eval_time, source = StepTimeModel.from_spec(d.step_time, f"{where}.step_time"), 0.0, "inline"
+    if d.eval_time_s is not None:
+        eval_time = d.eval_time_s
+    bandwidth = d.bandwidth_GBps * 1e9 if d.bandwidth_GBps is not None else None
+    return DeviceModel(d.kind, step, eval_time, bandwidth, d.latency_s, source)
+
+
+def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int) -> float:
+    """Seconds for one model exchange among `devices` (see the module docstring for the formulas)."""
+    n = len(devices)
+    if n <= 1:
+        return 0.0
+    net_bw = network.bandwidth_GBps * 1e9
+    link_bw = min(d.bandwidth_Bps or net_bw for d in devices)
+    latency = max(d.latency_s if d.latency_s is not None else network.latency_s for d in devices)
+    if network.collective == "ring_allreduce":
+        return 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / link_bw
+    return 2 * latency + 2 * max(n * model_bytes / net_bw, model_bytes / link_bw)

@@ -1,0 +1,488 @@
+"""The experiment spec: frozen dataclasses loaded from TOML and validated once, on load.
+
+A spec describes one run completely: workload, cluster, the three policies, optimisation, stop
+criteria, evaluation and seed. `load_spec` reads a TOML file, applies `--set key=value`
+overrides, converts every value to its declared type and checks every constraint; any problem
+raises `SpecError` with one line naming the file, the key and what was expected.
+
+Example::
+
+    spec = load_spec("examples/digits.toml", overrides=["optim.lr=0.05", "seed=3"])
+    spec.cluster.devices[0].kind   # 'cpu'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import abc
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hetsim.errors import SpecError
+
+# --------------------------------------------------------------------------------------------
+# Spec dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Which model and data set every worker trains.
+
+    name: a registered workload (`digits`, `fashion_mnist`, `cifar10`, `synthetic`).
+    path: data directory for workloads that read local files ("" = the workload's default).
+    n_train / n_test: use only the first n samples (0 = all), for quick experiments.
+    augment: random crop/flip on image workloads that support it.
+    n_features / n_classes: shape of the synthetic task (ignored by the others).
+    """
+
+    name: str = "digits"
+    path: str = ""
+    n_train: int = 0
+    n_test: int = 0
+    augment: bool = True
+    n_features: int = 32
+    n_classes: int = 4
+
+
+@dataclass(frozen=True)
+class StepTimeSpec:
+    """An inline step-time distribution (seconds per local step).
+
+    dist: `constant` (always mean_s), `lognormal` (mean_s and std_s, moment-matched; never <= 0),
+    or `empirical` (resample samples_s uniformly with replacement).
+    """
+
+    dist: str = "constant"
+    mean_s: float = 0.0
+    std_s: float = 0.0
+    samples_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A group of identical devices.
+
+    kind: a label that policies may key on (`cpu`, `gpu`, ...).
+    count: how many devices of this group.
+    profile: a profile JSON file (`hetsim/profiles/FORMAT.md`) or `builtin:NAME`; its entry for the
+        run's workload and batch size gives the step time. Exclusive with `step_time`.
+    step_time: an inline step-time distribution instead of a profile.
+    eval_time_s: seconds to evaluate the global model (device 0's is charged); unset = the profile's, else 0.
+    bandwidth_GBps / latency_s: this group's link; unset = the network's.
+    """
+
+    kind: str = "cpu"
+    count: int = 1
+    profile: str = ""
+    step_time: StepTimeSpec | None = None
+    eval_time_s: float | None = None
+    bandwidth_GBps: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The model exchange. collective: `ring_allreduce` or `parameter_server` (see cluster.py)."""
+
+    collective: str = "ring_allreduce"
+    bandwidth_GBps: float = 10.0
+    latency_s: float = 20e-6
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str = ""
+    devices: tuple[DeviceSpec, ...] = ()
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy by registered name (or `package.module:Class`) with its constructor parameters."""
+
+    name: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """Per-replica SGD. lr_schedule: `constant`, `step` (x gamma at each milestone, given as fractions of
+    the run's budget, as the reference code's 60%/80%) or `cosine`."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    lr_schedule: str = "constant"
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class StopSpec:
+    """A run stops at the first budget reached. 0 = that budget is not set; at least one must be.
+
+    target_accuracy: the accuracy for time_to_accuracy_s; with stop_at_target the run ends there.
+    """
+
+    max_rounds: int = 0
+    max_time_s: float = 0.0
+    max_epochs: float = 0.0
+    target_accuracy: float = 0.9
+    stop_at_target: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluate the global model every `every_rounds` rounds and/or each time another `every_epochs`
+    of training samples has been processed (0 = off); the final model is always evaluated."""
+
+    every_rounds: int = 0
+    every_epochs: float = 0.25
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """What goes to trace.json. max_rounds: keep events of the first N rounds only (0 = all)."""
+
+    max_rounds: int = 0
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = "run"
+    seed: int = 0
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    scheduler: PolicySpec = field(default_factory=lambda: PolicySpec("proportional"))
+    sampler: PolicySpec = field(default_factory=lambda: PolicySpec("uniform"))
+    aggregator: PolicySpec = field(default_factory=lambda: PolicySpec("mean"))
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    stop: StopSpec = field(default_factory=StopSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    trace: TraceSpec = field(default_factory=TraceSpec)
+
+    @property
+    def n_workers(self) -> int:
+        return sum(d.count for d in self.cluster.devices)
+
+    def worker_kinds(self) -> list[str]:
+        return [d.kind for d in self.cluster.devices for _ in range(d.count)]
+
+    def worker_devices(self) -> list[DeviceSpec]:
+        return [d for d in self.cluster.devices for _ in range(d.count)]
+
+
+# --------------------------------------------------------------------------------------------
+# Generic conversion: a TOML table -> a frozen dataclass, checking keys and types
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    if origin in (dict, abc.Mapping) or tp in (dict, abc.Mapping):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert a TOML value to type `tp`; `where` names the key for the error message."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for a in args:
+            try:
+                return convert(a, value, where)
+            except SpecError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where}: expected a table, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, abc.Mapping) or tp in (dict, abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise SpecError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported spec type {tp!r} at {where}")  # a bug in hetsim, not in the config
+
+
+def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise SpecError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise SpecError(f"{key}: unknown key (expected one of: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = convert(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"{where or cls.__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic validation
+# --------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise SpecError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _validate(spec: Spec) -> None:
+    from hetsim import cluster as cluster_mod
+    from hetsim.policies import base as registry
+    from hetsim.workloads import check_workload
+
+    _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
+    check_workload(spec.workload)
+
+    devices = spec.cluster.devices
+    _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))
+    for i, d in enumerate(devices):
+        key = f"cluster.devices[{i}]"
+        _require(d.count >= 1, f"{key}.count", "an integer >= 1", d.count)
+        _require(bool(d.kind), f"{key}.kind", "a non-empty label such as 'cpu' or 'gpu'", d.kind)
+        _require(d.bandwidth_GBps is None or d.bandwidth_GBps > 0, f"{key}.bandwidth_GBps", "a number > 0",
+                 d.bandwidth_GBps)
+        _require(d.latency_s is None or d.latency_s >= 0, f"{key}.latency_s", "a number >= 0", d.latency_s)
+        _require(d.eval_time_s is None or d.eval_time_s >= 0, f"{key}.eval_time_s", "a number >= 0",
+                 d.eval_time_s)
+        _require(bool(d.profile) != (d.step_time is not None), f"{key}",
+                 "exactly one of 'profile' or 'step_time'", {"profile": d.profile, "step_time": d.step_time})
+        # Building the device's time model validates the profile (positive step times etc.).
+        cluster_mod.device_model(d, spec.workload.name, spec.optim.batch_size, key)
+    net = spec.cluster.network
+    _require(net.collective in cluster_mod.COLLECTIVES, "cluster.network.collective",
+             f"one of {sorted(cluster_mod.COLLECTIVES)}", net.collective)
+    _require(net.bandwidth_GBps > 0, "cluster.network.bandwidth_GBps", "a number > 0", net.bandwidth_GBps)
+    _require(net.latency_s >= 0, "cluster.network.latency_s", "a number >= 0", net.latency_s)
+
+    for category in ("scheduler", "sampler", "aggregator"):
+        registry.build(category, getattr(spec, category), where=category)
+
+    o = spec.optim
+    _require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
+    _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _require(o.batch_size >= 1, "optim.batch_size", "an integer >= 1", o.batch_size)
+    _require(o.lr_schedule in ("constant", "step", "cosine"), "optim.lr_schedule",
+             "one of 'constant', 'step', 'cosine'", o.lr_schedule)
+    _require(all(0 < m < 1 for m in o.milestones) and list(o.milestones) == sorted(o.milestones),
+             "optim.milestones", "increasing fractions of the budget in (0, 1)", list(o.milestones))
+    _require(0 < o.gamma <= 1, "optim.gamma", "a number in (0, 1]", o.gamma)
+
+    s = spec.stop
+    _require(s.max_rounds >= 0, "stop.max_rounds", "an integer >= 0", s.max_rounds)
+    _require(s.max_time_s >= 0, "stop.max_time_s", "a number >= 0", s.max_time_s)
+    _require(s.max_epochs >= 0, "stop.max_epochs", "a number >= 0", s.max_epochs)
+    _require(s.max_rounds > 0 or s.max_time_s > 0 or s.max_epochs > 0, "stop",
+             "at least one of max_rounds, max_time_s, max_epochs > 0", dict(dataclasses.asdict(s)))
+    _require(0 < s.target_accuracy <= 1, "stop.target_accuracy", "a number in (0, 1]", s.target_accuracy)
+
+    e = spec.eval
+    _require(e.every_rounds >= 0, "eval.every_rounds", "an integer >= 0", e.every_rounds)
+    _require(e.every_epochs >= 0, "eval.every_epochs", "a number >= 0", e.every_epochs)
+    _require(e.every_rounds > 0 or e.every_epochs > 0, "eval",
+             "every_rounds > 0 or every_epochs > 0", dataclasses.asdict(e))
+    _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, paths
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a', 'b', '0', 'c'], value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set {text!r}: expected a dotted key such as optim.lr")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw spec table; list items are addressed by index (cluster.devices.1.count)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(f"--set {text}: {where}: expected an index below {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise SpecError(f"--set {text}: {where}: {'.'.join(parts[:depth])} is not a table")
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative data and profile paths absolute, relative to the config file's folder."""
+    workload = data.get("workload")
+    if isinstance(workload, dict) and isinstance(workload.get("path"), str) and workload["path"]:
+        workload["path"] = str((base / Path(workload["path"]).expanduser()).resolve())
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and isinstance(cluster.get("devices"), list):
+        for d in cluster["devices"]:
+            p = d.get("profile") if isinstance(d, dict) else None
+            if isinstance(p, str) and p and not p.startswith("builtin:"):
+                d["profile"] = str((base / Path(p).expanduser()).resolve())
+
+
+def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path | None = None,
+                   overrides: Sequence[str] = ()) -> Spec:
+    """Build and validate a Spec from a raw table; errors are prefixed with `source`."""
+    import copy
+
+    raw = copy.deepcopy(dict(data))
+    try:
+        apply_overrides(raw, overrides)
+        _resolve_paths(raw, base or Path.cwd())
+        spec = build_dataclass(Spec, raw)
+        _validate(spec)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    return spec
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and validate a TOML spec. Raises SpecError with file, key and expectation."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such config file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    return spec_from_dict(data, source=str(path), base=path.parent, overrides=overrides)
+
+
+def spec_to_dict(spec: Spec) -> dict[str, Any]:
+    """The fully resolved spec as plain tables (None values dropped: TOML has no null)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(dataclasses.asdict(spec))
+
+
+def replace(spec: Spec, overrides: Sequence[str]) -> Spec:
+    """A copy of `spec` with `--set`-style overrides applied and validated."""
+    return spec_from_dict(spec_to_dict(spec), source=spec.name, overrides=overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# A minimal TOML writer for resolved specs (tables, arrays of tables, scalars, lists of scalars)
+# --------------------------------------------------------------------------------------------
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    lines: list[str] = []
+
+    def is_table_list(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def emit(table: Mapping[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not is_table_list(v)}
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in table.items():
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+            if isinstance(v, dict):
+                lines.append("")
+                lines.append(f"[{name}]")
+                emit(v, name)
+            elif is_table_list(v):
+                for item in v:
+                    lines.append("")
+                    lines.append(f"[[{name}]]")
+                    emit(item, name)
+
+    emit(data, "")
+    return "\n".join(lines).lstrip("\n") + "\n"

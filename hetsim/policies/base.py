@@ -1,0 +1,157 @@
+"""The three policy contracts and the one registry that lets a config pick a policy by name.
+
+Each round: a Scheduler decides how much local work every worker does, a Sampler picks each local
+step's mini-batch, an Aggregator combines the replicas. Policies are small frozen dataclasses: their
+fields are the parameters a config sets, they hold no hidden state and know nothing of time sources.
+Whatever they remember (loss scores, data streams, throughput estimates) is an explicit object
+owned by the runner (see `hetsim.policies.sampling.LossScores`, `EpochStream`).
+
+A user's own policy plugs in exactly like a built-in: subclass the contract, and either decorate
+it with `@register("scheduler", "my_name")` or name it in a config as `"my_package.module:MyClass"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from hetsim.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hetsim.config import PolicySpec
+    from hetsim.policies.sampling import EpochStream, LossScores
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a policy may know about a worker: what a real system would know, not the simulator's secrets.
+
+    profile_step_time_s: mean step time from the device's profile (what `hetsim profile` measured).
+    observed_step_time_s: running mean of the step times this worker actually took so far (None before
+        its first round).
+    """
+
+    index: int
+    kind: str
+    profile_step_time_s: float
+    observed_step_time_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A scheduler's decision for one round.
+
+    local_steps[k]: exact number of local steps of worker k; None when the worker instead runs until
+    `time_budget_s` has elapsed since the round started (the step that crosses the budget completes).
+    """
+
+    local_steps: tuple[int | None, ...]
+    time_budget_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One local step's sample indices, and how many of them were chosen by loss (biased)."""
+
+    indices: np.ndarray
+    n_biased: int = 0
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a worker did in a round: the aggregator's view of it."""
+
+    worker: int
+    kind: str
+    local_steps: int
+    samples: int
+    mean_loss: float
+
+
+class Scheduler(ABC):
+    """Decides each worker's local work for a round (the paper's per-device 'interval')."""
+
+    @abstractmethod
+    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan: ...
+
+
+class Sampler(ABC):
+    """Chooses the samples of one local step of one worker."""
+
+    #: how the loss-score store merges a new observation: 'latest' or the reference code's 'min'.
+    score_rule: str = "latest"
+
+    @abstractmethod
+    def batch(self, worker: WorkerInfo, batch_size: int, stream: "EpochStream", scores: "LossScores") -> Batch: ...
+
+
+class Aggregator(ABC):
+    """Combines replicas (rows of a [workers, parameters] matrix) into the next global model."""
+
+    @abstractmethod
+    def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
+        """Weight of each replica in the combination (logged every round)."""
+
+    def combine(self, global_params: "torch.Tensor", replicas: "torch.Tensor",
+                contributions: Sequence[Contribution]) -> tuple["torch.Tensor", np.ndarray]:
+        """Next global parameters and the weights used. Default: the weighted sum of replicas."""
+        import torch
+
+        w = self.weights(contributions)
+        return torch.as_tensor(w, dtype=replicas.dtype) @ replicas, w
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+
+_BASES: dict[str, type] = {"scheduler": Scheduler, "sampler": Sampler, "aggregator": Aggregator}
+_REGISTRY: dict[str, dict[str, type]] = {c: {} for c in _BASES}
+
+
+def register(category: str, name: str) -> Callable[[type], type]:
+    """Class decorator: make a policy selectable as `[<category>] name = "<name>"` in a config."""
+
+    def deco(cls: type) -> type:
+        if not issubclass(cls, _BASES[category]):
+            raise TypeError(f"{cls.__name__} must subclass {_BASES[category].__name__}")
+        _REGISTRY[category][name] = cls
+        cls.registered_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def names(category: str) -> list[str]:
+    return sorted(_REGISTRY[category])
+
+
+def policy_class(category: str, name: str, where: str) -> type:
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise SpecError(f"{where}.name: cannot import {name!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, _BASES[category]) and dataclasses.is_dataclass(cls)):
+            raise SpecError(f"{where}.name: {name!r} is not a dataclass subclassing {_BASES[category].__name__}")
+        return cls
+    if name not in _REGISTRY[category]:
+        raise SpecError(f"{where}.name: expected one of {names(category)} or 'module:Class', got {name!r}")
+    return _REGISTRY[category][name]
+
+
+def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
+    """Instantiate the policy a spec names, checking its parameters' names, types and values."""
+    from hetsim.config import build_dataclass
+
+    where = where or category
+    cls = policy_class(category, spec.name, where)
+    return build_dataclass(cls, spec.params, f"{where}.params")

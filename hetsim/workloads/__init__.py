@@ -1,0 +1,95 @@
+"""Workloads: a model and a data set, all behind one interface (`Workload`).
+
+Built-ins: `digits` (scikit-learn's bundled handwritten digits + MLP; the embedded default, no
+download), `fashion_mnist` (IDX files, small CNN), `cifar10` (python batches, ResNet-20, the paper's
+workload) and `synthetic` (Gaussian classes, for fast tests). Data are held in memory as raw tensors;
+`Workload.prepare` turns a raw batch into model input (normalisation, and augmentation in training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hetsim.config import WorkloadSpec
+from hetsim.errors import DataError, SpecError
+
+
+@dataclass
+class Workload:
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    n_classes: int
+    make_model: Callable[[], nn.Module]
+    #: (raw batch, train?, generator) -> model input; augmentation only when train is True
+    prepare: Callable[[torch.Tensor, bool, torch.Generator | None], torch.Tensor]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
+
+
+@dataclass(frozen=True)
+class WorkloadEntry:
+    build: Callable[[WorkloadSpec], Workload]
+    default_path: str = ""        # "" = needs no files
+    required_files: tuple[tuple[str, ...], ...] = ()  # alternatives per needed file
+    description: str = ""
+
+
+WORKLOADS: dict[str, WorkloadEntry] = {}
+
+
+def register_workload(name: str, entry: WorkloadEntry) -> None:
+    WORKLOADS[name] = entry
+
+
+def data_path(spec: WorkloadSpec) -> Path:
+    return Path(spec.path or WORKLOADS[spec.name].default_path)
+
+
+def check_workload(spec: WorkloadSpec) -> None:
+    """Validate a workload spec on load: known name, sizes, and (for file-based data) files present."""
+    _load_builtins()
+    if spec.name not in WORKLOADS:
+        raise SpecError(f"workload.name: expected one of {sorted(WORKLOADS)}, got {spec.name!r}")
+    for key in ("n_train", "n_test"):
+        if getattr(spec, key) < 0:
+            raise SpecError(f"workload.{key}: expected an integer >= 0 (0 = all), got {getattr(spec, key)!r}")
+    if spec.n_features < 1 or spec.n_classes < 2:
+        raise SpecError("workload: expected n_features >= 1 and n_classes >= 2")
+    entry = WORKLOADS[spec.name]
+    if not entry.required_files:
+        return
+    root = data_path(spec)
+    if not root.is_dir():
+        raise SpecError(f"workload.path: data directory {str(root)!r} for {spec.name} does not exist "
+                        f"({entry.description})")
+    for alternatives in entry.required_files:
+        if not any((root / f).is_file() for f in alternatives):
+            raise SpecError(f"workload.path: {str(root)!r} lacks {alternatives[0]} ({entry.description})")
+
+
+def build_workload(spec: WorkloadSpec) -> Workload:
+    """Load the data and return the workload; `n_train`/`n_test` truncate the sets."""
+    check_workload(spec)
+    try:
+        w = WORKLOADS[spec.name].build(spec)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"workload {spec.name} at {str(data_path(spec))!r}: {e}") from None
+    if spec.n_train:
+        w.train_x, w.train_y = w.train_x[:spec.n_train], w.train_y[:spec.n_train]
+    if spec.n_test:
+        w.test_x, w.test_y = w.test_x[:spec.n_test], w.test_y[:spec.n_test]
+    return w
+
+
+def _load_builtins() -> None:
+    from hetsim.workloads import cifar10, digits, fashion_mnist, synthetic  # noqa: F401  (registration)
