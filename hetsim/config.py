@@ -262,7 +262,10 @@ def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise SpecError(f"{where or cls.__name__}: {e}") from None
+        # policies raise "param: expected ..."; join it to the key path: "sampler.params.param: ..."
+        field_name = str(e).split(":", 1)[0]
+        sep = "." if field_name in names and where else ": "
+        raise SpecError(f"{where or cls.__name__}{sep}{e}") from None
 
 
 # --------------------------------------------------------------------------------------------

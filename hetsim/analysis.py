@@ -1,0 +1,158 @@
+"""Reading run directories back: metrics, summaries, time-to-accuracy, speedups.
+
+Works on any runner's output (simulator or real backend), since they share one schema.
+
+    runs = load_runs(["out/runs/sync-sgd-s0", "out/runs/system-aware-s0"])
+    table = speedup_table(group_by_label(runs), target=0.95, baseline="sync-sgd")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hetsim.errors import HetsimError
+from hetsim.results import METRIC_COLUMNS, time_to_accuracy
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: dict[str, np.ndarray]
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The policy label: the spec's name (seeds of one configuration share it)."""
+        return str(self.config.get("name", self.path.name))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def evaluated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(time_s, epoch, test_acc) at the rounds where the model was evaluated."""
+        acc = self.metrics["test_acc"]
+        ok = ~np.isnan(acc)
+        return self.metrics["time_s"][ok], self.metrics["epoch"][ok], acc[ok]
+
+    def time_to_accuracy(self, target: float) -> float | None:
+        t, _, acc = self.evaluated()
+        return time_to_accuracy(list(t), list(acc), target)
+
+    def trace(self) -> list[dict[str, Any]]:
+        path = self.path / "trace.json"
+        return json.loads(path.read_text())["traceEvents"] if path.is_file() else []
+
+
+def read_metrics(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in METRIC_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise HetsimError(f"{path}: missing columns {missing}")
+    return {c: np.array([float(r[c]) if r[c] != "" else math.nan for r in rows]) for c in METRIC_COLUMNS}
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    needed = ["config.toml", "metrics.csv", "summary.json"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise HetsimError(f"{path}: not a finished run directory (missing {', '.join(missing)})")
+    decisions_path = path / "decisions.jsonl"
+    decisions = [json.loads(line) for line in decisions_path.read_text().splitlines()] if decisions_path.is_file() else []
+    return Run(path, tomllib.loads((path / "config.toml").read_text()),
+               json.loads((path / "summary.json").read_text()), read_metrics(path / "metrics.csv"), decisions)
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Load run directories; a folder that holds run directories (not itself one) is expanded."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "summary.json").is_file() or (p / "config.toml").is_file():
+            runs.append(load_run(p))
+        elif p.is_dir():
+            children = sorted(c for c in p.iterdir() if (c / "summary.json").is_file())
+            if not children:
+                raise HetsimError(f"{p}: holds no run directories")
+            runs.extend(load_run(c) for c in children)
+        else:
+            raise HetsimError(f"{p}: no such run directory")
+    return runs
+
+
+def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by label, in first-seen order; each group's runs sorted by seed."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    return {k: sorted(v, key=lambda r: r.seed) for k, v in groups.items()}
+
+
+@dataclass(frozen=True)
+class SpeedupRow:
+    label: str
+    seeds: int
+    reached: int                    # seeds that reached the target
+    tta_mean_s: float | None        # over the seeds that reached it
+    tta_std_s: float | None
+    final_acc_mean: float
+    final_acc_std: float
+    speedup: float | None           # baseline mean TTA / this mean TTA
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def speedup_table(groups: dict[str, list[Run]], target: float, baseline: str | None = None) -> list[SpeedupRow]:
+    """Time to `target` accuracy per label (mean/std over seeds) and speedup over `baseline`."""
+    if baseline is not None and baseline not in groups:
+        raise HetsimError(f"baseline {baseline!r} is not among the runs' labels {list(groups)}")
+    rows = []
+    for label, runs in groups.items():
+        ttas = [t for t in (r.time_to_accuracy(target) for r in runs) if t is not None]
+        finals = [r.evaluated()[2][-1] for r in runs]
+        rows.append(SpeedupRow(label, len(runs), len(ttas),
+                               float(np.mean(ttas)) if ttas else None, float(np.std(ttas)) if ttas else None,
+                               float(np.mean(finals)), float(np.std(finals)), None))
+    if baseline is not None:
+        base = next(r for r in rows if r.label == baseline).tta_mean_s
+        rows = [SpeedupRow(**{**r.as_dict(), "speedup": (base / r.tta_mean_s) if (base and r.tta_mean_s) else None})
+                for r in rows]
+    return rows
+
+
+def speedup_markdown(rows: Sequence[SpeedupRow], target: float, baseline: str | None) -> str:
+    def f(v: float | None, spec: str) -> str:
+        return "not reached" if v is None else format(v, spec)
+
+    head = (f"| policy | seeds reaching {target:.0%} | time to {target:.0%} (s) | final accuracy | "
+            f"speedup over {baseline or '-'} |\n|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r.label} | {r.reached}/{r.seeds} | {f(r.tta_mean_s, '.4g')} ± {f(r.tta_std_s, '.2g')} | "
+        f"{r.final_acc_mean:.3f} ± {r.final_acc_std:.3f} | {f(r.speedup, '.2f')}{'x' if r.speedup else ''} |\n"
+        for r in rows)
+    return head + body
+
+
+def write_speedup_table(rows: Sequence[SpeedupRow], out_dir: Path, target: float, baseline: str | None) -> None:
+    import io
+
+    from hetsim.results import atomic_write
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SpeedupRow.__dataclass_fields__)
+    w.writerows(["" if v is None else v for v in r.as_dict().values()] for r in rows)
+    atomic_write(out_dir / "speedups.csv", buf.getvalue())
+    atomic_write(out_dir / "speedups.md", speedup_markdown(rows, target, baseline))

@@ -1,0 +1,159 @@
+"""The command line: `hetsim quickstart | simulate | plot`.
+
+Errors in configs, profiles or data paths print one line (`hetsim: error: FILE: KEY: expected ...`)
+and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from hetsim.errors import HetsimError, SpecError
+
+
+class Progress:
+    """One status line per run, refreshed in place on a terminal and every few seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every_s = 0.25 if self.tty else 5.0
+        self._last = 0.0
+        self.prefix = ""
+        self.last_acc = math.nan
+
+    def start(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._last = 0.0
+        self.last_acc = math.nan
+
+    def __call__(self, row: dict) -> None:
+        if not math.isnan(row["test_acc"]):
+            self.last_acc = row["test_acc"]
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        self._print(f"round {row['round']:>5}  t={row['time_s']:.4g}s  epoch {row['epoch']:.2f}  "
+                    f"acc {self.last_acc:.3f}", final=False)
+
+    def done(self, summary: dict) -> None:
+        tta = summary["time_to_accuracy_s"]
+        tta_text = f"{tta:.4g}s" if tta is not None else "not reached"
+        self._print(f"done: {summary['rounds']} rounds, t={summary['time_s']:.4g}s, final acc "
+                    f"{summary['final_test_acc']:.3f}, time to {summary['target_accuracy']:.0%}: {tta_text} "
+                    f"(wall {summary['wall_time_s']:.1f}s)", final=True)
+
+    def _print(self, text: str, final: bool) -> None:
+        line = f"{self.prefix} {text}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hetsim.config import load_spec
+    from hetsim.sim import simulate
+
+    spec = load_spec(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}"
+    progress = None if args.quiet else Progress()
+    if progress:
+        progress.start(f"[{spec.name} seed {spec.seed}]")
+    result = simulate(spec, out, progress)
+    if progress:
+        progress.done(result.summary)
+    print(out)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from hetsim.analysis import load_runs
+    from hetsim.plots import plot_runs
+    from hetsim.quickstart import BASELINE, quickstart_specs
+    from hetsim.sim import simulate
+
+    out = Path(args.out)
+    specs = quickstart_specs(args.seeds, args.set)
+    progress = Progress()
+    t0 = time.perf_counter()
+    for i, (name, spec) in enumerate(specs):
+        progress.start(f"[{i + 1}/{len(specs)} {name}]")
+        result = simulate(spec, out / "runs" / name, progress)
+        progress.done(result.summary)
+    runs = load_runs([out / "runs" / name for name, _ in specs])
+    paths = plot_runs(runs, out / "figures", baseline=BASELINE)
+    print((out / "figures" / "speedups.md").read_text())
+    print(f"{len(specs)} runs in {time.perf_counter() - t0:.0f}s; figures:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hetsim.analysis import load_runs
+    from hetsim.plots import plot_runs
+
+    runs = load_runs(args.runs)
+    a, _, b = args.rounds.partition(":")
+    try:
+        window = (int(a), int(b or a))
+    except ValueError:
+        raise SpecError(f"--rounds {args.rounds!r}: expected FIRST:LAST, e.g. 1:3") from None
+    for p in plot_runs(runs, Path(args.out), args.target, args.baseline, window):
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetsim", description="Simulate biased local SGD on heterogeneous clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="compare five policies on the embedded default and plot them")
+    q.add_argument("--out", default="hetsim-quickstart", help="output folder (runs/ and figures/)")
+    q.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base spec")
+    q.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("simulate", help="run one config in the simulator")
+    s.add_argument("config", help="TOML spec (see examples/)")
+    s.add_argument("--out", help="run directory (default runs/NAME-sSEED)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_simulate)
+
+    pl = sub.add_parser("plot", help="figures and a speedup table from run directories")
+    pl.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    pl.add_argument("--out", default="figures", help="output folder")
+    pl.add_argument("--target", type=float, help="target accuracy (default: the runs' configured target)")
+    pl.add_argument("--baseline", help="label of the baseline for speedups, e.g. sync-sgd")
+    pl.add_argument("--rounds", default="1:3", help="round window of the timeline, FIRST:LAST")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        print(f"hetsim: error: {e}", file=sys.stderr)
+        return 2
+    except HetsimError as e:
+        print(f"hetsim: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hetsim: interrupted; completed files are kept in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The spec: loading, validation with clear errors, overrides, round trip."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hetsim.config import Spec, load_spec, spec_from_dict, spec_to_dict, to_toml
+from hetsim.errors import SpecError
+
+from conftest import ROOT, TINY
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text(text)
+    return p
+
+
+def test_tiny_spec_loads(tiny_spec):
+    spec = tiny_spec()
+    assert spec.n_workers == 3
+    assert spec.worker_kinds() == ["cpu", "gpu", "gpu"]
+    assert spec.scheduler.params == {"per_kind": {"cpu": 1, "gpu": 5}}
+
+
+@pytest.mark.parametrize("name", ["digits.toml", "synthetic.toml", "paper_cluster.toml"])
+def test_examples_load(name):
+    spec = load_spec(ROOT / "examples" / name)
+    assert spec.n_workers >= 2
+
+
+def test_fashion_example_loads_where_the_data_is_installed():
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    assert load_spec(ROOT / "examples" / "fashion_mnist.toml").workload.name == "fashion_mnist"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", r"optim.lrr: unknown key \(expected one of: .*lr"),
+    ("optim.lr='fast'", r"optim.lr: expected a number, got 'fast'"),
+    ("optim.lr=-1", r"optim.lr: expected a number > 0, got -1.0"),
+    ("optim.batch_size=2.5", r"optim.batch_size: expected an integer, got 2.5"),
+    ("cluster.devices.0.count=0", r"cluster.devices\[0\].count: expected an integer >= 1, got 0"),
+    ("cluster.devices.0.step_time.mean_s=-0.01", r"cluster.devices\[0\].step_time.mean_s: expected a step time > 0"),
+    ("cluster.devices=[]", r"cluster.devices: expected at least one device group"),
+    ("stop.max_rounds=0", r"stop: expected at least one of max_rounds, max_time_s, max_epochs > 0"),
+    ("scheduler.name='warp'", r"scheduler.name: expected one of \["),
+    ("sampler.params.sample_ratio=0.5", r"sampler.params.sample_ratio: expected a number >= 1, got 0.5"),
+    ("cluster.network.collective='mesh'", r"cluster.network.collective: expected one of"),
+    ("stop.target_accuracy=1.5", r"stop.target_accuracy: expected a number in \(0, 1\]"),
+])
+def test_bad_values_name_file_key_and_expectation(override, message):
+    with pytest.raises(SpecError, match=r"^tiny: " + message):
+        spec_from_dict(TINY, source="tiny", overrides=[override, "sampler.name='loss_topk'"]
+                       if "sample_ratio" in override else [override])
+
+
+def test_error_names_the_file(tmp_path):
+    p = write(tmp_path, "seed = 'one'\n")
+    with pytest.raises(SpecError, match=rf"^{p}: seed: expected an integer, got 'one'$"):
+        load_spec(p)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(write(tmp_path, "seed = = 1"))
+    with pytest.raises(SpecError, match="no such config file"):
+        load_spec(tmp_path / "absent.toml")
+
+
+def test_missing_data_path_is_rejected_on_load():
+    with pytest.raises(SpecError, match=r"workload.path: data directory '/nonexistent/cifar' for cifar10 does not exist"):
+        spec_from_dict(TINY, source="tiny", overrides=["workload.name='cifar10'", "workload.path='/nonexistent/cifar'"])
+
+
+def test_device_needs_exactly_one_time_source():
+    with pytest.raises(SpecError, match=r"cluster.devices\[0\]: expected exactly one of 'profile' or 'step_time'"):
+        spec_from_dict(TINY, source="tiny", overrides=["cluster.devices.0.profile='builtin:assumed-cpu'"])
+
+
+def test_profile_without_an_entry_for_the_workload_is_rejected():
+    with pytest.raises(SpecError, match=r"no entry for workload 'synthetic' at batch size 8 \(has: "):
+        spec_from_dict(TINY, source="tiny", overrides=["cluster.devices.0={kind='cpu', profile='builtin:assumed-cpu'}"])
+
+
+def test_overrides_reach_nested_keys_and_list_items(tiny_spec):
+    spec = tiny_spec("optim.lr=0.05", "cluster.devices.1.count=4", "scheduler.params.per_kind.gpu=7", "name=x y")
+    assert spec.optim.lr == 0.05
+    assert spec.cluster.devices[1].count == 4
+    assert spec.scheduler.params["per_kind"]["gpu"] == 7
+    assert spec.name == "x y"  # not TOML: read as a string
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr", "expected KEY=VALUE"),
+    ("cluster.devices.5.count=1", r"cluster.devices.5: expected an index below 2"),
+    ("seed.x=1", r"seed.x: seed is not a table"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(TINY, source="tiny", overrides=[override])
+
+
+def test_resolved_config_round_trips_through_toml(tiny_spec, tmp_path):
+    spec = tiny_spec("workload.n_train=100")
+    p = write(tmp_path, to_toml(spec_to_dict(spec)))
+    assert load_spec(p) == spec
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    p = write(tmp_path, to_toml({**TINY, "workload": {"name": "synthetic", "path": "data"}}))
+    assert load_spec(p).workload.path == str((tmp_path / "data").resolve())
+
+
+def test_spec_is_frozen(tiny_spec):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny_spec().seed = 3  # type: ignore[misc]
+
+
+def test_defaults_are_a_valid_default_spec_shape():
+    assert Spec().optim.lr_schedule == "constant"

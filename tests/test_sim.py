@@ -1,0 +1,170 @@
+"""The simulator end to end on tiny data: closed-form clocks, the shared math, determinism, outputs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetsim.config import load_spec
+from hetsim.seeding import derive
+from hetsim.sim import Simulation, simulate
+from hetsim.training import TrainingCore, lr_at
+from hetsim.policies.sampling import EpochStream
+
+# TINY: cpu step 0.01 s x 1 step, 2 gpus 0.002 s x 5 steps; ring of 3, latency 1e-4, 1 GB/s.
+
+
+def exchange(core_bytes, n=3, latency=1e-4, bw=1e9):
+    return 2 * (n - 1) * latency + 2 * (n - 1) / n * core_bytes / bw
+
+
+def test_constant_speed_cluster_time_is_the_closed_form_sum_of_its_rounds(tiny_spec):
+    result = simulate(tiny_spec())
+    e = exchange(result.summary["model_bytes"])
+    # every round: max(cpu 1 x 0.01, gpu 5 x 0.002) = 0.01 s compute, then the exchange
+    expected = [r * (0.01 + e) for r in range(5)]
+    assert result.metrics["round"] == [0, 1, 2, 3, 4]
+    assert result.metrics["time_s"] == pytest.approx(expected, rel=1e-12)
+    assert result.summary["exchange_s"] == pytest.approx(e)
+    # every device computes 0.01 s of every round
+    for u in result.summary["utilization"].values():
+        assert u == pytest.approx(0.01 / (0.01 + e))
+
+
+def test_slowest_device_sets_the_round_time(tiny_spec):
+    result = simulate(tiny_spec("scheduler.params.per_kind.gpu=8"))  # gpu 8 x 0.002 = 0.016 > cpu 0.01
+    e = result.summary["exchange_s"]
+    assert result.metrics["time_s"][-1] == pytest.approx(4 * (0.016 + e))
+    assert result.summary["utilization"]["cpu0"] == pytest.approx(0.01 / (0.016 + e))
+
+
+def test_eval_time_is_charged_on_the_fastest_device(tiny_spec):
+    result = simulate(tiny_spec("cluster.devices.1.eval_time_s=0.003", "eval.every_rounds=2"))
+    e = result.summary["exchange_s"]
+    # evaluations after rounds 2 and 4 cost 0.003 s each; the initial evaluation is free
+    assert result.metrics["time_s"] == pytest.approx(
+        [0, 0.01 + e, 2 * (0.01 + e) + 0.003, 3 * (0.01 + e) + 0.003, 4 * (0.01 + e) + 0.006])
+    evals = [ev for ev in result.trace if ev.get("name") == "eval"]
+    assert {ev["tid"] for ev in evals} == {1} and len(evals) == 2
+
+
+def test_time_budget_turns_into_steps_as_they_complete(tiny_spec):
+    # budget 0.01: gpu steps at 0.002 end at 0.002..0.010 -> 5 steps; cpu 0.01 -> 1 step;
+    # with 0.003 s steps a worker starts steps at 0, .003, .006, .009 -> 4 steps ending at 0.012
+    result = simulate(tiny_spec("scheduler={name='time_budget', params={budget_s=0.01}}",
+                                "cluster.devices.1.step_time.mean_s=0.003"))
+    assert result.decisions[0]["local_steps"] == [1, 4, 4]
+    assert result.decisions[0]["time_budget_s"] == 0.01
+    assert result.metrics["time_s"][1] == pytest.approx(0.012 + result.summary["exchange_s"])
+
+
+def test_sync_with_mean_equals_large_batch_sgd(tiny_spec):
+    """One step + plain mean per round = mini-batch SGD on the union of the workers' batches."""
+    spec = tiny_spec("scheduler={name='sync'}", "stop.max_rounds=6")
+    core = TrainingCore(spec)
+    w = core.workload
+    reference = w.make_model()
+    reference.load_state_dict(core.global_model.state_dict())
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    streams = [EpochStream(w.n_train, np.random.default_rng(derive(spec.seed, "data", k))) for k in range(3)]
+    for r in range(6):
+        for k in range(3):
+            core.local_step(k)
+        core.aggregate(r)
+        idx = torch.from_numpy(np.concatenate([s.take(8) for s in streams]))
+        opt.zero_grad()
+        F.cross_entropy(reference(w.train_x[idx]), w.train_y[idx]).backward()
+        opt.step()
+    ref = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    assert torch.allclose(core.global_flat.get(), ref, atol=1e-6)
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tiny_spec, tmp_path):
+    spec = tiny_spec("sampler={name='loss_topk', params={kinds=['*']}}", "aggregator={name='biased'}",
+                     "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}")
+    simulate(spec, tmp_path / "a")
+    simulate(spec, tmp_path / "b")
+    simulate(tiny_spec("seed=1", "sampler={name='loss_topk', params={kinds=['*']}}", "aggregator={name='biased'}",
+                       "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}"), tmp_path / "c")
+    for name in ("metrics.csv", "decisions.jsonl", "trace.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() != (tmp_path / "c" / "metrics.csv").read_bytes()
+
+
+def test_run_directory_contents(tiny_spec, tmp_path):
+    spec = tiny_spec("sampler={name='loss_topk', params={sample_ratio=2, kinds=['cpu']}}")
+    result = simulate(spec, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.toml", "metrics.csv", "decisions.jsonl",
+                                                    "trace.json", "summary.json"}
+    assert load_spec(tmp_path / "config.toml") == spec
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "round,time_s,epoch,samples,lr,train_loss,test_loss,test_acc"
+    decisions = [json.loads(l) for l in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == 4
+    assert decisions[0]["local_steps"] == [1, 5, 5]
+    assert decisions[0]["samples"] == [8, 40, 40]
+    assert decisions[0]["biased_samples"] == [8, 0, 0]  # only the cpu samples biased
+    assert decisions[0]["weights"] == pytest.approx([1 / 3] * 3)
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    kinds = {e["name"] for e in trace if e["ph"] == "X"}
+    assert kinds == {"compute", "comm", "idle"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("time_to_accuracy_s", "final_test_acc", "utilization", "seed", "versions", "wall_time_s"):
+        assert key in summary
+    assert summary["samples"] == 4 * 88 and result.metrics["samples"][-1] == 4 * 88
+
+
+def test_time_to_accuracy_is_the_first_evaluation_at_target(tiny_spec):
+    result = simulate(tiny_spec("stop.max_rounds=10"))
+    target = result.summary["target_accuracy"]
+    hits = [t for t, a in zip(result.metrics["time_s"], result.metrics["test_acc"]) if a >= target]
+    assert hits, "the tiny task should reach 50% accuracy"
+    assert result.summary["time_to_accuracy_s"] == hits[0]
+
+
+def test_stop_at_target_ends_the_run_there(tiny_spec):
+    result = simulate(tiny_spec("stop.max_rounds=50", "stop.stop_at_target=true"))
+    assert result.summary["stopped_by"] == "target_accuracy"
+    assert result.metrics["test_acc"][-1] >= 0.5
+    assert all(a < 0.5 for a in result.metrics["test_acc"][:-1])
+
+
+def test_max_time_and_epoch_budgets(tiny_spec):
+    r = simulate(tiny_spec("stop.max_rounds=0", "stop.max_time_s=0.03"))
+    assert r.summary["stopped_by"] == "max_time_s" and r.metrics["time_s"][-2] < 0.03 <= r.metrics["time_s"][-1]
+    r = simulate(tiny_spec("stop.max_rounds=0", "stop.max_epochs=1"))  # 88 samples per round, 256 per epoch
+    assert r.summary["stopped_by"] == "max_epochs" and r.summary["rounds"] == 3
+
+
+def test_eval_every_epochs(tiny_spec):
+    r = simulate(tiny_spec("eval.every_rounds=0", "eval.every_epochs=0.5", "stop.max_rounds=6"))
+    evaluated = [rd for rd, a in zip(r.metrics["round"], r.metrics["test_acc"]) if not math.isnan(a)]
+    # 88 samples per round, 128 per half epoch: crossings after rounds 2, 3, 5, 6 (and the last round)
+    assert evaluated == [0, 2, 3, 5, 6]
+
+
+def test_step_lr_schedule_follows_the_budget(tiny_spec):
+    spec = tiny_spec("optim.lr_schedule='step'", "stop.max_rounds=10")
+    assert [lr_at(spec.optim, p) for p in (0.0, 0.59, 0.6, 0.8)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    r = simulate(spec)
+    # progress at the start of round r is (r-1)/10: rounds 1..6 at 0.1, 7..8 at 0.01, 9..10 at 0.001
+    assert r.metrics["lr"][1:] == pytest.approx([0.1] * 6 + [0.01] * 2 + [0.001] * 2)
+
+
+def test_biased_aggregation_weights_follow_local_steps(tiny_spec):
+    r = simulate(tiny_spec("aggregator={name='biased', params={strength=1.0}}"))
+    assert r.decisions[0]["weights"] == pytest.approx([1 / 11, 5 / 11, 5 / 11])
+
+
+def test_trace_can_be_limited_to_the_first_rounds(tiny_spec):
+    r = simulate(tiny_spec("trace.max_rounds=1"))
+    assert {e["args"]["round"] for e in r.trace if e["ph"] == "X"} == {1}
+
+
+def test_progress_callback_sees_every_row(tiny_spec):
+    rows = []
+    simulate(tiny_spec(), progress=rows.append)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
