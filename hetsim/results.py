@@ -26,6 +26,9 @@ from typing import Any
 
 from hetsim.config import Spec, spec_to_dict, to_toml
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 METRIC_COLUMNS = ("round", "time_s", "epoch", "samples", "lr", "train_loss", "test_loss", "test_acc")
 
 
@@ -35,6 +38,7 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
