@@ -69,9 +69,20 @@ class StepTimeModel:
         return self.samples_s[int(rng.integers(len(self.samples_s)))]
 
 
+def _piecewise(pairs: Sequence[Sequence[float]], t: float, default: float) -> float:
+    """Value of a piecewise-constant schedule [[time, value], ...] at time t."""
+    value = default
+    for start, v in pairs:
+        if start > t:
+            break
+        value = v
+    return value
+
+
 @dataclass(frozen=True)
 class DeviceModel:
-    """One device's time model for one workload and batch size, resolved from its spec/profile."""
+    """One device's time model for one workload and batch size, resolved from its spec/profile,
+    with its changing conditions (slowdowns over time, stragglers, offline windows)."""
 
     kind: str
     step_time: StepTimeModel
@@ -79,6 +90,50 @@ class DeviceModel:
     bandwidth_Bps: float | None  # None = the network's
     latency_s: float | None
     source: str  # where the numbers come from: 'inline', 'assumed: ...', 'measured: <hardware>'
+    slowdown: tuple[tuple[float, float], ...] = ()
+    straggler_prob: float = 0.0
+    straggler_factor: float = 1.0
+    offline: tuple[tuple[float, float], ...] = ()
+
+    def slowdown_at(self, t: float) -> float:
+        return _piecewise(self.slowdown, t, 1.0)
+
+    def online_at(self, t: float) -> bool:
+        return not any(start <= t < end for start, end in self.offline)
+
+    def back_online(self, t: float) -> float:
+        """When a device offline at t returns (t itself if it is online)."""
+        return next((end for start, end in self.offline if start <= t < end), t)
+
+    def draw_step(self, rng: np.random.Generator, t: float) -> float:
+        """Duration of one local step starting at time t."""
+        d = self.step_time.sample(rng) * self.slowdown_at(t)
+        if self.straggler_prob > 0 and rng.random() < self.straggler_prob:
+            d *= self.straggler_factor
+        return d
+
+
+def read_slowdown_trace(path: str, where: str) -> tuple[tuple[float, float], ...]:
+    """A recorded speed trace: CSV with a header naming columns time_s and factor."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        pairs = tuple((float(r["time_s"]), float(r["factor"])) for r in rows)
+    except FileNotFoundError:
+        raise SpecError(f"{where}: no such trace file {path!r}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise SpecError(f"{where}: {path}: expected CSV columns time_s,factor with numbers ({e})") from None
+    times = [p[0] for p in pairs]
+    if not pairs or times != sorted(times) or any(p[1] <= 0 for p in pairs) or times[0] < 0:
+        raise SpecError(f"{where}: {path}: expected increasing times >= 0 and factors > 0")
+    return pairs
+
+
+def network_bandwidth_at(network: NetworkSpec, t: float) -> float:
+    """The network's bandwidth in GB/s at time t."""
+    return _piecewise(network.bandwidth_schedule, t, network.bandwidth_GBps)
 
 
 def _profile_path(ref: str) -> Path:
@@ -143,15 +198,19 @@ def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> D
     if d.eval_time_s is not None:
         eval_time = d.eval_time_s
     bandwidth = d.bandwidth_GBps * 1e9 if d.bandwidth_GBps is not None else None
-    return DeviceModel(d.kind, step, eval_time, bandwidth, d.latency_s, source)
+    slowdown = (read_slowdown_trace(d.slowdown_trace, f"{where}.slowdown_trace") if d.slowdown_trace
+                else tuple((float(a), float(b)) for a, b in d.slowdown))
+    return DeviceModel(d.kind, step, eval_time, bandwidth, d.latency_s, source, slowdown, d.straggler_prob,
+                       d.straggler_factor, tuple((float(a), float(b)) for a, b in d.offline))
 
 
-def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int) -> float:
-    """Seconds for one model exchange among `devices` (see the module docstring for the formulas)."""
+def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int, t: float = 0.0) -> float:
+    """Seconds for one model exchange among `devices` starting at time t (formulas in the module
+    docstring; the network's bandwidth follows its bandwidth_schedule)."""
     n = len(devices)
     if n <= 1:
         return 0.0
-    net_bw = network.bandwidth_GBps * 1e9
+    net_bw = network_bandwidth_at(network, t) * 1e9
     link_bw = min(d.bandwidth_Bps or net_bw for d in devices)
     latency = max(d.latency_s if d.latency_s is not None else network.latency_s for d in devices)
     if network.collective == "ring_allreduce":

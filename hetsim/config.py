@@ -73,8 +73,19 @@ class DeviceSpec:
     profile: a profile JSON file (`hetsim/profiles/FORMAT.md`) or `builtin:NAME`; its entry for the
         run's workload and batch size gives the step time. Exclusive with `step_time`.
     step_time: an inline step-time distribution instead of a profile.
-    eval_time_s: seconds to evaluate the global model (device 0's is charged); unset = the profile's, else 0.
+    eval_time_s: seconds to evaluate the global model (the fastest device's is charged); unset = the
+        profile's, else 0.
     bandwidth_GBps / latency_s: this group's link; unset = the network's.
+
+    Changing conditions (both fidelities):
+    slowdown: [[time_s, factor], ...] — from time_s on, every step takes `factor` x its profiled time
+        (piecewise constant; 1 before the first entry).
+    slowdown_trace: a CSV file with columns time_s,factor (a recorded trace); exclusive with slowdown.
+    straggler_prob / straggler_factor: each step independently takes straggler_factor x longer with
+        probability straggler_prob.
+    offline: [[start_s, end_s], ...] — windows when the device is away. A device offline when a round
+        starts sits that round out (it neither trains nor is averaged) and rejoins, with the latest
+        global model, at the first round that starts after end_s.
     """
 
     kind: str = "cpu"
@@ -84,15 +95,26 @@ class DeviceSpec:
     eval_time_s: float | None = None
     bandwidth_GBps: float | None = None
     latency_s: float | None = None
+    slowdown: tuple[tuple[float, ...], ...] = ()
+    slowdown_trace: str = ""
+    straggler_prob: float = 0.0
+    straggler_factor: float = 1.0
+    offline: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The model exchange. collective: `ring_allreduce` or `parameter_server` (see cluster.py)."""
+    """The model exchange. collective: `ring_allreduce` or `parameter_server` (see cluster.py).
+
+    bandwidth_schedule: [[time_s, GBps], ...] — from time_s on the network's bandwidth is GBps
+    (piecewise constant; bandwidth_GBps before the first entry). Devices with their own
+    bandwidth_GBps keep it.
+    """
 
     collective: str = "ring_allreduce"
     bandwidth_GBps: float = 10.0
     latency_s: float = 20e-6
+    bandwidth_schedule: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,9 +171,31 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class TraceSpec:
-    """What goes to trace.json. max_rounds: keep events of the first N rounds only (0 = all)."""
+    """What goes to trace.json and decisions.jsonl.
+
+    max_rounds: keep trace events of the first N rounds only (0 = all).
+    decisions: write the per-worker decisions log (off for very large clusters: it holds
+        4 numbers per worker per round).
+    """
 
     max_rounds: int = 0
+    decisions: bool = True
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """How the simulator computes.
+
+    fidelity: `emulated` runs every worker's real SGD math (accuracy is real); `time_only` runs the
+        same model and policies without math, for clusters far larger than this machine (no accuracy;
+        see hetsim/sim/engine.py for the stand-ins it uses).
+    batched: run the local steps of replicas that share an architecture as one batched computation
+        (torch.func.vmap over stacked parameters); equal to the per-replica loop within float
+        round-off. Models with BatchNorm fall back to the loop.
+    """
+
+    fidelity: str = "emulated"
+    batched: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +211,7 @@ class Spec:
     stop: StopSpec = field(default_factory=StopSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     trace: TraceSpec = field(default_factory=TraceSpec)
+    sim: SimSpec = field(default_factory=SimSpec)
 
     @property
     def n_workers(self) -> int:
@@ -278,13 +323,29 @@ def _require(cond: bool, key: str, expected: str, got: Any) -> None:
         raise SpecError(f"{key}: expected {expected}, got {got!r}")
 
 
+def _check_schedule(pairs: Sequence[Sequence[float]], key: str, what: str) -> None:
+    """[[time_s, value], ...] with increasing times >= 0 and values > 0."""
+    _require(all(len(p) == 2 for p in pairs), key, f"a list of [time_s, {what}] pairs", [list(p) for p in pairs])
+    times = [p[0] for p in pairs]
+    _require(all(t >= 0 for t in times) and times == sorted(times) and len(set(times)) == len(times), key,
+             "strictly increasing times >= 0", times)
+    _require(all(p[1] > 0 for p in pairs), key, f"every {what} > 0", [p[1] for p in pairs])
+
+
+def _check_windows(windows: Sequence[Sequence[float]], key: str) -> None:
+    _require(all(len(w) == 2 and 0 <= w[0] < w[1] for w in windows), key,
+             "a list of [start_s, end_s] windows with 0 <= start < end", [list(w) for w in windows])
+    _require(all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), key, "ordered, non-overlapping windows",
+             [list(w) for w in windows])
+
+
 def _validate(spec: Spec) -> None:
     from hetsim import cluster as cluster_mod
     from hetsim.policies import base as registry
     from hetsim.workloads import check_workload
 
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
-    check_workload(spec.workload)
+    check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
 
     devices = spec.cluster.devices
     _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))
@@ -299,6 +360,12 @@ def _validate(spec: Spec) -> None:
                  d.eval_time_s)
         _require(bool(d.profile) != (d.step_time is not None), f"{key}",
                  "exactly one of 'profile' or 'step_time'", {"profile": d.profile, "step_time": d.step_time})
+        _require(0 <= d.straggler_prob <= 1, f"{key}.straggler_prob", "a probability in [0, 1]", d.straggler_prob)
+        _require(d.straggler_factor >= 1, f"{key}.straggler_factor", "a factor >= 1", d.straggler_factor)
+        _require(not (d.slowdown and d.slowdown_trace), f"{key}", "at most one of 'slowdown' or 'slowdown_trace'",
+                 d.slowdown_trace)
+        _check_schedule(d.slowdown, f"{key}.slowdown", "factor")
+        _check_windows(d.offline, f"{key}.offline")
         # Building the device's time model validates the profile (positive step times etc.).
         cluster_mod.device_model(d, spec.workload.name, spec.optim.batch_size, key)
     net = spec.cluster.network
@@ -306,6 +373,9 @@ def _validate(spec: Spec) -> None:
              f"one of {sorted(cluster_mod.COLLECTIVES)}", net.collective)
     _require(net.bandwidth_GBps > 0, "cluster.network.bandwidth_GBps", "a number > 0", net.bandwidth_GBps)
     _require(net.latency_s >= 0, "cluster.network.latency_s", "a number >= 0", net.latency_s)
+    _check_schedule(net.bandwidth_schedule, "cluster.network.bandwidth_schedule", "bandwidth in GB/s")
+    _require(spec.sim.fidelity in ("emulated", "time_only"), "sim.fidelity", "'emulated' or 'time_only'",
+             spec.sim.fidelity)
 
     for category in ("scheduler", "sampler", "aggregator"):
         registry.build(category, getattr(spec, category), where=category)
@@ -393,6 +463,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             p = d.get("profile") if isinstance(d, dict) else None
             if isinstance(p, str) and p and not p.startswith("builtin:"):
                 d["profile"] = str((base / Path(p).expanduser()).resolve())
+            t = d.get("slowdown_trace") if isinstance(d, dict) else None
+            if isinstance(t, str) and t:
+                d["slowdown_trace"] = str((base / Path(t).expanduser()).resolve())
 
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path | None = None,

@@ -6,11 +6,15 @@ and compute the same numbers.
 
 A round, as every runner executes it::
 
-    plan = core.plan(round)                       # scheduler: local steps (or a time budget)
-    for each worker k, while its plan says so:
-        core.local_step(k)                        # sampler picks a batch, one SGD step, losses recorded
-    record = core.aggregate(round)                # aggregator combines replicas; loss scores merged
+    plan = core.plan(round, participants)         # scheduler: local steps (or a time budget)
+    core.run_local_steps(steps)                   # per worker: sampler picks batches, SGD steps, losses kept
+    record = core.aggregate(round, participants)  # aggregator combines replicas; loss scores merged
     core.evaluate()                               # when due
+
+A round's math depends only on how many steps each worker takes, never on the order in which the
+runner interleaves them: every worker samples from its own stream with the loss scores as they were
+when the round started. So the simulator may run the steps worker by worker, or step by step across
+workers as one batched computation (`hetsim.batched`), with the same result.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ class FlatParams:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+
+def observe_step_times(infos: list[WorkerInfo], ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
+    make = tuple.__new__  # WorkerInfo(index, kind, profile, observed) without NamedTuple's slower paths
+    for k, t in zip(ks, mean_step_s):
+        i = infos[k]
+        infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t))
 
 
 def lr_at(optim: OptimSpec, progress: float) -> float:
@@ -109,8 +120,6 @@ class Worker:
         self.stream = EpochStream(workload.n_train, numpy_rng(spec.seed, "data", info.index))
         self.gen = torch_generator(spec.seed, "augment", info.index)
         self.tally = RoundTally()
-        self.step_time_sum = 0.0
-        self.step_time_count = 0
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -132,6 +141,7 @@ class RoundRecord:
     """A round's decisions and outcome, as written to the decisions log and metrics."""
 
     round: int
+    workers: tuple[int, ...]          # the participating workers, in order
     local_steps: tuple[int, ...]
     samples: tuple[int, ...]
     biased_samples: tuple[int, ...]
@@ -140,7 +150,8 @@ class RoundRecord:
     time_budget_s: float | None
 
     def as_json(self) -> dict[str, Any]:
-        return {"round": self.round, "local_steps": list(self.local_steps), "samples": list(self.samples),
+        return {"round": self.round, "workers": list(self.workers), "local_steps": list(self.local_steps),
+                "samples": list(self.samples),
                 "biased_samples": list(self.biased_samples), "weights": [float(w) for w in self.weights],
                 "time_budget_s": self.time_budget_s}
 
@@ -162,10 +173,15 @@ class TrainingCore:
         init = self.global_flat.get()
         kinds = spec.worker_kinds()
         times = profile_step_times or [1.0] * len(kinds)
-        self.workers = [Worker(WorkerInfo(k, kind, float(times[k])), self.workload, spec, init)
-                        for k, kind in enumerate(kinds)]
+        self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
+        self.workers = [Worker(info, self.workload, spec, init) for info in self.infos]
         self.scores = LossScores(self.workload.n_train, getattr(self.sampler, "score_rule", "latest"))
         self.samples_total = 0
+        self.batched = None
+        if spec.sim.batched:
+            from hetsim.batched import BatchedSteps
+
+            self.batched = BatchedSteps.create(self.workers, self.workload)
 
     @property
     def model_bytes(self) -> int:
@@ -175,17 +191,12 @@ class TrainingCore:
     def epochs(self) -> float:
         return self.samples_total / self.workload.n_train
 
-    def worker_infos(self) -> list[WorkerInfo]:
-        infos = []
-        for w in self.workers:
-            observed = w.step_time_sum / w.step_time_count if w.step_time_count else None
-            infos.append(WorkerInfo(w.info.index, w.info.kind, w.info.profile_step_time_s, observed))
-        return infos
-
-    def plan(self, round: int) -> RoundPlan:
-        plan = self.scheduler.plan(round, self.worker_infos())
-        if len(plan.local_steps) != len(self.workers):
-            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, cluster has {len(self.workers)}")
+    def plan(self, round: int, participants: Sequence[int] | None = None) -> RoundPlan:
+        """The scheduler's plan for the participating workers (all by default), in their order."""
+        infos = self.infos if participants is None else [self.infos[k] for k in participants]
+        plan = self.scheduler.plan(round, infos)
+        if len(plan.local_steps) != len(infos):
+            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
         return plan
 
     def set_lr(self, progress: float) -> float:
@@ -197,28 +208,45 @@ class TrainingCore:
     def local_step(self, k: int) -> None:
         """Worker k samples a batch with the shared sampler and takes one SGD step on its replica."""
         w = self.workers[k]
-        batch = self.sampler.batch(w.info, self.spec.optim.batch_size, w.stream, self.scores)
-        losses = w.train_step(self.workload, batch.indices)
-        t = w.tally
+        indices, n_biased = self.sample(k)
+        self.record(k, indices, n_biased, w.train_step(self.workload, indices))
+
+    def sample(self, k: int) -> tuple[np.ndarray, int]:
+        batch = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, self.workers[k].stream, self.scores)
+        return batch.indices, batch.n_biased
+
+    def record(self, k: int, indices: np.ndarray, n_biased: int, losses: np.ndarray) -> None:
+        t = self.workers[k].tally
         t.steps += 1
-        t.samples += len(batch.indices)
-        t.biased += batch.n_biased
+        t.samples += len(indices)
+        t.biased += n_biased
         t.loss_sum += float(losses.sum())
-        t.observations.append((batch.indices, losses))
+        t.observations.append((indices, losses))
 
-    def record_step_time(self, k: int, seconds: float) -> None:
-        """What the worker's clock measured for one step (feeds WorkerInfo.observed_step_time_s)."""
-        self.workers[k].step_time_sum += seconds
-        self.workers[k].step_time_count += 1
+    def run_local_steps(self, ks: Sequence[int], steps: Sequence[int]) -> None:
+        """Run the local steps of a round (worker ks[i] takes steps[i]), batched where configured."""
+        if self.batched is not None:
+            self.batched.run(self, dict(zip(ks, steps)))
+            return
+        for k, n in zip(ks, steps):
+            for _ in range(n):
+                self.local_step(k)
 
-    def aggregate(self, round: int, time_budget_s: float | None = None) -> RoundRecord:
-        """Combine the replicas with the aggregator, merge loss scores, reset every replica to the new
-        global model, and return the round's record."""
-        tallies = [w.tally for w in self.workers]
-        contributions = [Contribution(w.info.index, w.info.kind, t.steps, t.samples,
+    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
+        """The mean step time each worker measured in its latest round: what policies see as its
+        `observed_step_time_s` (a real system's most recent throughput estimate)."""
+        observe_step_times(self.infos, ks, mean_step_s)
+
+    def aggregate(self, round: int, participants: Sequence[int] | None = None,
+                  time_budget_s: float | None = None) -> RoundRecord:
+        """Combine the participants' replicas with the aggregator, merge loss scores, reset every
+        replica (absent ones too, so they rejoin with the latest model) and return the round's record."""
+        ks = list(range(len(self.workers))) if participants is None else list(participants)
+        tallies = [self.workers[k].tally for k in ks]
+        contributions = [Contribution(k, self.infos[k].kind, t.steps, t.samples,
                                       t.loss_sum / t.samples if t.samples else 0.0)
-                         for w, t in zip(self.workers, tallies)]
-        replicas = torch.stack([w.flat.get() for w in self.workers])
+                         for k, t in zip(ks, tallies)]
+        replicas = torch.stack([self.workers[k].flat.get() for k in ks])
         new_global, weights = self.aggregator.combine(self.global_flat.get(), replicas, contributions)
         self.global_flat.set(new_global)
         for w in self.workers:
@@ -228,7 +256,7 @@ class TrainingCore:
         samples = sum(t.samples for t in tallies)
         self.samples_total += samples
         record = RoundRecord(
-            round=round,
+            round=round, workers=tuple(ks),
             local_steps=tuple(t.steps for t in tallies),
             samples=tuple(t.samples for t in tallies),
             biased_samples=tuple(t.biased for t in tallies),

@@ -16,7 +16,7 @@ import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -29,13 +29,14 @@ if TYPE_CHECKING:
     from hetsim.policies.sampling import EpochStream, LossScores
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
+class WorkerInfo(NamedTuple):
     """What a policy may know about a worker: what a real system would know, not the simulator's secrets.
 
     profile_step_time_s: mean step time from the device's profile (what `hetsim profile` measured).
-    observed_step_time_s: running mean of the step times this worker actually took so far (None before
+    observed_step_time_s: the mean step time this worker measured in its most recent round (None before
         its first round).
+
+    (A NamedTuple rather than a dataclass: a 10,000-device run builds millions of them.)
     """
 
     index: int
@@ -64,8 +65,7 @@ class Batch:
     n_biased: int = 0
 
 
-@dataclass(frozen=True)
-class Contribution:
+class Contribution(NamedTuple):
     """What a worker did in a round: the aggregator's view of it."""
 
     worker: int
@@ -90,6 +90,11 @@ class Sampler(ABC):
 
     @abstractmethod
     def batch(self, worker: WorkerInfo, batch_size: int, stream: "EpochStream", scores: "LossScores") -> Batch: ...
+
+    def biased_per_step(self, worker: WorkerInfo, batch_size: int) -> int:
+        """How many of a step's samples this sampler picks by loss on `worker`: what the time-only
+        fidelity logs, having no losses to rank."""
+        return 0
 
 
 class Aggregator(ABC):

@@ -143,6 +143,9 @@ class LossBiasedTopK(Sampler):
     def biased_for(self, worker: WorkerInfo) -> bool:
         return "*" in self.kinds or worker.kind in self.kinds
 
+    def biased_per_step(self, worker: WorkerInfo, batch_size: int) -> int:
+        return batch_size if self.biased_for(worker) else 0
+
     def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores) -> Batch:
         if not self.biased_for(worker):
             return Batch(stream.take(batch_size), 0)

@@ -99,10 +99,10 @@ class Proportional(Scheduler):
         return w.profile_step_time_s
 
     def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        fastest = min(self._step_time(w) for w in workers)
-        steps = (max(self.min_steps, math.floor(self.max_steps * fastest / self._step_time(w) + 0.5))
-                 for w in workers)
-        return RoundPlan(tuple(steps))
+        times = [self._step_time(w) for w in workers]
+        h_fastest = self.max_steps * min(times)
+        lo, floor = self.min_steps, math.floor
+        return RoundPlan(tuple(max(lo, floor(h_fastest / t + 0.5)) for t in times))
 
 
 @register("scheduler", "time_budget")

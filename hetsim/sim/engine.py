@@ -1,26 +1,36 @@
-"""A SimPy model of a cluster: real SGD math for every worker, a virtual clock for time.
+"""A SimPy model of a cluster running biased local SGD on a virtual clock.
 
 Each round reads like the protocol it models::
 
-    plan   = scheduler decides local steps (or a time budget) for every worker
-    device k:  repeat: sample a batch, one real SGD step, yield env.timeout(step time from k's profile)
+    online = the devices not in an offline window; the others sit the round out
+    plan   = scheduler decides local steps (or a time budget) for every online device
+    device k:  repeat: yield env.timeout(one step's time: profile x slowdown x straggler)
     barrier:   wait for all devices (the fast ones are idle meanwhile)
-    exchange:  yield env.timeout(collective cost: latency + bytes / bandwidth)
+    math:      every device's real SGD steps of the round (fidelity 'emulated'; loop or batched)
+    exchange:  yield env.timeout(collective cost: latency + bytes / bandwidth at that time)
     aggregate: the aggregator combines the replicas; loss scores are merged
     evaluate:  when due, yield env.timeout(eval time) and test the global model
 
-The math of a round depends only on the plan, never on event order (workers sample from the loss
-scores as of the round's start), so the same seed gives the same run, bit for bit.
+The math of a round depends only on how many steps each device took, never on event order (workers
+sample from the loss scores as of the round's start), so it runs at the barrier, and the same seed
+gives the same run, bit for bit. Simultaneous events resolve in the order they were scheduled, which
+is worker-index order (SimPy breaks time ties by insertion order).
+
+Fidelity 'time_only' (hetsim/sim/timeonly.py) keeps the same coordinator, policies and decisions but
+advances each device once per round by a drawn sum of step times, and runs no math.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import simpy
+import torch
 
 from hetsim.cluster import DeviceModel, device_model, exchange_time
 from hetsim.config import Spec
@@ -28,33 +38,67 @@ from hetsim.policies import RoundPlan
 from hetsim.results import (RunResult, RunWriter, time_to_accuracy, trace_event, trace_thread_names, versions,
                             worker_names)
 from hetsim.seeding import numpy_rng
-from hetsim.training import TrainingCore
-from hetsim.workloads import Workload
+from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
+from hetsim.training import FlatParams, TrainingCore
+from hetsim.workloads import Workload, build_model
 
 ProgressFn = Callable[[dict], None]
+
+
+def build_devices(spec: Spec) -> list[DeviceModel]:
+    """One time model per device group (profiles read once), repeated for each device of the group."""
+    devices = []
+    for i, d in enumerate(spec.cluster.devices):
+        model = device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
+        devices.extend([model] * d.count)
+    return devices
+
+
+@contextlib.contextmanager
+def _fewer_gc_passes(threshold: int = 50_000):
+    """Python's cyclic GC walks the young objects every 700 allocations, and older generations with
+    everything alive; a large run allocates millions of short-lived, acyclic event tuples. Freezing
+    what exists at the start and collecting every 50,000 allocations makes 10,000-device time-only
+    runs 2.9x faster (measured: 6.6 s -> 2.3 s per million device-rounds). Cycles are still collected."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 class Simulation:
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
                  workload: Workload | None = None):
         self.spec = spec
-        self.devices: list[DeviceModel] = [
-            device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
-            for i, d in enumerate(spec.cluster.devices) for _ in range(d.count)]
-        self.core = TrainingCore(spec, workload, [d.step_time.mean_s for d in self.devices])
-        self.evaluator = int(np.argmin([d.step_time.mean_s for d in self.devices]))
-        self.clock_rngs = [numpy_rng(spec.seed, "clock", k) for k in range(len(self.devices))]
-        self.exchange_s = exchange_time(spec.cluster.network, self.devices, self.core.model_bytes)
+        self.time_only = spec.sim.fidelity == "time_only"
+        self.devices = build_devices(spec)
+        mean_times = [d.step_time.mean_s for d in self.devices]
+        if self.time_only:
+            self.core: Any = TimeOnlyCore(spec, mean_times)
+            self.core.model_bytes = FlatParams(build_model(spec.workload)).nbytes
+            self.vector_clock = VectorClock(self.devices, numpy_rng(spec.seed, "clock-vector"))
+        else:
+            self.core = TrainingCore(spec, workload, mean_times)
+        self.n = len(self.devices)
+        self.clock_rngs = [numpy_rng(spec.seed, "clock", k) for k in range(self.n)] if not self.time_only else []
+        self.evaluator = int(np.argmin(mean_times))
         self.names = worker_names(spec.worker_kinds())
         self.writer = RunWriter(run_dir, spec)
+        self.trace_on = True
         self.writer.trace.extend(trace_thread_names(self.names))
         self.progress = progress
         self.env = simpy.Environment()
-        self.busy_s = [0.0] * len(self.devices)
-        self._finished = [0.0] * len(self.devices)
+        self.busy_s = np.zeros(self.n)
+        self.participation = np.zeros(self.n, dtype=np.int64)
+        self.exchange_total_s = 0.0
         self.round = 0
         self.stopped_by = ""
         self._next_eval_epoch = spec.eval.every_epochs
+        self._always_online = all(not d.offline for d in self.devices)
 
     # -- budgets -------------------------------------------------------------------------------
 
@@ -93,61 +137,96 @@ class Simulation:
 
     # -- processes -----------------------------------------------------------------------------
 
-    def device(self, k: int, plan: RoundPlan, round_start: float):
-        """Device k's local work for one round: real SGD steps, each taking a profiled step time."""
-        target = plan.local_steps[k]
+    def device(self, k: int, target: int | None, budget_s: float | None, round_start: float, steps_done: dict):
+        """Device k's local work for one round: each step takes a drawn step time."""
         steps = 0
-        while (steps < target) if target is not None else (steps == 0 or self.env.now - round_start < plan.time_budget_s):
-            self.core.local_step(k)
-            dt = self.devices[k].step_time.sample(self.clock_rngs[k])
-            yield self.env.timeout(dt)
-            self.core.record_step_time(k, dt)
+        while (steps < target) if target is not None else (steps == 0 or self.env.now - round_start < budget_s):
+            yield self.env.timeout(self.devices[k].draw_step(self.clock_rngs[k], self.env.now))
             steps += 1
-        self.busy_s[k] += self.env.now - round_start
-        self._finished[k] = self.env.now
-        self._trace("compute", k, round_start, self.env.now, steps=steps)
+        steps_done[k] = steps
 
     def _trace(self, kind: str, k: int, start: float, end: float, **args) -> None:
-        limit = self.spec.trace.max_rounds
-        if (not limit or self.round <= limit) and end > start:
+        if self.trace_on and end > start:
             self.writer.trace.append(trace_event(kind, k, start, end, round=self.round, **args))
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self):
         """Evaluate the global model on the fastest device; the others wait for the next round."""
         start = self.env.now
         eval_s = self.devices[self.evaluator].eval_time_s
         if eval_s > 0:
             yield self.env.timeout(eval_s)
-            for k in range(len(self.devices)):
+            for k in range(self.n):
                 self._trace("eval" if k == self.evaluator else "idle", k, start, self.env.now)
         return self.core.evaluate()
 
+    def _online(self) -> list[int]:
+        if self._always_online:
+            return list(range(self.n))
+        return [k for k, d in enumerate(self.devices) if d.online_at(self.env.now)]
+
+    def _local_work(self, ks: list[int], plan: RoundPlan, start: float):
+        """Advance the clock through the round's local work; returns each worker's steps and finish time."""
+        if self.time_only:
+            targets = None if plan.time_budget_s is not None else np.array(plan.local_steps, dtype=np.int64)
+            durations, steps = self.vector_clock.round(np.array(ks), targets, plan.time_budget_s, start)
+            # One completion event per device, scheduled shortest first (ties in worker order): pushing
+            # onto SimPy's heap in sorted order is cheap, and the last one scheduled is the barrier.
+            order = np.argsort(durations, kind="stable")
+            timeout = self.env.timeout
+            events = [timeout(d) for d in durations[order].tolist()]
+            yield events[-1]
+            return steps.tolist(), start + durations
+        steps_done: dict[int, int] = {}
+        finish = np.empty(len(ks))
+        procs = [self.env.process(self.device(k, target, plan.time_budget_s, start, steps_done))
+                 for k, target in zip(ks, plan.local_steps)]
+        for i, p in enumerate(procs):
+            p.callbacks.append(lambda _, i=i: finish.__setitem__(i, self.env.now))
+        yield self.env.all_of(procs)
+        return [steps_done[k] for k in ks], finish
+
     def coordinator(self):
-        n = len(self.devices)
         # the initial model's accuracy anchors the curves; it is not charged to the clock
         test_loss, test_acc = self.core.evaluate()
-        self._row(float("nan"), test_loss, test_acc, self.core.set_lr(0.0))
+        self._row(math.nan, test_loss, test_acc, self.core.set_lr(0.0))
+        limit = self.spec.trace.max_rounds
         while True:
             reached = self.writer.rows[-1]["test_acc"] >= self.spec.stop.target_accuracy  # NaN: False
             self.stopped_by = self._stop_reason(reached)
             if self.stopped_by:
                 return
+            ks = self._online()
+            if not ks:  # everyone is away: wait for the first device to return
+                yield self.env.timeout(min(d.back_online(self.env.now) for d in self.devices) - self.env.now)
+                continue
             lr = self.core.set_lr(self.progress_fraction())  # progress = share of the budget already used
             self.round += 1
-            plan = self.core.plan(self.round)
+            self.trace_on = not limit or self.round <= limit
+            plan = self.core.plan(self.round, ks)
             start = self.env.now
-            devices = [self.env.process(self.device(k, plan, start)) for k in range(n)]
-            yield self.env.all_of(devices)
+            steps, finish = yield from self._local_work(ks, plan, start)
             barrier = self.env.now
-            for k in range(n):  # fast devices wait for the slowest at the synchronisation point
-                self._trace("idle", k, self._finished[k], barrier)
-            if self.exchange_s > 0:
-                yield self.env.timeout(self.exchange_s)
-                for k in range(n):
-                    self._trace("comm", k, barrier, self.env.now, bytes=self.core.model_bytes)
-            record = self.core.aggregate(self.round, plan.time_budget_s)
-            self.writer.decisions.append(record.as_json())
-            test_loss = test_acc = float("nan")
+            busy = finish - start
+            self.busy_s[ks] += busy
+            self.participation[ks] += 1
+            self.core.observe_step_times(ks, (busy / np.array(steps)).tolist())
+            if self.trace_on:
+                for k, done, n in zip(ks, finish.tolist(), steps):
+                    self._trace("compute", k, start, done, steps=n)
+                    self._trace("idle", k, done, barrier)  # fast devices wait for the slowest
+            self.core.run_local_steps(ks, steps)  # the real math (time-only: tallies of the work)
+            exchange_s = exchange_time(self.spec.cluster.network, [self.devices[k] for k in ks],
+                                       self.core.model_bytes, barrier)
+            if exchange_s > 0:
+                yield self.env.timeout(exchange_s)
+                self.exchange_total_s += exchange_s
+                if self.trace_on:
+                    for k in ks:
+                        self._trace("comm", k, barrier, self.env.now, bytes=self.core.model_bytes)
+            record = self.core.aggregate(self.round, ks, plan.time_budget_s)
+            if self.spec.trace.decisions:
+                self.writer.decisions.append(record.as_json())
+            test_loss = test_acc = math.nan
             if self._eval_due() or self._stop_reason(False):
                 test_loss, test_acc = yield from self._evaluate()
             self._row(record.train_loss, test_loss, test_acc, lr)
@@ -165,7 +244,8 @@ class Simulation:
     def run(self) -> RunResult:
         wall0 = time.perf_counter()
         self.env.process(self.coordinator())
-        self.env.run()
+        with _fewer_gc_passes():
+            self.env.run()
         return self.writer.finish(self.summary(time.perf_counter() - wall0))
 
     def summary(self, wall_s: float) -> dict:
@@ -176,19 +256,24 @@ class Simulation:
         hit = next((r for r in evaluated if r["test_acc"] >= target), None)
         total = self.env.now
         return {
-            "name": self.spec.name, "engine": "sim", "fidelity": "emulated", "seed": self.spec.seed,
-            "workload": self.spec.workload.name, "n_workers": len(self.devices),
+            "name": self.spec.name, "engine": "sim", "fidelity": self.spec.sim.fidelity,
+            "fidelity_notes": FIDELITY_NOTES if self.time_only else "emulated: real SGD math for every worker",
+            "batched": bool(getattr(self.core, "batched", None)), "seed": self.spec.seed,
+            "workload": self.spec.workload.name, "n_workers": self.n,
             "scheduler": self.spec.scheduler.name, "sampler": self.spec.sampler.name,
             "aggregator": self.spec.aggregator.name,
             "target_accuracy": target, "time_to_accuracy_s": tta,
             "rounds_to_accuracy": hit["round"] if hit else None, "epochs_to_accuracy": hit["epoch"] if hit else None,
-            "final_test_acc": evaluated[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in evaluated),
+            "final_test_acc": evaluated[-1]["test_acc"] if evaluated else None,
+            "best_test_acc": max(r["test_acc"] for r in evaluated) if evaluated else None,
             "final_train_loss": rows[-1]["train_loss"], "rounds": self.round, "time_s": total,
             "epochs": self.core.epochs, "samples": self.core.samples_total, "stopped_by": self.stopped_by,
-            "exchange_s": self.exchange_s, "model_bytes": self.core.model_bytes,
-            "utilization": {name: (busy / total if total else 0.0) for name, busy in zip(self.names, self.busy_s)},
+            "exchange_s": self.exchange_total_s / self.round if self.round else 0.0,
+            "model_bytes": self.core.model_bytes,
+            "utilization": {name: (float(busy) / total if total else 0.0) for name, busy in zip(self.names, self.busy_s)},
+            "rounds_participated": {name: int(p) for name, p in zip(self.names, self.participation)},
             "device_sources": {name: d.source for name, d in zip(self.names, self.devices)},
-            "wall_time_s": wall_s, "versions": versions(),
+            "wall_time_s": wall_s, "torch_threads": torch.get_num_threads(), "versions": versions(),
         }
 
 

@@ -39,9 +39,11 @@ class Workload:
 @dataclass(frozen=True)
 class WorkloadEntry:
     build: Callable[[WorkloadSpec], Workload]
+    model: Callable[[WorkloadSpec], nn.Module]   # the architecture, without loading any data
     default_path: str = ""        # "" = needs no files
     required_files: tuple[tuple[str, ...], ...] = ()  # alternatives per needed file
     description: str = ""
+    n_train: int = 0              # training-set size, known without loading (for the time-only fidelity)
 
 
 WORKLOADS: dict[str, WorkloadEntry] = {}
@@ -55,7 +57,7 @@ def data_path(spec: WorkloadSpec) -> Path:
     return Path(spec.path or WORKLOADS[spec.name].default_path)
 
 
-def check_workload(spec: WorkloadSpec) -> None:
+def check_workload(spec: WorkloadSpec, need_files: bool = True) -> None:
     """Validate a workload spec on load: known name, sizes, and (for file-based data) files present."""
     _load_builtins()
     if spec.name not in WORKLOADS:
@@ -66,7 +68,7 @@ def check_workload(spec: WorkloadSpec) -> None:
     if spec.n_features < 1 or spec.n_classes < 2:
         raise SpecError("workload: expected n_features >= 1 and n_classes >= 2")
     entry = WORKLOADS[spec.name]
-    if not entry.required_files:
+    if not entry.required_files or not need_files:
         return
     root = data_path(spec)
     if not root.is_dir():
@@ -75,6 +77,19 @@ def check_workload(spec: WorkloadSpec) -> None:
     for alternatives in entry.required_files:
         if not any((root / f).is_file() for f in alternatives):
             raise SpecError(f"workload.path: {str(root)!r} lacks {alternatives[0]} ({entry.description})")
+
+
+def build_model(spec: WorkloadSpec) -> nn.Module:
+    """A freshly initialised model of the workload (no data loaded)."""
+    _load_builtins()
+    return WORKLOADS[spec.name].model(spec)
+
+
+def nominal_train_size(spec: WorkloadSpec) -> int:
+    """The training-set size a run of `spec` uses, without loading the data."""
+    _load_builtins()
+    full = WORKLOADS[spec.name].n_train or spec.n_train or 2048
+    return min(full, spec.n_train) if spec.n_train else full
 
 
 def build_workload(spec: WorkloadSpec) -> Workload:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from hetsim.config import WorkloadSpec
 from hetsim.workloads import Workload, WorkloadEntry, data_path, register_workload
@@ -47,10 +48,14 @@ def build(spec: WorkloadSpec) -> Workload:
         return random_crop_flip(x, 4, gen) if (train and augment) else x
 
     return Workload("cifar10", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
-                    torch.from_numpy(yte), 10, make_model=lambda: ResNet20(10), prepare=prepare)
+                    torch.from_numpy(yte), 10, make_model=lambda: model(spec), prepare=prepare)
+
+
+def model(spec: WorkloadSpec) -> nn.Module:
+    return ResNet20(10)
 
 
 register_workload("cifar10", WorkloadEntry(
-    build, default_path="data/cifar-10-batches-py",
+    build, model, default_path="data/cifar-10-batches-py",
     required_files=tuple((f,) for f in (*TRAIN_FILES, TEST_FILE)),
-    description="the cifar-10-batches-py folder of the python version of CIFAR-10"))
+    description="the cifar-10-batches-py folder of the python version of CIFAR-10", n_train=50000))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from hetsim.config import WorkloadSpec
 from hetsim.workloads import Workload, WorkloadEntry, register_workload
@@ -29,9 +30,13 @@ def build(spec: WorkloadSpec) -> Workload:
         train_x=torch.from_numpy(x_tr), train_y=torch.from_numpy(y_tr),
         test_x=torch.from_numpy(x_te), test_y=torch.from_numpy(y_te),
         n_classes=10,
-        make_model=lambda: mlp(64, 64, 10),
+        make_model=lambda: model(spec),
         prepare=lambda xb, train, gen: xb,
     )
 
 
-register_workload("digits", WorkloadEntry(build, description="scikit-learn's bundled digits"))
+def model(spec: WorkloadSpec) -> nn.Module:
+    return mlp(64, 64, 10)
+
+
+register_workload("digits", WorkloadEntry(build, model, description="scikit-learn's bundled digits", n_train=1437))

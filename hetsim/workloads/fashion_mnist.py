@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from hetsim.config import WorkloadSpec
 from hetsim.workloads import Workload, WorkloadEntry, data_path, register_workload
@@ -61,10 +62,14 @@ def build(spec: WorkloadSpec) -> Workload:
         name="fashion_mnist",
         train_x=torch.from_numpy(xtr.copy()).unsqueeze(1), train_y=torch.from_numpy(ytr.astype(np.int64)),
         test_x=torch.from_numpy(xte.copy()).unsqueeze(1), test_y=torch.from_numpy(yte.astype(np.int64)),
-        n_classes=10, make_model=lambda: small_cnn(1, 10, 28), prepare=prepare,
+        n_classes=10, make_model=lambda: model(spec), prepare=prepare,
     )
 
 
+def model(spec: WorkloadSpec) -> nn.Module:
+    return small_cnn(1, 10, 28)
+
+
 register_workload("fashion_mnist", WorkloadEntry(
-    build, default_path=DEFAULT_PATH, required_files=tuple((f, f"{f}.gz") for f in FILES),
-    description="IDX files; on Debian: apt-get install dataset-fashion-mnist"))
+    build, model, default_path=DEFAULT_PATH, required_files=tuple((f, f"{f}.gz") for f in FILES),
+    description="IDX files; on Debian: apt-get install dataset-fashion-mnist", n_train=60000))

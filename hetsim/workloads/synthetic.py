@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from hetsim.config import WorkloadSpec
 from hetsim.workloads import Workload, WorkloadEntry, register_workload
@@ -30,8 +31,12 @@ def build(spec: WorkloadSpec) -> Workload:
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
     return Workload("synthetic", x_tr, y_tr, x_te, y_te, spec.n_classes,
-                    make_model=lambda: mlp(spec.n_features, 32, spec.n_classes),
+                    make_model=lambda: model(spec),
                     prepare=lambda xb, train, gen: xb)
 
 
-register_workload("synthetic", WorkloadEntry(build, description="Gaussian classes, generated"))
+def model(spec: WorkloadSpec) -> nn.Module:
+    return mlp(spec.n_features, 32, spec.n_classes)
+
+
+register_workload("synthetic", WorkloadEntry(build, model, description="Gaussian classes, generated"))

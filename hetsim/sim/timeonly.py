@@ -1,0 +1,132 @@
+"""The time-only fidelity: the simulator's clock and the policies' decisions, without training math.
+
+Used for clusters far larger than this machine. What replaces the math, stated in every run's
+summary (`fidelity_notes`):
+
+- A device's local work in a round is one clock advance: the sum of its k step times is drawn as
+  one lognormal with the sum's exact mean and variance (Fenton-Wilkinson; exact for constant step
+  times), the slowdown factor is the one in force when the round starts, and stragglers add
+  Binomial(k, p) x (factor - 1) x mean step time. A time budget B gives max(1, ceil(B / mean step)).
+- There are no losses: loss-biased samplers log how many samples they would pick by loss
+  (`Sampler.biased_per_step`), and aggregators see a stand-in mean loss of 1.0 for every replica
+  (so loss-based weights reduce to uniform; step- and sample-based weights are exact).
+- There is no accuracy: `test_acc` stays empty, so time-to-accuracy is not defined.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from hetsim import policies
+from hetsim.cluster import DeviceModel
+from hetsim.config import Spec
+from hetsim.policies import Contribution, RoundPlan, WorkerInfo
+from hetsim.training import RoundRecord, lr_at, observe_step_times
+from hetsim.workloads import nominal_train_size
+
+FIDELITY_NOTES = ("time-only: step sums drawn as one moment-matched lognormal per device and round; "
+                  "slowdown taken at round start; no losses (stand-in mean loss 1.0); no accuracy")
+STAND_IN_LOSS = 1.0
+
+
+class TimeOnlyCore:
+    """The TrainingCore's protocol (plan, local steps, aggregate) with tallies instead of math."""
+
+    def __init__(self, spec: Spec, profile_step_times: Sequence[float]):
+        self.spec = spec
+        self.scheduler = policies.build("scheduler", spec.scheduler)
+        self.sampler = policies.build("sampler", spec.sampler)
+        self.aggregator = policies.build("aggregator", spec.aggregator)
+        self.infos = [WorkerInfo(k, kind, float(t)) for k, (kind, t) in
+                      enumerate(zip(spec.worker_kinds(), profile_step_times))]
+        self.n_train = nominal_train_size(spec.workload)
+        self.samples_total = 0
+        self._steps: list[int] = []
+        self._biased: list[int] = []
+        self.model_bytes = 0  # set by the caller from a model built once (no data needed)
+
+    @property
+    def epochs(self) -> float:
+        return self.samples_total / self.n_train
+
+    def plan(self, round: int, participants: Sequence[int]) -> RoundPlan:
+        infos = [self.infos[k] for k in participants]
+        plan = self.scheduler.plan(round, infos)
+        if len(plan.local_steps) != len(infos):
+            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
+        return plan
+
+    def set_lr(self, progress: float) -> float:
+        return lr_at(self.spec.optim, progress)
+
+    def run_local_steps(self, ks: Sequence[int], steps: Sequence[int]) -> None:
+        b = self.spec.optim.batch_size
+        infos, per_step = self.infos, self.sampler.biased_per_step
+        self._steps = list(steps)
+        self._biased = [n * per_step(infos[k], b) for k, n in zip(ks, steps)]
+
+    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
+        observe_step_times(self.infos, ks, mean_step_s)
+
+    def aggregate(self, round: int, participants: Sequence[int], time_budget_s: float | None = None) -> RoundRecord:
+        b = self.spec.optim.batch_size
+        steps, infos, make = self._steps, self.infos, tuple.__new__
+        contributions = [make(Contribution, (k, infos[k][1], n, n * b, STAND_IN_LOSS))
+                         for k, n in zip(participants, steps)]
+        weights = self.aggregator.weights(contributions)
+        samples = [n * b for n in steps]
+        self.samples_total += sum(samples)
+        return RoundRecord(round, tuple(participants), tuple(steps), tuple(samples), tuple(self._biased),
+                           tuple(weights.tolist()), STAND_IN_LOSS, time_budget_s)
+
+    def evaluate(self) -> tuple[float, float]:
+        return math.nan, math.nan
+
+
+class VectorClock:
+    """Round durations of many devices at once, drawn per device group (see the module docstring)."""
+
+    def __init__(self, devices: Sequence[DeviceModel], rng: np.random.Generator):
+        self.devices = devices
+        self.rng = rng
+        models: list[DeviceModel] = []
+        group = np.empty(len(devices), dtype=np.int64)
+        for k, d in enumerate(devices):
+            for g, m in enumerate(models):
+                if m is d:
+                    group[k] = g
+                    break
+            else:
+                models.append(d)
+                group[k] = len(models) - 1
+        self.models = models
+        self.group = group
+
+    def round(self, ks: np.ndarray, steps: np.ndarray | None, budget_s: float | None,
+              t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(durations, steps) of devices `ks` for a round starting at t; steps None = run for budget_s."""
+        durations = np.empty(len(ks))
+        steps_out = np.empty(len(ks), dtype=np.int64)
+        groups = self.group[ks]
+        for g, m in enumerate(self.models):
+            sel = np.flatnonzero(groups == g)
+            if not len(sel):
+                continue
+            factor = m.slowdown_at(t)
+            mean = m.step_time.mean_s * factor
+            std = m.step_time.std_s * factor
+            k = steps[sel] if steps is not None else np.full(len(sel), max(1, math.ceil(budget_s / mean - 1e-12)))
+            total_mean = k * mean
+            if std > 0:
+                sigma2 = np.log1p(std ** 2 / (k * mean ** 2))
+                total = self.rng.lognormal(np.log(total_mean) - sigma2 / 2, np.sqrt(sigma2))
+            else:
+                total = total_mean.astype(np.float64)
+            if m.straggler_prob > 0:
+                total = total + self.rng.binomial(k, m.straggler_prob) * (m.straggler_factor - 1) * mean
+            durations[sel] = total
+            steps_out[sel] = k
+        return durations, steps_out
