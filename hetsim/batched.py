@@ -59,13 +59,14 @@ class BatchedSteps:
         workers = [core.workers[k] for k in ks]
         opt = core.spec.optim
         lr = workers[0].optimizer.param_groups[0]["lr"]
-        params = {n: torch.stack([dict(w.model.named_parameters())[n].detach() for w in workers]) for n in self.names}
-        bufs = {n: torch.stack([_momentum(w, n) for w in workers]) for n in self.names}
-        counts = torch.tensor([steps[k] for k in ks])
+        wparams = [list(w.model.parameters()) for w in workers]
+        params = {n: torch.stack([ps[j] for ps in wparams]).detach() for j, n in enumerate(self.names)}
+        bufs = {n: torch.stack([_momentum(w, ps[j]) for w, ps in zip(workers, wparams)])
+                for j, n in enumerate(self.names)}
         workload = core.workload
-        for s in range(int(counts.max())):
-            active = [i for i in range(len(ks)) if steps[ks[i]] > s]
-            idx = torch.tensor(active)
+        keep = core.sampler.uses_scores
+        for s in range(max(steps[k] for k in ks)):
+            active = [i for i, k in enumerate(ks) if steps[k] > s]
             xs, ys, batches = [], [], []
             for i in active:
                 k = ks[i]
@@ -74,27 +75,36 @@ class BatchedSteps:
                 xs.append(workload.prepare(workload.train_x[t], True, core.workers[k].gen))
                 ys.append(workload.train_y[t])
                 batches.append((k, indices, n_biased))
-            sub = {n: p[idx] for n, p in params.items()} if len(active) < len(ks) else params
+            everyone = len(active) == len(ks)
+            idx = None if everyone else torch.tensor(active)
+            sub = params if everyone else {n: p[idx] for n, p in params.items()}
             grads, losses = self.grad_fn(sub, torch.stack(xs), torch.stack(ys))
-            for n in self.names:
-                p, g = sub[n], grads[n]
-                d = g + opt.weight_decay * p if opt.weight_decay else g
-                b = (opt.momentum * bufs[n][idx] + d) if opt.momentum else d
-                if opt.momentum:
-                    bufs[n][idx] = b
-                params[n][idx] = p - lr * b
-            for (k, indices, n_biased), l in zip(batches, losses.detach().numpy().astype(np.float64)):
-                core.record(k, indices, n_biased, l)
+            with torch.no_grad():
+                for n in self.names:
+                    p, g = sub[n], grads[n]
+                    d = g.add(p, alpha=opt.weight_decay) if opt.weight_decay else g
+                    if opt.momentum:
+                        b = (bufs[n] if everyone else bufs[n][idx]).mul(opt.momentum).add_(d)
+                    else:
+                        b = d
+                    new = p.add(b, alpha=-lr)
+                    if everyone:
+                        params[n], bufs[n] = new, b
+                    else:
+                        params[n][idx], bufs[n][idx] = new, b
+            per_sample = losses.detach().numpy().astype(np.float64)
+            sums = per_sample.sum(axis=1).tolist()
+            for (k, indices, n_biased), l, total in zip(batches, per_sample, sums):
+                core.record(k, indices, n_biased, total, l if keep else None)
         # write the replicas and their momentum back: the workers stay the source of truth
         with torch.no_grad():
-            for i, w in enumerate(workers):
-                for n, p in w.model.named_parameters():
+            for i, (w, ps) in enumerate(zip(workers, wparams)):
+                for n, p in zip(self.names, ps):
                     p.copy_(params[n][i])
                     if opt.momentum:
                         w.optimizer.state[p]["momentum_buffer"] = bufs[n][i].clone()
 
 
-def _momentum(w: "Worker", name: str) -> torch.Tensor:
-    p = dict(w.model.named_parameters())[name]
+def _momentum(w: "Worker", p: torch.Tensor) -> torch.Tensor:
     buf = w.optimizer.state.get(p, {}).get("momentum_buffer")
     return buf.detach() if buf is not None else torch.zeros_like(p)

@@ -125,15 +125,22 @@ class Worker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, workload: Workload, indices: np.ndarray) -> np.ndarray:
-        """One SGD step on the given samples; returns the per-sample losses of the forward pass."""
+    def train_step(self, workload: Workload, indices: np.ndarray, per_sample: bool) -> tuple[float, np.ndarray | None]:
+        """One SGD step on the given samples. Returns the summed loss of the forward pass and, when
+        `per_sample`, each sample's loss (for the loss-score store)."""
         idx = torch.from_numpy(indices)
         x = workload.prepare(workload.train_x[idx], True, self.gen)
-        losses = F.cross_entropy(self.model(x), workload.train_y[idx], reduction="none")
+        y = workload.train_y[idx]
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        loss.backward()
         self.optimizer.step()
-        return losses.detach().numpy().astype(np.float64)
+        losses = None
+        if per_sample:
+            with torch.no_grad():
+                losses = F.cross_entropy(out.detach(), y, reduction="none").numpy().astype(np.float64)
+        return loss.item() * len(indices), losses
 
 
 @dataclass(frozen=True)
@@ -207,21 +214,24 @@ class TrainingCore:
 
     def local_step(self, k: int) -> None:
         """Worker k samples a batch with the shared sampler and takes one SGD step on its replica."""
-        w = self.workers[k]
         indices, n_biased = self.sample(k)
-        self.record(k, indices, n_biased, w.train_step(self.workload, indices))
+        loss_sum, losses = self.workers[k].train_step(self.workload, indices, self.sampler.uses_scores)
+        self.record(k, indices, n_biased, loss_sum, losses)
 
     def sample(self, k: int) -> tuple[np.ndarray, int]:
         batch = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, self.workers[k].stream, self.scores)
         return batch.indices, batch.n_biased
 
-    def record(self, k: int, indices: np.ndarray, n_biased: int, losses: np.ndarray) -> None:
+    def record(self, k: int, indices: np.ndarray, n_biased: int, loss_sum: float, losses: np.ndarray | None) -> None:
+        """Tally one step of worker k; per-sample `losses` (when the sampler uses scores) are merged
+        into the loss-score store at the end of the round."""
         t = self.workers[k].tally
         t.steps += 1
         t.samples += len(indices)
         t.biased += n_biased
-        t.loss_sum += float(losses.sum())
-        t.observations.append((indices, losses))
+        t.loss_sum += loss_sum
+        if losses is not None:
+            t.observations.append((indices, losses))
 
     def run_local_steps(self, ks: Sequence[int], steps: Sequence[int]) -> None:
         """Run the local steps of a round (worker ks[i] takes steps[i]), batched where configured."""

@@ -87,6 +87,8 @@ class Sampler(ABC):
 
     #: how the loss-score store merges a new observation: 'latest' or the reference code's 'min'.
     score_rule: str = "latest"
+    #: whether `batch` reads the loss scores; runners skip keeping them up to date when it does not.
+    uses_scores: bool = True
 
     @abstractmethod
     def batch(self, worker: WorkerInfo, batch_size: int, stream: "EpochStream", scores: "LossScores") -> Batch: ...

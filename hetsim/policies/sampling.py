@@ -89,8 +89,9 @@ class LossScores:
         self.values[rev_unique] = losses[::-1][rev_pos]
 
     def merge_all(self, observations: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-        for idx, loss in observations:
-            self.merge(idx, loss)
+        """Fold a worker's observations of a round in, in order (one merge of the concatenation)."""
+        if observations:
+            self.merge(np.concatenate([o[0] for o in observations]), np.concatenate([o[1] for o in observations]))
 
 
 @register("sampler", "uniform")
@@ -102,6 +103,8 @@ class Uniform(Sampler):
 
         Uniform().batch(worker, 32, stream, scores).indices   # the next 32 indices of the stream
     """
+
+    uses_scores = False
 
     def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores) -> Batch:
         return Batch(stream.take(batch_size), 0)

@@ -1,0 +1,187 @@
+"""Benchmark of the simulator: ratios measured side by side in one run (absolute times vary by machine).
+
+    python studies/bench_sim.py            # ~2-3 minutes on 2 cores
+    python studies/bench_sim.py --quick    # smaller sizes, for a smoke test
+
+Prints:
+  1. per-replica emulation / a bare torch loop doing the same local-SGD steps    (target <= 1.05)
+  2. batched emulation / per-replica emulation, 8 replicas of the embedded MLP   (target <= 0.5)
+  3. time-only events/s / a bare SimPy loop with the same number of events       (target >= 0.5)
+  4. time-only wall time for 10 ... 10,000 devices x 1,000 rounds, and the growth exponent
+  5. the quickstart's wall time
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import simpy
+import torch
+import torch.nn.functional as F
+
+from hetsim.config import spec_from_dict
+from hetsim.seeding import derive
+from hetsim.sim import Simulation
+from hetsim.sim.engine import _fewer_gc_passes
+from hetsim.workloads import build_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def emulation_spec(replicas: int, rounds: int, steps: int, batched: bool):
+    return spec_from_dict({
+        "name": "bench", "seed": 0, "workload": {"name": "digits"},
+        "cluster": {"devices": [{"kind": "gpu", "count": replicas, "step_time": {"dist": "constant", "mean_s": 0.001}}]},
+        "scheduler": {"name": "fixed", "params": {"local_steps": steps}},
+        "sampler": {"name": "uniform"}, "aggregator": {"name": "mean"},
+        "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 16},
+        "stop": {"max_rounds": rounds}, "eval": {"every_rounds": rounds},
+        "trace": {"max_rounds": 1}, "sim": {"batched": batched},
+    })
+
+
+def bare_local_sgd(replicas: int, rounds: int, steps: int) -> float:
+    """The same local SGD with nothing around it: replicas, SGD steps on shuffled batches, averaging."""
+    w = build_workload(emulation_spec(1, 1, 1, False).workload)
+    torch.manual_seed(0)
+    models = [w.make_model() for _ in range(replicas)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]
+    rngs = [np.random.default_rng(derive(0, "data", k)) for k in range(replicas)]
+    perms = [rng.permutation(w.n_train) for rng in rngs]
+    pos = [0] * replicas
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for k, (m, opt) in enumerate(zip(models, opts)):
+            for _ in range(steps):
+                if pos[k] + 16 > w.n_train:
+                    perms[k], pos[k] = rngs[k].permutation(w.n_train), 0
+                idx = torch.from_numpy(perms[k][pos[k]:pos[k] + 16])
+                pos[k] += 16
+                loss = F.cross_entropy(m(w.train_x[idx]), w.train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            for ps in zip(*(m.parameters() for m in models)):
+                mean = torch.stack(ps).mean(0)
+                for p in ps:
+                    p.copy_(mean)
+    with torch.no_grad():
+        (models[0](w.test_x).argmax(1) == w.test_y).float().mean()
+    return time.perf_counter() - t0
+
+
+def timed_sim(spec) -> float:
+    sim = Simulation(spec)  # data loading and model building are set-up, as in the bare loop
+    t0 = time.perf_counter()
+    sim.run()
+    return time.perf_counter() - t0
+
+
+def best_of(n: int, f, *args) -> float:
+    return min(f(*args) for _ in range(n))
+
+
+def time_only_spec(devices: int, rounds: int):
+    cpus = max(1, devices // 5)
+    return spec_from_dict({
+        "name": "scale", "seed": 0, "workload": {"name": "digits"},
+        "cluster": {"devices": [
+            {"kind": "cpu", "count": cpus, "profile": "builtin:assumed-cpu"},
+            {"kind": "gpu", "count": devices - cpus, "profile": "builtin:assumed-gpu"}]},
+        "scheduler": {"name": "proportional", "params": {"max_steps": 8}},
+        "sampler": {"name": "loss_topk", "params": {"kinds": ["cpu"]}},
+        "aggregator": {"name": "biased"},
+        "optim": {"batch_size": 16},
+        "stop": {"max_rounds": rounds}, "eval": {"every_rounds": rounds},
+        "trace": {"max_rounds": 2, "decisions": False}, "sim": {"fidelity": "time_only"},
+    })
+
+
+def bare_simpy(devices: int, rounds: int) -> tuple[float, float]:
+    """(sequential, concurrent) seconds for devices x rounds timeouts in a bare SimPy loop: one process
+    yielding them one by one, and the time-only pattern (a round's timeouts scheduled at once). Both
+    run under the simulator's GC setting, so the ratio measures what hetsim adds to SimPy."""
+    n = devices * rounds
+    env = simpy.Environment()
+
+    def one_by_one():
+        for _ in range(n):
+            yield env.timeout(1.0)
+
+    env.process(one_by_one())
+    t0 = time.perf_counter()
+    with _fewer_gc_passes():
+        env.run()
+    sequential = time.perf_counter() - t0
+    env = simpy.Environment()
+    rng = np.random.default_rng(0)
+
+    def rounds_at_once():
+        for _ in range(rounds):
+            evs = [env.timeout(d) for d in np.sort(rng.random(devices)).tolist()]
+            yield evs[-1]
+
+    env.process(rounds_at_once())
+    t0 = time.perf_counter()
+    with _fewer_gc_passes():
+        env.run()
+    return sequential, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    args = ap.parse_args()
+    rounds = 20 if args.quick else 60
+    scale_rounds = 100 if args.quick else 1000
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, simpy {simpy.__version__}")
+
+    # warm-up (first calls of torch kernels and imports)
+    bare_local_sgd(8, 2, 8)
+    timed_sim(emulation_spec(8, 2, 8, False))
+    timed_sim(emulation_spec(8, 2, 8, True))
+
+    bare = best_of(3, bare_local_sgd, 8, rounds, 8)
+    loop = best_of(3, timed_sim, emulation_spec(8, rounds, 8, False))
+    batched = best_of(3, timed_sim, emulation_spec(8, rounds, 8, True))
+    print(f"\n1. per-replica emulation / bare torch loop: {loop / bare:.3f}   (8 replicas x 8 steps x {rounds} rounds; "
+          f"{loop:.2f}s vs {bare:.2f}s; target <= 1.05)")
+    print(f"2. batched / per-replica emulation:        {batched / loop:.3f}   ({batched:.2f}s vs {loop:.2f}s; "
+          f"target <= 0.5)")
+
+    devices = 10_000
+    spec = time_only_spec(devices, scale_rounds)
+    t_sim = timed_sim(spec)
+    t_seq, t_conc = bare_simpy(devices, scale_rounds)
+    events = devices * scale_rounds
+    print(f"3. time-only events/s / bare SimPy events/s: {t_seq / t_sim:.3f} vs one process yielding timeouts one by one, "
+          f"{t_conc / t_sim:.3f} vs the same pattern (a round's {devices} timeouts at once)   (target >= 0.5)")
+    print(f"   {events / t_sim:,.0f} device-round events/s; bare: {events / t_seq:,.0f} (sequential), "
+          f"{events / t_conc:,.0f} (concurrent)")
+
+    sizes = [10, 100, 1000, 10_000]
+    walls = [t_sim if n == devices else timed_sim(time_only_spec(n, scale_rounds)) for n in sizes]
+    slope = np.polyfit(np.log(sizes[1:]), np.log(walls[1:]), 1)[0]
+    print(f"4. time-only wall time, {scale_rounds} rounds: " +
+          ", ".join(f"{n:,} devices {w:.2f}s" for n, w in zip(sizes, walls)) +
+          f"; growth exponent (100-10,000) {slope:.2f} (1 = linear); 10,000 x {scale_rounds} target < 60 s")
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "hetsim.cli", "quickstart", "--out", out, "--seeds", "1" if args.quick else "3"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        print(f"5. quickstart ({'1 seed' if args.quick else '3 seeds'} x 5 policies): {time.perf_counter() - t0:.1f}s "
+              f"wall (target < 180 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Time-only fidelity, batched emulation, deterministic event order, changing conditions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hetsim.cluster import DeviceModel, StepTimeModel
+from hetsim.sim import Simulation, simulate
+from hetsim.sim.timeonly import VectorClock
+
+NO_NET = ["cluster.network.latency_s=0", "cluster.network.bandwidth_GBps=1e12"]  # exchange ~ 1e-14 s
+
+
+# -- time-only fidelity ----------------------------------------------------------------------
+
+def test_time_only_matches_emulated_clock_and_decisions_on_a_constant_cluster(tiny_spec):
+    emulated = simulate(tiny_spec("aggregator={name='biased', params={strength=1.0}}",
+                                  "sampler={name='loss_topk', params={kinds=['cpu']}}"))
+    time_only = simulate(tiny_spec("aggregator={name='biased', params={strength=1.0}}",
+                                   "sampler={name='loss_topk', params={kinds=['cpu']}}", "sim.fidelity='time_only'"))
+    assert time_only.metrics["time_s"] == pytest.approx(emulated.metrics["time_s"], rel=1e-12)
+    for a, b in zip(emulated.decisions, time_only.decisions):
+        assert {k: a[k] for k in ("workers", "local_steps", "samples", "biased_samples", "weights")} == \
+               {k: b[k] for k in ("workers", "local_steps", "samples", "biased_samples", "weights")}
+    assert all(np.isnan(time_only.metrics["test_acc"]))
+    assert time_only.summary["time_to_accuracy_s"] is None
+    assert "no accuracy" in time_only.summary["fidelity_notes"]
+
+
+def test_time_only_needs_no_data_files(tiny_spec):
+    spec = tiny_spec("workload={name='cifar10', path='/nonexistent'}", "sim.fidelity='time_only'",
+                     "cluster.devices.0.step_time.mean_s=0.1")
+    r = simulate(spec)
+    assert r.summary["model_bytes"] > 1_000_000  # ResNet-20's ~0.27M float32 parameters and BN buffers
+
+
+def test_vector_clock_sums_match_mean_and_variance():
+    d = DeviceModel("x", StepTimeModel("lognormal", 0.01, 0.005), 0.0, None, None, "inline")
+    clock = VectorClock([d] * 20000, np.random.default_rng(0))
+    durations, steps = clock.round(np.arange(20000), np.full(20000, 4), None, 0.0)
+    assert durations.min() > 0 and set(steps) == {4}
+    assert durations.mean() == pytest.approx(0.04, rel=0.01)
+    assert durations.std() == pytest.approx(0.005 * 2, rel=0.03)  # sqrt(4) x std
+
+
+def test_vector_clock_time_budget_and_stragglers():
+    d = DeviceModel("x", StepTimeModel("constant", 0.003), 0.0, None, None, "inline", straggler_prob=1.0,
+                    straggler_factor=3.0)
+    durations, steps = VectorClock([d], np.random.default_rng(0)).round(np.array([0]), None, 0.01, 0.0)
+    assert steps[0] == 4 and durations[0] == pytest.approx(4 * 0.003 * 3)
+
+
+def test_deterministic_event_order_ties_resolve_in_worker_order(tiny_spec):
+    # both gpus take exactly the same time: their events tie, and resolve in worker order
+    r = simulate(tiny_spec())
+    computes = [e for e in r.trace if e.get("name") == "compute" and e["args"]["round"] == 1]
+    assert [e["tid"] for e in computes] == [0, 1, 2]
+    r2 = simulate(tiny_spec())
+    assert json.dumps(r.trace) == json.dumps(r2.trace)
+
+
+def test_time_only_is_deterministic(tiny_spec, tmp_path):
+    args = ("sim.fidelity='time_only'", "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}",
+            "cluster.devices.1.straggler_prob=0.2", "cluster.devices.1.straggler_factor=4.0")
+    simulate(tiny_spec(*args), tmp_path / "a")
+    simulate(tiny_spec(*args), tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
+
+
+# -- batched emulation -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [
+    (),
+    ("sampler={name='loss_topk', params={kinds=['*'], sample_ratio=2}}", "aggregator={name='fednova'}"),
+    ("scheduler={name='time_budget', params={budget_s=0.007}}", "optim.momentum=0.0", "optim.weight_decay=0.0"),
+])
+def test_batched_emulation_equals_the_per_replica_loop(tiny_spec, extra):
+    loop = Simulation(tiny_spec(*extra, "stop.max_rounds=5"))
+    loop.run()
+    batched = Simulation(tiny_spec(*extra, "stop.max_rounds=5", "sim.batched=true"))
+    result = batched.run()
+    assert result.summary["batched"] is True
+    assert torch.allclose(loop.core.global_flat.get(), batched.core.global_flat.get(), atol=1e-5)
+    assert np.allclose(loop.core.scores.values, batched.core.scores.values, atol=1e-5, equal_nan=True)
+    assert loop.writer.decisions == batched.writer.decisions or all(
+        a["local_steps"] == b["local_steps"] for a, b in zip(loop.writer.decisions, batched.writer.decisions))
+
+
+def test_batched_falls_back_to_the_loop_for_batchnorm_models(tiny_spec, tmp_path):
+    from tests_support import write_cifar
+    path = write_cifar(tmp_path)
+    r = simulate(tiny_spec(f"workload={{name='cifar10', path='{path}'}}", "sim.batched=true", "stop.max_rounds=1",
+                           "optim.batch_size=4", "scheduler.params.per_kind.gpu=1"))
+    assert r.summary["batched"] is False
+
+
+# -- changing conditions ---------------------------------------------------------------------
+
+def one_device(tiny_spec, *extra):
+    return tiny_spec("cluster.devices=[{kind='cpu', count=1, step_time={dist='constant', mean_s=0.01}}]",
+                     "scheduler={name='fixed', params={local_steps=1}}", *NO_NET, *extra)
+
+
+@pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
+def test_slowdown_schedule(tiny_spec, fidelity):
+    # step 0.01 s; from t = 0.025 every step takes 2x: rounds start at 0, .01, .02, .03 (slow), .05
+    r = simulate(one_device(tiny_spec, "cluster.devices.0.slowdown=[[0.025, 2.0]]", "stop.max_rounds=5",
+                            f"sim.fidelity='{fidelity}'"))
+    assert r.metrics["time_s"] == pytest.approx([0, 0.01, 0.02, 0.03, 0.05, 0.07])
+
+
+def test_slowdown_trace_file_equals_the_inline_schedule(tiny_spec, tmp_path):
+    trace = tmp_path / "speed.csv"
+    trace.write_text("time_s,factor\n0.0,1.0\n0.025,2.0\n")
+    a = simulate(one_device(tiny_spec, f"cluster.devices.0.slowdown_trace='{trace}'", "stop.max_rounds=5"))
+    b = simulate(one_device(tiny_spec, "cluster.devices.0.slowdown=[[0.025, 2.0]]", "stop.max_rounds=5"))
+    assert a.metrics["time_s"] == b.metrics["time_s"]
+
+
+def test_bad_trace_file_is_a_clear_error(tiny_spec, tmp_path):
+    from hetsim.errors import SpecError
+    trace = tmp_path / "speed.csv"
+    trace.write_text("t,speed\n0,1\n")
+    with pytest.raises(SpecError, match=r"cluster.devices\[0\].slowdown_trace: .* expected CSV columns time_s,factor"):
+        one_device(tiny_spec, f"cluster.devices.0.slowdown_trace='{trace}'")
+
+
+def test_stragglers(tiny_spec):
+    always = simulate(one_device(tiny_spec, "cluster.devices.0.straggler_prob=1.0",
+                                 "cluster.devices.0.straggler_factor=5.0", "stop.max_rounds=3"))
+    assert always.metrics["time_s"] == pytest.approx([0, 0.05, 0.10, 0.15])
+    sometimes = simulate(one_device(tiny_spec, "cluster.devices.0.straggler_prob=0.25",
+                                    "cluster.devices.0.straggler_factor=5.0", "stop.max_rounds=2000",
+                                    "eval.every_rounds=1000"))
+    # mean step = 0.01 x (0.75 + 0.25 x 5) = 0.02
+    assert sometimes.metrics["time_s"][-1] / 2000 == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
+def test_offline_device_sits_rounds_out_and_rejoins(tiny_spec, fidelity):
+    # every round takes 0.01 s; gpu1 is away over [0.015, 0.035): rounds starting at .02 and .03 skip it
+    r = simulate(tiny_spec(*NO_NET, "cluster.devices.1.count=1",
+                           "cluster.devices=[{kind='cpu', count=1, step_time={dist='constant', mean_s=0.01}}, "
+                           "{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}, offline=[[0.015, 0.035]]}]",
+                           "stop.max_rounds=5", f"sim.fidelity='{fidelity}'"))
+    assert [d["workers"] for d in r.decisions] == [[0, 1], [0, 1], [0], [0], [0, 1]]
+    assert r.summary["rounds_participated"] == {"cpu0": 5, "gpu0": 3}
+
+
+def test_everyone_offline_waits_for_the_first_return(tiny_spec):
+    r = simulate(one_device(tiny_spec, "cluster.devices.0.offline=[[0.0, 0.5]]", "stop.max_rounds=2"))
+    assert r.metrics["time_s"] == pytest.approx([0, 0.51, 0.52])
+
+
+def test_bandwidth_schedule_changes_the_exchange_cost(tiny_spec):
+    base = ["cluster.network.latency_s=0", "cluster.network.bandwidth_GBps=1.0", "stop.max_rounds=3"]
+    r = simulate(tiny_spec(*base, "cluster.network.bandwidth_schedule=[[0.015, 0.5]]"))
+    e1 = 2 * 2 / 3 * r.summary["model_bytes"] / 1e9
+    # round 1 exchanges at 1 GB/s (barrier at 0.01); rounds 2-3 at 0.5 GB/s (twice as long)
+    assert r.metrics["time_s"] == pytest.approx([0, 0.01 + e1, 0.02 + 3 * e1, 0.03 + 5 * e1])
+
+
+def test_observed_throughput_reacts_to_a_slowdown(tiny_spec):
+    # two gpus; gpu1 becomes 4x slower at t = 0.02: the observed-speed scheduler cuts its steps
+    r = simulate(tiny_spec(*NO_NET, "cluster.devices=[{kind='gpu', count=2, step_time={dist='constant', mean_s=0.002}}]",
+                           "scheduler={name='proportional', params={max_steps=8, source='observed'}}",
+                           "stop.max_rounds=4"))
+    assert [d["local_steps"] for d in r.decisions] == [[8, 8]] * 4
+    r = simulate(tiny_spec(*NO_NET, "cluster.devices=[{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}},"
+                           "{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}, slowdown=[[0.02, 4.0]]}]",
+                           "scheduler={name='proportional', params={max_steps=8, source='observed'}}",
+                           "stop.max_rounds=5"))
+    # round 1 (0-0.016) is at full speed; in round 2 gpu1 takes 2 steps of 0.002 then 6 of 0.008 from t = 0.02:
+    # observed 0.0065 s per step, so round 3 plans round(8 x 0.002 / 0.0065) = 2 steps for it
+    assert [d["local_steps"] for d in r.decisions][:4] == [[8, 8], [8, 8], [8, 2], [8, 2]]
+
+
+def test_bad_conditions_are_rejected(tiny_spec):
+    from hetsim.errors import SpecError
+    with pytest.raises(SpecError, match=r"slowdown: expected strictly increasing times"):
+        tiny_spec("cluster.devices.0.slowdown=[[0.5, 2.0], [0.1, 1.0]]")
+    with pytest.raises(SpecError, match=r"offline: expected a list of \[start_s, end_s\] windows"):
+        tiny_spec("cluster.devices.0.offline=[[0.5, 0.1]]")
+    with pytest.raises(SpecError, match=r"straggler_prob: expected a probability"):
+        tiny_spec("cluster.devices.0.straggler_prob=1.5")
