@@ -86,6 +86,12 @@ class DeviceSpec:
     offline: [[start_s, end_s], ...] — windows when the device is away. A device offline when a round
         starts sits that round out (it neither trains nor is averaged) and rejoins, with the latest
         global model, at the first round that starts after end_s.
+
+    Real backend (`hetsim run`), one process per device:
+    device: `cpu` or `cuda:i`.
+    threads: torch threads of a cpu device's process (0 = this machine's cores / processes).
+    emulated_slowdown: pad every step to this factor x its measured time, to make a heterogeneous
+        cluster out of identical cores; results mark such devices as emulated.
     """
 
     kind: str = "cpu"
@@ -100,6 +106,9 @@ class DeviceSpec:
     straggler_prob: float = 0.0
     straggler_factor: float = 1.0
     offline: tuple[tuple[float, ...], ...] = ()
+    device: str = "cpu"
+    threads: int = 0
+    emulated_slowdown: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,19 @@ class SimSpec:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """The real backend.
+
+    fault_timeout_s: a worker that makes no progress for this long (a hang, or a crashed peer) ends
+        the run with an error naming the device and the round.
+    checkpoint_every: rounds between checkpoints (0 = none); `--resume RUN_DIR` continues from the last.
+    """
+
+    fault_timeout_s: float = 120.0
+    checkpoint_every: int = 0
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = "run"
     seed: int = 0
@@ -212,6 +234,7 @@ class Spec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     trace: TraceSpec = field(default_factory=TraceSpec)
     sim: SimSpec = field(default_factory=SimSpec)
+    run: RunSpec = field(default_factory=RunSpec)
 
     @property
     def n_workers(self) -> int:
@@ -365,6 +388,10 @@ def _validate(spec: Spec) -> None:
         _require(not (d.slowdown and d.slowdown_trace), f"{key}", "at most one of 'slowdown' or 'slowdown_trace'",
                  d.slowdown_trace)
         _check_schedule(d.slowdown, f"{key}.slowdown", "factor")
+        _require(d.device == "cpu" or (d.device.startswith("cuda") and d.device[4:5] in ("", ":")),
+                 f"{key}.device", "'cpu' or 'cuda:INDEX'", d.device)
+        _require(d.threads >= 0, f"{key}.threads", "an integer >= 0", d.threads)
+        _require(d.emulated_slowdown >= 1, f"{key}.emulated_slowdown", "a factor >= 1", d.emulated_slowdown)
         _check_windows(d.offline, f"{key}.offline")
         # Building the device's time model validates the profile (positive step times etc.).
         cluster_mod.device_model(d, spec.workload.name, spec.optim.batch_size, key)
@@ -405,6 +432,8 @@ def _validate(spec: Spec) -> None:
     _require(e.every_rounds > 0 or e.every_epochs > 0, "eval",
              "every_rounds > 0 or every_epochs > 0", dataclasses.asdict(e))
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
+    _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
+    _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
 
 
 # --------------------------------------------------------------------------------------------

@@ -150,3 +150,28 @@ def time_to_accuracy(times: list[float], accs: list[float], target: float) -> fl
         if a is not None and not math.isnan(a) and a >= target:
             return t
     return None
+
+
+def run_summary(spec: Spec, rows: list[dict[str, Any]], engine: str, names: list[str], busy_s: Any,
+                rounds: int, time_s: float, epochs: float, samples: int, stopped_by: str, wall_s: float,
+                **extra: Any) -> dict[str, Any]:
+    """The summary.json every runner writes: time to accuracy, accuracy, utilisation, provenance."""
+    import torch
+
+    evaluated = [r for r in rows if not math.isnan(r["test_acc"])]
+    target = spec.stop.target_accuracy
+    tta = time_to_accuracy([r["time_s"] for r in evaluated], [r["test_acc"] for r in evaluated], target)
+    hit = next((r for r in evaluated if r["test_acc"] >= target), None)
+    return {
+        "name": spec.name, "engine": engine, "seed": spec.seed, "workload": spec.workload.name,
+        "n_workers": len(names), "scheduler": spec.scheduler.name, "sampler": spec.sampler.name,
+        "aggregator": spec.aggregator.name, "target_accuracy": target, "time_to_accuracy_s": tta,
+        "rounds_to_accuracy": hit["round"] if hit else None, "epochs_to_accuracy": hit["epoch"] if hit else None,
+        "final_test_acc": evaluated[-1]["test_acc"] if evaluated else None,
+        "best_test_acc": max(r["test_acc"] for r in evaluated) if evaluated else None,
+        "final_train_loss": rows[-1]["train_loss"], "rounds": rounds, "time_s": time_s, "epochs": epochs,
+        "samples": samples, "stopped_by": stopped_by,
+        "utilization": {n: (float(b) / time_s if time_s else 0.0) for n, b in zip(names, busy_s)},
+        **extra,
+        "wall_time_s": wall_s, "torch_threads": torch.get_num_threads(), "versions": versions(),
+    }

@@ -109,11 +109,12 @@ class Worker:
     """One replica: model, SGD optimiser (its momentum stays local, as the reference), data stream,
     augmentation generator, and its tally for the current round."""
 
-    def __init__(self, info: WorkerInfo, workload: Workload, spec: Spec, init: torch.Tensor):
+    def __init__(self, info: WorkerInfo, workload: Workload, spec: Spec, init: torch.Tensor,
+                 device: torch.device | str = "cpu"):
         self.info = info
-        self.model = workload.make_model()
+        self.model = workload.make_model().to(device)
         self.flat = FlatParams(self.model)
-        self.flat.set(init)
+        self.flat.set(init.to(device))
         o = spec.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
@@ -128,7 +129,7 @@ class Worker:
     def train_step(self, workload: Workload, indices: np.ndarray, per_sample: bool) -> tuple[float, np.ndarray | None]:
         """One SGD step on the given samples. Returns the summed loss of the forward pass and, when
         `per_sample`, each sample's loss (for the loss-score store)."""
-        idx = torch.from_numpy(indices)
+        idx = torch.from_numpy(indices).to(workload.train_x.device)
         x = workload.prepare(workload.train_x[idx], True, self.gen)
         y = workload.train_y[idx]
         out = self.model(x)
@@ -139,7 +140,7 @@ class Worker:
         losses = None
         if per_sample:
             with torch.no_grad():
-                losses = F.cross_entropy(out.detach(), y, reduction="none").numpy().astype(np.float64)
+                losses = F.cross_entropy(out.detach(), y, reduction="none").cpu().numpy().astype(np.float64)
         return loss.item() * len(indices), losses
 
 
@@ -167,21 +168,31 @@ class TrainingCore:
     """The protocol of biased local SGD over all workers of a spec, without a clock."""
 
     def __init__(self, spec: Spec, workload: Workload | None = None,
-                 profile_step_times: Sequence[float] | None = None):
+                 profile_step_times: Sequence[float] | None = None, local: Sequence[int] | None = None,
+                 device: torch.device | str = "cpu"):
+        """`local`: the workers whose replicas live in this process (all by default; a real backend's
+        process holds one). Decisions are made for all workers in every process alike. `device`: where
+        the local replicas, the global model and the data live."""
         self.spec = spec
         self.workload = workload or build_workload(spec.workload)
+        if str(device) != "cpu":
+            for name in ("train_x", "train_y", "test_x", "test_y"):
+                setattr(self.workload, name, getattr(self.workload, name).to(device))
         self.scheduler = policies.build("scheduler", spec.scheduler)
         self.sampler = policies.build("sampler", spec.sampler)
         self.aggregator = policies.build("aggregator", spec.aggregator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive(spec.seed, "init"))
-            self.global_model = self.workload.make_model()
+            self.global_model = self.workload.make_model().to(device)
         self.global_flat = FlatParams(self.global_model)
         init = self.global_flat.get()
         kinds = spec.worker_kinds()
         times = profile_step_times or [1.0] * len(kinds)
         self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
-        self.workers = [Worker(info, self.workload, spec, init) for info in self.infos]
+        local_set = set(range(len(kinds)) if local is None else local)
+        self.local = sorted(local_set)
+        self.workers: list[Worker] = [Worker(info, self.workload, spec, init, device) if info.index in local_set else None
+                                      for info in self.infos]  # type: ignore[misc]
         self.scores = LossScores(self.workload.n_train, getattr(self.sampler, "score_rule", "latest"))
         self.samples_total = 0
         self.batched = None
@@ -208,8 +219,8 @@ class TrainingCore:
 
     def set_lr(self, progress: float) -> float:
         lr = lr_at(self.spec.optim, progress)
-        for w in self.workers:
-            w.set_lr(lr)
+        for k in self.local:
+            self.workers[k].set_lr(lr)
         return lr
 
     def local_step(self, k: int) -> None:
@@ -247,25 +258,34 @@ class TrainingCore:
         `observed_step_time_s` (a real system's most recent throughput estimate)."""
         observe_step_times(self.infos, ks, mean_step_s)
 
+    def contributions(self, ks: Sequence[int], tallies: Sequence[RoundTally]) -> list[Contribution]:
+        return [Contribution(k, self.infos[k].kind, t.steps, t.samples, t.loss_sum / t.samples if t.samples else 0.0)
+                for k, t in zip(ks, tallies)]
+
     def aggregate(self, round: int, participants: Sequence[int] | None = None,
                   time_budget_s: float | None = None) -> RoundRecord:
-        """Combine the participants' replicas with the aggregator, merge loss scores, reset every
-        replica (absent ones too, so they rejoin with the latest model) and return the round's record."""
+        """Combine the participants' replicas (all local to this process) with the aggregator and
+        finish the round (see `finish_round`)."""
         ks = list(range(len(self.workers))) if participants is None else list(participants)
         tallies = [self.workers[k].tally for k in ks]
-        contributions = [Contribution(k, self.infos[k].kind, t.steps, t.samples,
-                                      t.loss_sum / t.samples if t.samples else 0.0)
-                         for k, t in zip(ks, tallies)]
         replicas = torch.stack([self.workers[k].flat.get() for k in ks])
-        new_global, weights = self.aggregator.combine(self.global_flat.get(), replicas, contributions)
+        new_global, weights = self.aggregator.combine(self.global_flat.get(), replicas, self.contributions(ks, tallies))
+        return self.finish_round(round, ks, tallies, new_global, weights, time_budget_s)
+
+    def finish_round(self, round: int, ks: Sequence[int], tallies: Sequence[RoundTally], new_global: torch.Tensor,
+                     weights: np.ndarray, time_budget_s: float | None) -> RoundRecord:
+        """Install the new global model in every local replica (absent workers too, so they rejoin with
+        the latest model), merge the round's loss observations in worker order (deterministic, the
+        same in every runner) and return the round's record."""
         self.global_flat.set(new_global)
-        for w in self.workers:
-            w.flat.set(new_global)
-        for t in tallies:  # worker order: deterministic, the same in every runner
+        for k in self.local:
+            self.workers[k].flat.set(new_global)
+            self.workers[k].tally = RoundTally()
+        for t in tallies:
             self.scores.merge_all(t.observations)
         samples = sum(t.samples for t in tallies)
         self.samples_total += samples
-        record = RoundRecord(
+        return RoundRecord(
             round=round, workers=tuple(ks),
             local_steps=tuple(t.steps for t in tallies),
             samples=tuple(t.samples for t in tallies),
@@ -274,9 +294,45 @@ class TrainingCore:
             train_loss=sum(t.loss_sum for t in tallies) / samples if samples else float("nan"),
             time_budget_s=time_budget_s,
         )
-        for w in self.workers:
-            w.tally = RoundTally()
-        return record
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.global_model, self.workload)
+
+
+class RunSchedule:
+    """The run's budgets, lr progress and evaluation schedule: the same in every runner, which
+    supplies its own clock (simulated or wall) as `time_s`."""
+
+    def __init__(self, spec: Spec):
+        self.stop = spec.stop
+        self.eval = spec.eval
+        self._next_eval_epoch = spec.eval.every_epochs
+
+    def progress(self, rounds_done: int, time_s: float, epochs: float) -> float:
+        """Share of the budget already used, in [0, 1] (the largest over the budgets that are set)."""
+        s = self.stop
+        parts = [rounds_done / s.max_rounds if s.max_rounds else 0.0, time_s / s.max_time_s if s.max_time_s else 0.0,
+                 epochs / s.max_epochs if s.max_epochs else 0.0]
+        return max(parts)
+
+    def stop_reason(self, rounds_done: int, time_s: float, epochs: float, reached_target: bool) -> str:
+        s = self.stop
+        if s.stop_at_target and reached_target:
+            return "target_accuracy"
+        if s.max_rounds and rounds_done >= s.max_rounds:
+            return "max_rounds"
+        if s.max_time_s and time_s >= s.max_time_s:
+            return "max_time_s"
+        if s.max_epochs and epochs >= s.max_epochs:
+            return "max_epochs"
+        return ""
+
+    def eval_due(self, round: int, epochs: float) -> bool:
+        """Whether to evaluate after `round` (every_rounds, or each new multiple of every_epochs)."""
+        e = self.eval
+        due = bool(e.every_rounds) and round % e.every_rounds == 0
+        if e.every_epochs and epochs >= self._next_eval_epoch:
+            due = True
+            while self._next_eval_epoch <= epochs:
+                self._next_eval_epoch += e.every_epochs
+        return due

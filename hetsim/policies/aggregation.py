@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from hetsim.policies.base import Aggregator, Contribution, register
 
@@ -62,11 +61,9 @@ class FedNova(Aggregator):
         p = m / m.sum()
         return (p * tau).sum() * p / tau
 
-    def combine(self, global_params: torch.Tensor, replicas: torch.Tensor,
-                contributions: Sequence[Contribution]) -> tuple[torch.Tensor, np.ndarray]:
+    def coefficients(self, contributions: Sequence[Contribution]) -> tuple[float, np.ndarray]:
         c = self.weights(contributions)
-        combined = (1.0 - c.sum()) * global_params + torch.as_tensor(c, dtype=replicas.dtype) @ replicas
-        return combined, c
+        return 1.0 - float(c.sum()), c
 
 
 @register("aggregator", "biased")

@@ -106,13 +106,28 @@ class Aggregator(ABC):
     def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
         """Weight of each replica in the combination (logged every round)."""
 
+    def coefficients(self, contributions: Sequence[Contribution]) -> tuple[float, np.ndarray]:
+        """(a, w) such that the next global model is a·x + Σ_k w_k·x_k, x the current global model.
+
+        Every built-in aggregator is linear in the replicas, so a distributed runner needs only one
+        all-reduce of w_k·x_k. Default: a = 0 and w = `weights`. An aggregator that is not linear
+        overrides `combine` instead; runners then gather all replicas.
+        """
+        return 0.0, self.weights(contributions)
+
     def combine(self, global_params: "torch.Tensor", replicas: "torch.Tensor",
                 contributions: Sequence[Contribution]) -> tuple["torch.Tensor", np.ndarray]:
-        """Next global parameters and the weights used. Default: the weighted sum of replicas."""
+        """Next global parameters and the weights used: a·x + w @ replicas (see `coefficients`)."""
         import torch
 
-        w = self.weights(contributions)
-        return torch.as_tensor(w, dtype=replicas.dtype) @ replicas, w
+        a, w = self.coefficients(contributions)
+        combined = torch.as_tensor(w, dtype=replicas.dtype) @ replicas
+        return (combined + a * global_params if a else combined), w
+
+    @classmethod
+    def is_linear(cls) -> bool:
+        """True when `combine` is the linear form given by `coefficients` (not overridden)."""
+        return cls.combine is Aggregator.combine
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,16 +30,14 @@ from typing import Any, Callable
 
 import numpy as np
 import simpy
-import torch
 
 from hetsim.cluster import DeviceModel, device_model, exchange_time
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
-from hetsim.results import (RunResult, RunWriter, time_to_accuracy, trace_event, trace_thread_names, versions,
-                            worker_names)
+from hetsim.results import RunResult, RunWriter, run_summary, trace_event, trace_thread_names, worker_names
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
-from hetsim.training import FlatParams, TrainingCore
+from hetsim.training import FlatParams, RunSchedule, TrainingCore
 from hetsim.workloads import Workload, build_model
 
 ProgressFn = Callable[[dict], None]
@@ -97,43 +95,8 @@ class Simulation:
         self.exchange_total_s = 0.0
         self.round = 0
         self.stopped_by = ""
-        self._next_eval_epoch = spec.eval.every_epochs
+        self.schedule = RunSchedule(spec)
         self._always_online = all(not d.offline for d in self.devices)
-
-    # -- budgets -------------------------------------------------------------------------------
-
-    def progress_fraction(self) -> float:
-        """How far through the run's budget we are (drives the lr schedule)."""
-        s = self.spec.stop
-        parts = []
-        if s.max_rounds:
-            parts.append(self.round / s.max_rounds)
-        if s.max_time_s:
-            parts.append(self.env.now / s.max_time_s)
-        if s.max_epochs:
-            parts.append(self.core.epochs / s.max_epochs)
-        return max(parts)
-
-    def _stop_reason(self, reached_target: bool) -> str:
-        s = self.spec.stop
-        if s.stop_at_target and reached_target:
-            return "target_accuracy"
-        if s.max_rounds and self.round >= s.max_rounds:
-            return "max_rounds"
-        if s.max_time_s and self.env.now >= s.max_time_s:
-            return "max_time_s"
-        if s.max_epochs and self.core.epochs >= s.max_epochs:
-            return "max_epochs"
-        return ""
-
-    def _eval_due(self) -> bool:
-        e = self.spec.eval
-        due = bool(e.every_rounds) and self.round % e.every_rounds == 0
-        if e.every_epochs and self.core.epochs >= self._next_eval_epoch:
-            due = True
-            while self._next_eval_epoch <= self.core.epochs:
-                self._next_eval_epoch += e.every_epochs
-        return due
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -192,14 +155,14 @@ class Simulation:
         limit = self.spec.trace.max_rounds
         while True:
             reached = self.writer.rows[-1]["test_acc"] >= self.spec.stop.target_accuracy  # NaN: False
-            self.stopped_by = self._stop_reason(reached)
+            self.stopped_by = self.schedule.stop_reason(self.round, self.env.now, self.core.epochs, reached)
             if self.stopped_by:
                 return
             ks = self._online()
             if not ks:  # everyone is away: wait for the first device to return
                 yield self.env.timeout(min(d.back_online(self.env.now) for d in self.devices) - self.env.now)
                 continue
-            lr = self.core.set_lr(self.progress_fraction())  # progress = share of the budget already used
+            lr = self.core.set_lr(self.schedule.progress(self.round, self.env.now, self.core.epochs))
             self.round += 1
             self.trace_on = not limit or self.round <= limit
             plan = self.core.plan(self.round, ks)
@@ -227,7 +190,8 @@ class Simulation:
             if self.spec.trace.decisions:
                 self.writer.decisions.append(record.as_json())
             test_loss = test_acc = math.nan
-            if self._eval_due() or self._stop_reason(False):
+            last = bool(self.schedule.stop_reason(self.round, self.env.now, self.core.epochs, False))
+            if self.schedule.eval_due(self.round, self.core.epochs) or last:
                 test_loss, test_acc = yield from self._evaluate()
             self._row(record.train_loss, test_loss, test_acc, lr)
 
@@ -249,32 +213,16 @@ class Simulation:
         return self.writer.finish(self.summary(time.perf_counter() - wall0))
 
     def summary(self, wall_s: float) -> dict:
-        rows = self.writer.rows
-        evaluated = [r for r in rows if not math.isnan(r["test_acc"])]
-        target = self.spec.stop.target_accuracy
-        tta = time_to_accuracy([r["time_s"] for r in evaluated], [r["test_acc"] for r in evaluated], target)
-        hit = next((r for r in evaluated if r["test_acc"] >= target), None)
-        total = self.env.now
-        return {
-            "name": self.spec.name, "engine": "sim", "fidelity": self.spec.sim.fidelity,
-            "fidelity_notes": FIDELITY_NOTES if self.time_only else "emulated: real SGD math for every worker",
-            "batched": bool(getattr(self.core, "batched", None)), "seed": self.spec.seed,
-            "workload": self.spec.workload.name, "n_workers": self.n,
-            "scheduler": self.spec.scheduler.name, "sampler": self.spec.sampler.name,
-            "aggregator": self.spec.aggregator.name,
-            "target_accuracy": target, "time_to_accuracy_s": tta,
-            "rounds_to_accuracy": hit["round"] if hit else None, "epochs_to_accuracy": hit["epoch"] if hit else None,
-            "final_test_acc": evaluated[-1]["test_acc"] if evaluated else None,
-            "best_test_acc": max(r["test_acc"] for r in evaluated) if evaluated else None,
-            "final_train_loss": rows[-1]["train_loss"], "rounds": self.round, "time_s": total,
-            "epochs": self.core.epochs, "samples": self.core.samples_total, "stopped_by": self.stopped_by,
-            "exchange_s": self.exchange_total_s / self.round if self.round else 0.0,
-            "model_bytes": self.core.model_bytes,
-            "utilization": {name: (float(busy) / total if total else 0.0) for name, busy in zip(self.names, self.busy_s)},
-            "rounds_participated": {name: int(p) for name, p in zip(self.names, self.participation)},
-            "device_sources": {name: d.source for name, d in zip(self.names, self.devices)},
-            "wall_time_s": wall_s, "torch_threads": torch.get_num_threads(), "versions": versions(),
-        }
+        return run_summary(
+            self.spec, self.writer.rows, "sim", self.names, self.busy_s, self.round, self.env.now, self.core.epochs,
+            self.core.samples_total, self.stopped_by, wall_s,
+            fidelity=self.spec.sim.fidelity,
+            fidelity_notes=FIDELITY_NOTES if self.time_only else "emulated: real SGD math for every worker",
+            batched=bool(getattr(self.core, "batched", None)),
+            exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
+            model_bytes=self.core.model_bytes,
+            rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)},
+            device_sources={name: d.source for name, d in zip(self.names, self.devices)})
 
 
 def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None) -> RunResult:
