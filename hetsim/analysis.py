@@ -49,6 +49,15 @@ class Run:
         t, _, acc = self.evaluated()
         return time_to_accuracy(list(t), list(acc), target)
 
+    def as_result(self) -> "RunResult":
+        """The run as a RunResult (what `hetsim.simulate` returns), read back from disk."""
+        from hetsim.config import spec_from_dict
+        from hetsim.results import RunResult
+
+        spec = spec_from_dict(self.config, source=str(self.path / "config.toml"))
+        metrics = {c: [int(v) if c in ("round", "samples") else float(v) for v in col] for c, col in self.metrics.items()}
+        return RunResult(spec, metrics, self.decisions, self.summary, self.path, self.trace())
+
     def trace(self) -> list[dict[str, Any]]:
         path = self.path / "trace.json"
         return json.loads(path.read_text())["traceEvents"] if path.is_file() else []

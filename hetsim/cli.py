@@ -74,6 +74,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The real backend: spawn one process per device, or be one rank under torchrun (env://)."""
+    import os
+
+    from hetsim.config import load_spec
+
+    spec = load_spec(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}-real"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from backends.torchmp.worker import worker_main
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world != spec.n_workers:
+            raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
+        worker_main(rank, world, spec, str(out), "env://")
+        if rank == 0:
+            print(out)
+        return 0
+    from backends.torchmp import run
+
+    result = run(spec, out)
+    s = result.summary
+    tta = s["time_to_accuracy_s"]
+    print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, final acc {s['final_test_acc']:.3f}, "
+          f"time to {s['target_accuracy']:.0%}: {'not reached' if tta is None else f'{tta:.3g}s'}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from backends.torchmp.profiler import profile_device, write_profile
+
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise SpecError(f"--device {args.device!r}: expected 'cpu' or 'cuda:INDEX'")
+    print(f"profiling {args.device} on {args.workload} (batch {args.batch_size}) ...", file=sys.stderr)
+    measured = profile_device(args.workload, args.batch_size, args.device, args.threads, args.emulated_slowdown,
+                              args.data_path, max_seconds=args.max_seconds, exchange=args.exchange)
+    write_profile(args.out, args.device.split(":")[0], measured)
+    e = measured["entry"]
+    print(f"step median {e['median_s'] * 1e3:.3f} ms (p10 {e['p10_s'] * 1e3:.3f}, p90 {e['p90_s'] * 1e3:.3f}; "
+          f"{e['n_samples']} steps), eval {e['eval_time_s'] * 1e3:.1f} ms"
+          + (f", link {measured['link']['bandwidth_GBps']:.2f} GB/s, {measured['link']['latency_s'] * 1e6:.0f} us"
+             if measured["link"] else ""), file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
@@ -129,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)")
+    r.add_argument("config", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
+    r.add_argument("--out", help="run directory (default runs/NAME-sSEED-real)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    r.set_defaults(func=cmd_run)
+
+    pf = sub.add_parser("profile", help="measure a device's step, evaluation and exchange times into a profile file")
+    pf.add_argument("--device", default="cpu", help="cpu or cuda:INDEX")
+    pf.add_argument("--threads", type=int, default=0, help="torch threads (cpu; 0 = default)")
+    pf.add_argument("--emulated-slowdown", type=float, default=1.0, help="pad each step to this factor")
+    pf.add_argument("--workload", default="digits")
+    pf.add_argument("--data-path", default="", help="data directory of file-based workloads")
+    pf.add_argument("--batch-size", type=int, default=16)
+    pf.add_argument("--max-seconds", type=float, default=30.0, help="time cap of the step measurement")
+    pf.add_argument("--exchange", action="store_true", help="also measure all-reduce latency and bandwidth")
+    pf.add_argument("--out", required=True, help="profile file (entries for other workloads are kept)")
+    pf.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plot", help="figures and a speedup table from run directories")
     pl.add_argument("runs", nargs="+", help="run directories, or folders holding them")

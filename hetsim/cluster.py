@@ -197,10 +197,15 @@ def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> D
         step, eval_time, source = StepTimeModel.from_spec(d.step_time, f"{where}.step_time"), 0.0, "inline"
     if d.eval_time_s is not None:
         eval_time = d.eval_time_s
-    bandwidth = d.bandwidth_GBps * 1e9 if d.bandwidth_GBps is not None else None
+    bandwidth_GBps, latency = d.bandwidth_GBps, d.latency_s
+    if d.profile:  # a measured link (hetsim profile --exchange) unless the config overrides it
+        link = load_profile(d.profile).get("link") or {}
+        bandwidth_GBps = bandwidth_GBps if bandwidth_GBps is not None else link.get("bandwidth_GBps")
+        latency = latency if latency is not None else link.get("latency_s")
+    bandwidth = bandwidth_GBps * 1e9 if bandwidth_GBps is not None else None
     slowdown = (read_slowdown_trace(d.slowdown_trace, f"{where}.slowdown_trace") if d.slowdown_trace
                 else tuple((float(a), float(b)) for a, b in d.slowdown))
-    return DeviceModel(d.kind, step, eval_time, bandwidth, d.latency_s, source, slowdown, d.straggler_prob,
+    return DeviceModel(d.kind, step, eval_time, bandwidth, latency, source, slowdown, d.straggler_prob,
                        d.straggler_factor, tuple((float(a), float(b)) for a, b in d.offline))
 
 

@@ -1,0 +1,216 @@
+"""One device's process in the real backend: the simulator's protocol on the wall clock.
+
+Every round, in every process alike::
+
+    stop, progress = broadcast from rank 0       # budgets on rank 0's clock and accuracy
+    plan = core.plan(round)                      # the shared scheduler; identical in every process
+    local steps on this process's replica        # the shared sampler and training core, each step timed
+    all_gather_object(tally, loss observations, timings)   # the barrier
+    all_reduce(w_k x_k)                          # the shared aggregator's linear coefficients
+    core.finish_round(...)                       # merge loss scores in worker order, as the simulator
+    rank 0: evaluate when due; write metrics, decisions, trace
+
+Times are seconds since rank 0's start (time.time(), one clock on one node). An emulated slowdown k
+pads each step with a sleep of (k - 1) x its measured time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hetsim.config import Spec
+from hetsim.results import RunWriter, run_summary, trace_event, trace_thread_names, worker_names
+from hetsim.sim.engine import build_devices
+from hetsim.training import RoundTally, RunSchedule, TrainingCore
+
+FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"
+
+
+def error_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / ".errors" / f"rank{rank}.json"
+
+
+def _inject_fault(rank: int, round: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    kind, r, rd = spec.split(":")
+    if int(r) == rank and int(rd) == round:
+        if kind == "crash":
+            raise RuntimeError(f"injected crash ({FAULT_ENV}={spec})")
+        while True:  # hang
+            time.sleep(3600)
+
+
+def _threads(spec: Spec, rank: int, world: int) -> int:
+    d = spec.worker_devices()[rank]
+    return d.threads or max(1, (os.cpu_count() or 1) // world)
+
+
+def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
+                heartbeat: Any | None = None) -> None:
+    """Entry point of one process (spawned by the launcher, or started by torchrun with env://)."""
+    out = Path(run_dir) if run_dir else None
+    try:
+        _run(rank, world, spec, out, init_method, heartbeat)
+    except BaseException as e:  # noqa: BLE001 - report every failure to the launcher, then re-raise
+        if out is not None:
+            path = error_path(out, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            round_ = int(heartbeat[3 * rank]) if heartbeat is not None else -1
+            path.write_text(json.dumps({"rank": rank, "time": time.time(), "round": round_,
+                                        "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
+    """(round, phase, wall time) per rank; phase 0 = computing, 1 = at the barrier."""
+    if heartbeat is not None:
+        heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
+
+
+def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None) -> None:
+    devices_spec = spec.worker_devices()
+    if world != len(devices_spec):
+        raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
+    torch.set_num_threads(_threads(spec, rank, world))
+    all_cuda = all(d.device.startswith("cuda") for d in devices_spec)
+    backend = "nccl" if all_cuda else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2 * spec.run.fault_timeout_s))
+    device = torch.device(devices_spec[rank].device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    comm_device = device if backend == "nccl" else torch.device("cpu")
+    slowdown = devices_spec[rank].emulated_slowdown
+    time_models = build_devices(spec)
+    core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
+    names = worker_names(spec.worker_kinds())
+    schedule = RunSchedule(spec)
+    writer = RunWriter(out, spec, flush_every_s=1.0) if rank == 0 else None
+    if writer:
+        writer.trace.extend(trace_thread_names(names))
+    ks = list(range(world))
+    busy = np.zeros(world)
+
+    t0 = torch.tensor([time.time()], dtype=torch.float64)
+    dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start
+    wall0 = time.perf_counter()
+
+    def now() -> float:
+        return time.time() - float(t0)
+
+    rows_acc = math.nan
+    if writer:
+        test_loss, rows_acc = core.evaluate()
+        writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
+                        "train_loss": math.nan, "test_loss": test_loss, "test_acc": rows_acc})
+    round_ = 0
+    stopped_by = ""
+    try:
+        while True:
+            ctl = torch.zeros(2, dtype=torch.float64)
+            if rank == 0:
+                reached = rows_acc >= spec.stop.target_accuracy
+                stopped_by = schedule.stop_reason(round_, now(), core.epochs, reached)
+                ctl[0], ctl[1] = float(bool(stopped_by)), schedule.progress(round_, now(), core.epochs)
+            dist.broadcast(ctl, 0)
+            if ctl[0] > 0:
+                break
+            lr = core.set_lr(float(ctl[1]))
+            round_ += 1
+            _beat(heartbeat, rank, round_, 0)
+            _inject_fault(rank, round_)
+            plan = core.plan(round_)
+            target, budget = plan.local_steps[rank], plan.time_budget_s
+            start = now()
+            steps = 0
+            while (steps < target) if target is not None else (steps == 0 or now() - start < budget):
+                t_step = time.perf_counter()
+                core.local_step(rank)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if slowdown > 1:
+                    time.sleep((slowdown - 1) * (time.perf_counter() - t_step))
+                steps += 1
+            finish = now()
+            _beat(heartbeat, rank, round_, 1)
+            t = core.workers[rank].tally
+            obs = t.observations
+            mine = {"steps": t.steps, "samples": t.samples, "biased": t.biased, "loss_sum": t.loss_sum,
+                    "idx": np.concatenate([o[0] for o in obs]) if obs else None,
+                    "loss": np.concatenate([o[1] for o in obs]) if obs else None, "start": start, "finish": finish}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+            barrier = now()
+            tallies = [RoundTally(g["steps"], g["samples"], g["biased"], g["loss_sum"],
+                                  [(g["idx"], g["loss"])] if g["idx"] is not None else []) for g in gathered]
+            contributions = core.contributions(ks, tallies)
+            flat = core.workers[rank].flat.get().to(comm_device)
+            if core.aggregator.is_linear():
+                a, weights = core.aggregator.coefficients(contributions)
+                x = flat * float(weights[rank])
+                dist.all_reduce(x)
+                new_global = x.to(device) + a * core.global_flat.get() if a else x.to(device)
+            else:
+                replicas = [torch.empty_like(flat) for _ in ks]
+                dist.all_gather(replicas, flat)
+                new_global, weights = core.aggregator.combine(core.global_flat.get(), torch.stack(replicas).to(device),
+                                                              contributions)
+            comm_end = now()
+            record = core.finish_round(round_, ks, tallies, new_global, np.asarray(weights), budget)
+            core.observe_step_times(ks, [(g["finish"] - g["start"]) / g["steps"] for g in gathered])
+            for k, g in enumerate(gathered):
+                busy[k] += g["finish"] - g["start"]
+            if writer:
+                _record_round(writer, spec, round_, gathered, barrier, comm_end, core.model_bytes)
+                if spec.trace.decisions:
+                    writer.decisions.append(record.as_json())
+                test_loss = rows_acc = math.nan
+                last = bool(schedule.stop_reason(round_, now(), core.epochs, False))
+                if schedule.eval_due(round_, core.epochs) or last:
+                    eval_start = now()
+                    test_loss, rows_acc = core.evaluate()
+                    writer.trace.append(trace_event("eval", 0, eval_start, now(), round=round_))
+                writer.add_row({"round": round_, "time_s": now(), "epoch": core.epochs, "samples": core.samples_total,
+                                "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": rows_acc})
+    finally:
+        if writer:
+            writer.flush()  # a failing peer still leaves every finished round on disk
+    if writer:
+        total = now()
+        emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
+        writer.finish(run_summary(
+            spec, writer.rows, "torchmp", names, busy, round_, total, core.epochs, core.samples_total, stopped_by,
+            time.perf_counter() - wall0, fidelity="real", backend=backend,
+            devices={n: d.device for n, d in zip(names, devices_spec)},
+            threads={n: _threads(spec, k, world) for k, n in enumerate(names)},
+            emulated_slowdown=emulated, model_bytes=core.model_bytes,
+            device_sources={n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
+                            for n, d in zip(names, devices_spec)}))
+
+
+def _record_round(writer: RunWriter, spec: Spec, round_: int, gathered: list[dict], barrier: float, comm_end: float,
+                  model_bytes: int) -> None:
+    limit = spec.trace.max_rounds
+    if limit and round_ > limit:
+        return
+    for k, g in enumerate(gathered):
+        writer.trace.append(trace_event("compute", k, g["start"], g["finish"], round=round_, steps=g["steps"]))
+        if barrier > g["finish"]:
+            writer.trace.append(trace_event("idle", k, g["finish"], barrier, round=round_))
+        writer.trace.append(trace_event("comm", k, barrier, comm_end, round=round_, bytes=model_bytes))
