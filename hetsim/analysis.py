@@ -165,3 +165,40 @@ def write_speedup_table(rows: Sequence[SpeedupRow], out_dir: Path, target: float
     w.writerows(["" if v is None else v for v in r.as_dict().values()] for r in rows)
     atomic_write(out_dir / "speedups.csv", buf.getvalue())
     atomic_write(out_dir / "speedups.md", speedup_markdown(rows, target, baseline))
+
+
+def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
+    """Predicted (usually the simulator) against measured (usually the real backend), round by round.
+
+    round_time_rel_error: |pred - meas| / meas of each round's duration (round r ends at time_s[r]),
+    over the rounds both runs have; its median and p90 are the headline numbers.
+    """
+    n = min(len(predicted.metrics["round"]), len(measured.metrics["round"]))
+    if n < 2:
+        raise HetsimError("the runs share fewer than one round; nothing to compare")
+    tp, tm = predicted.metrics["time_s"][:n], measured.metrics["time_s"][:n]
+    dp, dm = np.diff(tp), np.diff(tm)
+    rel = np.abs(dp - dm) / np.where(dm > 0, dm, np.nan)
+    ap, am = predicted.metrics["test_acc"][:n], measured.metrics["test_acc"][:n]
+    both = ~np.isnan(ap) & ~np.isnan(am)
+    target = float(measured.summary.get("target_accuracy", predicted.summary.get("target_accuracy", 0.9)))
+    tta_p, tta_m = predicted.time_to_accuracy(target), measured.time_to_accuracy(target)
+    same_decisions = None
+    if predicted.decisions and measured.decisions:
+        keys = ("workers", "local_steps", "samples", "biased_samples")
+        m = min(len(predicted.decisions), len(measured.decisions))
+        same_decisions = all({k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+                             for a, b in zip(predicted.decisions[:m], measured.decisions[:m]))
+    return {
+        "predicted": str(predicted.path), "measured": str(measured.path), "rounds_compared": n - 1,
+        "round_time_rel_error_median": float(np.nanmedian(rel)),
+        "round_time_rel_error_p90": float(np.nanquantile(rel, 0.9)),
+        "total_time_predicted_s": float(tp[-1]), "total_time_measured_s": float(tm[-1]),
+        "total_time_rel_error": float(abs(tp[-1] - tm[-1]) / tm[-1]) if tm[-1] > 0 else None,
+        "target_accuracy": target, "time_to_accuracy_predicted_s": tta_p, "time_to_accuracy_measured_s": tta_m,
+        "time_to_accuracy_rel_error": (abs(tta_p - tta_m) / tta_m) if (tta_p is not None and tta_m) else None,
+        "accuracy_points_compared": int(both.sum()),
+        "accuracy_abs_diff_max": float(np.max(np.abs(ap[both] - am[both]))) if both.any() else None,
+        "accuracy_abs_diff_mean": float(np.mean(np.abs(ap[both] - am[both]))) if both.any() else None,
+        "same_decisions": same_decisions,
+    }

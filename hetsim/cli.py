@@ -121,6 +121,36 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from hetsim.analysis import compare_runs, load_run
+    from hetsim.plots import plot_compare
+    from hetsim.results import atomic_write
+
+    predicted, measured = load_run(args.predicted), load_run(args.measured)
+    report = compare_runs(predicted, measured)
+    out = Path(args.out) if args.out else Path(args.measured) / "compare"
+    atomic_write(out / "compare.json", json.dumps(report, indent=2) + "\n")
+    plot_compare(predicted, measured, out)
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"rounds compared:            {report['rounds_compared']}")
+    print(f"per-round time error:       median {pct(report['round_time_rel_error_median'])}, "
+          f"p90 {pct(report['round_time_rel_error_p90'])}")
+    print(f"total time:                 predicted {report['total_time_predicted_s']:.4g}s, measured "
+          f"{report['total_time_measured_s']:.4g}s ({pct(report['total_time_rel_error'])})")
+    print(f"time to {report['target_accuracy']:.0%}:               predicted {report['time_to_accuracy_predicted_s']}, "
+          f"measured {report['time_to_accuracy_measured_s']} ({pct(report['time_to_accuracy_rel_error'])})")
+    print(f"accuracy difference:        max {report['accuracy_abs_diff_max']}, mean {report['accuracy_abs_diff_mean']} "
+          f"over {report['accuracy_points_compared']} evaluations")
+    print(f"same decisions:             {report['same_decisions']}")
+    print(out)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
@@ -194,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--exchange", action="store_true", help="also measure all-reduce latency and bandwidth")
     pf.add_argument("--out", required=True, help="profile file (entries for other workloads are kept)")
     pf.set_defaults(func=cmd_profile)
+
+    c = sub.add_parser("compare", help="predicted (simulator) vs measured (real backend) run directories")
+    c.add_argument("predicted", help="run directory of the prediction (hetsim simulate)")
+    c.add_argument("measured", help="run directory of the measurement (hetsim run)")
+    c.add_argument("--out", help="folder for compare.json and the figure (default MEASURED/compare)")
+    c.set_defaults(func=cmd_compare)
 
     pl = sub.add_parser("plot", help="figures and a speedup table from run directories")
     pl.add_argument("runs", nargs="+", help="run directories, or folders holding them")

@@ -168,3 +168,25 @@ def plot_runs(runs: Sequence[Run], out: Path, target: float | None = None, basel
     paths += plot_time_to_accuracy(rows, out, target, baseline, censor)
     paths += plot_timeline([rs[0] for rs in groups.values()], out, rounds)
     return paths + [out / "speedups.csv", out / "speedups.md"]
+
+
+def plot_compare(predicted: Run, measured: Run, out: Path) -> list[Path]:
+    """Predicted vs measured: elapsed time per round, per-round durations, and accuracy vs time."""
+    n = min(len(predicted.metrics["round"]), len(measured.metrics["round"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH_IN, 2.3))
+        rounds = predicted.metrics["round"][:n]
+        for run, colour, label in ((predicted, PALETTE[0], "predicted"), (measured, PALETTE[3], "measured")):
+            axes[0].plot(rounds, run.metrics["time_s"][:n], color=colour, label=label)
+            t, _, acc = run.evaluated()
+            axes[2].plot(t, acc, color=colour, marker="o", ms=2, label=label)
+        dp, dm = np.diff(predicted.metrics["time_s"][:n]), np.diff(measured.metrics["time_s"][:n])
+        axes[1].scatter(dm * 1e3, dp * 1e3, s=6, color=PALETTE[0])
+        lim = [0, max(dm.max(), dp.max()) * 1e3 * 1.05]
+        axes[1].plot(lim, lim, color="0.5", lw=0.8, ls="--")
+        axes[0].set(xlabel="round", ylabel="elapsed time (s)")
+        axes[1].set(xlabel="measured round time (ms)", ylabel="predicted round time (ms)", xlim=lim, ylim=lim)
+        axes[2].set(xlabel="time (s)", ylabel="test accuracy")
+        axes[0].legend(frameon=False)
+        fig.tight_layout()
+        return _save(fig, out, "predicted_vs_measured")
