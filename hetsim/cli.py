@@ -58,16 +58,28 @@ class Progress:
         self.stream.flush()
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def _spec_and_out(args: argparse.Namespace, suffix: str):
+    """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml)."""
     from hetsim.config import load_spec
+
+    if args.resume:
+        if args.config or args.set:
+            raise SpecError("--resume RUN_DIR continues that run with its own config.toml; give no CONFIG or --set")
+        return load_spec(Path(args.resume) / "config.toml"), Path(args.resume)
+    if not args.config:
+        raise SpecError("expected a CONFIG file (or --resume RUN_DIR)")
+    spec = load_spec(args.config, args.set)
+    return spec, Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}{suffix}"
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
     from hetsim.sim import simulate
 
-    spec = load_spec(args.config, args.set)
-    out = Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}"
+    spec, out = _spec_and_out(args, "")
     progress = None if args.quiet else Progress()
     if progress:
         progress.start(f"[{spec.name} seed {spec.seed}]")
-    result = simulate(spec, out, progress)
+    result = simulate(spec, out, progress, resume=bool(args.resume))
     if progress:
         progress.done(result.summary)
     print(out)
@@ -78,23 +90,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The real backend: spawn one process per device, or be one rank under torchrun (env://)."""
     import os
 
-    from hetsim.config import load_spec
-
-    spec = load_spec(args.config, args.set)
-    out = Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}-real"
+    spec, out = _spec_and_out(args, "-real")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         from backends.torchmp.worker import worker_main
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
             raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
-        worker_main(rank, world, spec, str(out), "env://")
+        worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume))
         if rank == 0:
             print(out)
         return 0
     from backends.torchmp import run
 
-    result = run(spec, out)
+    result = run(spec, out, resume=bool(args.resume))
     s = result.summary
     tta = s["time_to_accuracy_s"]
     print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, final acc {s['final_test_acc']:.3f}, "
@@ -200,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("simulate", help="run one config in the simulator")
-    s.add_argument("config", help="TOML spec (see examples/)")
+    s.add_argument("config", nargs="?", help="TOML spec (see examples/)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     s.add_argument("--out", help="run directory (default runs/NAME-sSEED)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
@@ -208,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)")
-    r.add_argument("config", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
+    r.add_argument("config", nargs="?", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     r.add_argument("--out", help="run directory (default runs/NAME-sSEED-real)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     r.set_defaults(func=cmd_run)

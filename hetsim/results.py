@@ -175,3 +175,26 @@ def run_summary(spec: Spec, rows: list[dict[str, Any]], engine: str, names: list
         **extra,
         "wall_time_s": wall_s, "torch_threads": torch.get_num_threads(), "versions": versions(),
     }
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (torch.save to a temporary file, then rename)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    from hetsim.errors import HetsimError
+
+    if not path.is_file():
+        raise HetsimError(f"{path.parent}: no checkpoint to resume from (set run.checkpoint_every > 0)")
+    return torch.load(path, weights_only=False)

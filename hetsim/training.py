@@ -298,6 +298,32 @@ class TrainingCore:
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.global_model, self.workload)
 
+    # -- checkpoints: everything a round boundary needs to continue bit for bit ---------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_model": self.global_model.state_dict(),
+            "infos": [tuple(i) for i in self.infos],
+            "scores": self.scores.values.copy(),
+            "samples_total": self.samples_total,
+            "workers": {k: {"model": self.workers[k].model.state_dict(),
+                            "optimizer": self.workers[k].optimizer.state_dict(),
+                            "stream": self.workers[k].stream.state_dict(),
+                            "gen": self.workers[k].gen.get_state()} for k in self.local},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_model.load_state_dict(state["global_model"])
+        self.infos = [WorkerInfo(*i) for i in state["infos"]]
+        self.scores.values[:] = state["scores"]
+        self.samples_total = state["samples_total"]
+        for k in self.local:
+            w, ws = self.workers[k], state["workers"][k]
+            w.model.load_state_dict(ws["model"])
+            w.optimizer.load_state_dict(ws["optimizer"])
+            w.stream.load_state_dict(ws["stream"])
+            w.gen.set_state(ws["gen"])
+
 
 class RunSchedule:
     """The run's budgets, lr progress and evaluation schedule: the same in every runner, which
@@ -306,7 +332,7 @@ class RunSchedule:
     def __init__(self, spec: Spec):
         self.stop = spec.stop
         self.eval = spec.eval
-        self._next_eval_epoch = spec.eval.every_epochs
+        self.next_eval_epoch = spec.eval.every_epochs
 
     def progress(self, rounds_done: int, time_s: float, epochs: float) -> float:
         """Share of the budget already used, in [0, 1] (the largest over the budgets that are set)."""
@@ -331,8 +357,8 @@ class RunSchedule:
         """Whether to evaluate after `round` (every_rounds, or each new multiple of every_epochs)."""
         e = self.eval
         due = bool(e.every_rounds) and round % e.every_rounds == 0
-        if e.every_epochs and epochs >= self._next_eval_epoch:
+        if e.every_epochs and epochs >= self.next_eval_epoch:
             due = True
-            while self._next_eval_epoch <= epochs:
-                self._next_eval_epoch += e.every_epochs
+            while self.next_eval_epoch <= epochs:
+                self.next_eval_epoch += e.every_epochs
         return due

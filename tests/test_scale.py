@@ -185,3 +185,35 @@ def test_bad_conditions_are_rejected(tiny_spec):
         tiny_spec("cluster.devices.0.offline=[[0.5, 0.1]]")
     with pytest.raises(SpecError, match=r"straggler_prob: expected a probability"):
         tiny_spec("cluster.devices.0.straggler_prob=1.5")
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
+def test_resumed_simulation_equals_an_uninterrupted_one(tiny_spec, tmp_path, fidelity):
+    args = ("stop.max_rounds=9", "run.checkpoint_every=2", f"sim.fidelity='{fidelity}'",
+            "sampler={name='loss_topk', params={kinds=['*']}}", "optim.lr_schedule='cosine'",
+            "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}",
+            "cluster.devices.1.straggler_prob=0.3", "cluster.devices.1.straggler_factor=3.0")
+    simulate(tiny_spec(*args), tmp_path / "whole")
+
+    def crash_at_round_6(row):
+        if row["round"] == 6:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        simulate(tiny_spec(*args), tmp_path / "cut", progress=crash_at_round_6)
+    simulate(tiny_spec(*args), tmp_path / "cut", resume=True)  # continues from round 4
+    for name in ("metrics.csv", "decisions.jsonl", "trace.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_spec, tmp_path):
+    from hetsim.errors import HetsimError
+    simulate(tiny_spec(), tmp_path)
+    with pytest.raises(HetsimError, match="no checkpoint to resume from"):
+        simulate(tiny_spec(), tmp_path, resume=True)

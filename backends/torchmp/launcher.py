@@ -18,7 +18,7 @@ from backends.torchmp.worker import error_path, worker_main
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
-from hetsim.results import RunResult, worker_names
+from hetsim.results import CHECKPOINT, RunResult, worker_names
 
 
 def free_port() -> int:
@@ -27,8 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(spec: Spec, run_dir: str | Path, poll_s: float = 0.1) -> RunResult:
-    """Run `spec` on real devices, one process each; write the run directory; return its result."""
+def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1) -> RunResult:
+    """Run `spec` on real devices, one process each; write the run directory; return its result.
+    resume: continue from the run directory's last checkpoint (run.checkpoint_every > 0)."""
     if any(d.offline or d.slowdown or d.slowdown_trace or d.straggler_prob for d in spec.cluster.devices):
         raise HetsimError("offline windows, slowdown schedules and stragglers are simulator conditions; "
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
@@ -39,7 +40,11 @@ def run(spec: Spec, run_dir: str | Path, poll_s: float = 0.1) -> RunResult:
     ctx = mp.get_context("spawn")
     heartbeat = ctx.Array("d", 3 * world, lock=False)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=worker_main, args=(r, world, spec, str(run_dir), init_method, heartbeat),
+    if resume and not (run_dir / CHECKPOINT).is_file():
+        raise HetsimError(f"{run_dir}: no checkpoint to resume from (set run.checkpoint_every > 0)")
+    for stale in (run_dir / ".errors").glob("rank*.json"):
+        stale.unlink()  # reports of an earlier attempt
+    procs = [ctx.Process(target=worker_main, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume),
                          name=f"hetsim-{names[r]}") for r in range(world)]
     for p in procs:
         p.start()

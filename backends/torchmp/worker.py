@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 from datetime import timedelta
@@ -30,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from hetsim.config import Spec
-from hetsim.results import RunWriter, run_summary, trace_event, trace_thread_names, worker_names
+from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, run_summary, save_checkpoint, trace_event,
+                            trace_thread_names, worker_names)
 from hetsim.sim.engine import build_devices
 from hetsim.training import RoundTally, RunSchedule, TrainingCore
 
@@ -59,11 +61,11 @@ def _threads(spec: Spec, rank: int, world: int) -> int:
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
-                heartbeat: Any | None = None) -> None:
+                heartbeat: Any | None = None, resume: bool = False) -> None:
     """Entry point of one process (spawned by the launcher, or started by torchrun with env://)."""
     out = Path(run_dir) if run_dir else None
     try:
-        _run(rank, world, spec, out, init_method, heartbeat)
+        _run(rank, world, spec, out, init_method, heartbeat, resume)
     except BaseException as e:  # noqa: BLE001 - report every failure to the launcher, then re-raise
         if out is not None:
             path = error_path(out, rank)
@@ -83,7 +85,12 @@ def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
         heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
 
 
-def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None) -> None:
+def _rank_checkpoint(out: Path, round_: int, rank: int) -> Path:
+    return out / "checkpoints" / f"round{round_}" / f"rank{rank}.pt"
+
+
+def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
+         resume: bool) -> None:
     devices_spec = spec.worker_devices()
     if world != len(devices_spec):
         raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
@@ -107,19 +114,31 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     ks = list(range(world))
     busy = np.zeros(world)
 
-    t0 = torch.tensor([time.time()], dtype=torch.float64)
-    dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start
+    round_, elapsed = 0, 0.0
+    rows_acc = math.nan
+    if resume:
+        if out is None:
+            raise ValueError("resume needs the run directory")
+        runner = load_checkpoint(out / CHECKPOINT)
+        round_, elapsed = runner["round"], runner["time_s"]
+        core.load_state_dict(load_checkpoint(_rank_checkpoint(out, round_, rank)))
+        busy = runner["busy_s"]
+        schedule.next_eval_epoch = runner["next_eval_epoch"]
+        if writer:
+            writer.rows, writer.decisions, writer.trace = runner["rows"], runner["decisions"], runner["trace"]
+            rows_acc = writer.rows[-1]["test_acc"]
+
+    t0 = torch.tensor([time.time() - elapsed], dtype=torch.float64)
+    dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start (of the first attempt)
     wall0 = time.perf_counter()
 
     def now() -> float:
         return time.time() - float(t0)
 
-    rows_acc = math.nan
-    if writer:
+    if writer and not resume:
         test_loss, rows_acc = core.evaluate()
         writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
                         "train_loss": math.nan, "test_loss": test_loss, "test_acc": rows_acc})
-    round_ = 0
     stopped_by = ""
     try:
         while True:
@@ -188,6 +207,9 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
                     writer.trace.append(trace_event("eval", 0, eval_start, now(), round=round_))
                 writer.add_row({"round": round_, "time_s": now(), "epoch": core.epochs, "samples": core.samples_total,
                                 "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": rows_acc})
+            every = spec.run.checkpoint_every
+            if out is not None and every and round_ % every == 0:
+                _checkpoint(out, rank, round_, core, writer, busy, schedule, now())
     finally:
         if writer:
             writer.flush()  # a failing peer still leaves every finished round on disk
@@ -202,6 +224,25 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             emulated_slowdown=emulated, model_bytes=core.model_bytes,
             device_sources={n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
                             for n, d in zip(names, devices_spec)}))
+    # leave together: a process that tears its connections down while a peer still uses them can make
+    # gloo abort the peer
+    dist.barrier()
+
+
+def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: RunWriter | None, busy: np.ndarray,
+                schedule: RunSchedule, time_s: float) -> None:
+    """Every rank saves its replica's state for this round; once all have, rank 0 points checkpoint.pt
+    at the round (so a crash mid-checkpoint leaves the previous one usable) and drops older rounds."""
+    save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict())
+    dist.barrier()
+    if writer is not None:
+        writer.flush()
+        save_checkpoint(out / CHECKPOINT, {"round": round_, "time_s": time_s, "busy_s": busy.copy(),
+                                           "next_eval_epoch": schedule.next_eval_epoch, "rows": writer.rows,
+                                           "decisions": writer.decisions, "trace": writer.trace})
+        for old in (out / "checkpoints").iterdir():
+            if old.name != f"round{round_}":
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _record_round(writer: RunWriter, spec: Spec, round_: int, gathered: list[dict], barrier: float, comm_end: float,

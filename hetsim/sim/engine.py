@@ -26,6 +26,7 @@ import contextlib
 import gc
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -34,7 +35,9 @@ import simpy
 from hetsim.cluster import DeviceModel, device_model, exchange_time
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
-from hetsim.results import RunResult, RunWriter, run_summary, trace_event, trace_thread_names, worker_names
+from hetsim.errors import HetsimError
+from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, run_summary, save_checkpoint,
+                            trace_event, trace_thread_names, worker_names)
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, RunSchedule, TrainingCore
@@ -70,7 +73,9 @@ def _fewer_gc_passes(threshold: int = 50_000):
 
 class Simulation:
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
-                 workload: Workload | None = None):
+                 workload: Workload | None = None, resume: bool = False):
+        """resume: continue from `run_dir`'s checkpoint (written every run.checkpoint_every rounds);
+        the result equals an uninterrupted run's."""
         self.spec = spec
         self.time_only = spec.sim.fidelity == "time_only"
         self.devices = build_devices(spec)
@@ -97,6 +102,40 @@ class Simulation:
         self.stopped_by = ""
         self.schedule = RunSchedule(spec)
         self._always_online = all(not d.offline for d in self.devices)
+        self.resumed = False
+        if resume:
+            if run_dir is None:
+                raise HetsimError("resume needs the run directory to continue")
+            self._restore(load_checkpoint(Path(run_dir) / CHECKPOINT))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        every = self.spec.run.checkpoint_every
+        if self.writer.run_dir is None or not every or self.round % every:
+            return
+        self.writer.flush()
+        save_checkpoint(self.writer.run_dir / CHECKPOINT, {
+            "round": self.round, "now": self.env.now, "core": self.core.state_dict(),
+            "rows": self.writer.rows, "decisions": self.writer.decisions, "trace": self.writer.trace,
+            "busy_s": self.busy_s, "participation": self.participation, "exchange_total_s": self.exchange_total_s,
+            "next_eval_epoch": self.schedule.next_eval_epoch,
+            "clock_rngs": [r.bit_generator.state for r in self.clock_rngs],
+            "vector_clock": self.vector_clock.rng.bit_generator.state if self.time_only else None})
+
+    def _restore(self, state: dict) -> None:
+        self.round = state["round"]
+        self.env = simpy.Environment(initial_time=state["now"])
+        self.core.load_state_dict(state["core"])
+        self.writer.rows, self.writer.decisions, self.writer.trace = state["rows"], state["decisions"], state["trace"]
+        self.busy_s, self.participation = state["busy_s"], state["participation"]
+        self.exchange_total_s = state["exchange_total_s"]
+        self.schedule.next_eval_epoch = state["next_eval_epoch"]
+        for rng, st in zip(self.clock_rngs, state["clock_rngs"]):
+            rng.bit_generator.state = st
+        if self.time_only:
+            self.vector_clock.rng.bit_generator.state = state["vector_clock"]
+        self.resumed = True
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -149,9 +188,10 @@ class Simulation:
         return [steps_done[k] for k in ks], finish
 
     def coordinator(self):
-        # the initial model's accuracy anchors the curves; it is not charged to the clock
-        test_loss, test_acc = self.core.evaluate()
-        self._row(math.nan, test_loss, test_acc, self.core.set_lr(0.0))
+        if not self.resumed:
+            # the initial model's accuracy anchors the curves; it is not charged to the clock
+            test_loss, test_acc = self.core.evaluate()
+            self._row(math.nan, test_loss, test_acc, self.core.set_lr(0.0))
         limit = self.spec.trace.max_rounds
         while True:
             reached = self.writer.rows[-1]["test_acc"] >= self.spec.stop.target_accuracy  # NaN: False
@@ -194,6 +234,7 @@ class Simulation:
             if self.schedule.eval_due(self.round, self.core.epochs) or last:
                 test_loss, test_acc = yield from self._evaluate()
             self._row(record.train_loss, test_loss, test_acc, lr)
+            self._checkpoint()
 
     def _row(self, train_loss: float, test_loss: float, test_acc: float, lr: float) -> None:
         row = {"round": self.round, "time_s": self.env.now, "epoch": self.core.epochs,
@@ -225,7 +266,8 @@ class Simulation:
             device_sources={name: d.source for name, d in zip(self.names, self.devices)})
 
 
-def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None) -> RunResult:
+def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None,
+             resume: bool = False) -> RunResult:
     """Run `spec` in the simulator; with `out`, write the run directory there.
 
     Example::
@@ -233,4 +275,4 @@ def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = N
         result = simulate(load_spec("examples/digits.toml"), out="runs/digits")
         result.summary["time_to_accuracy_s"]
     """
-    return Simulation(spec, out, progress).run()
+    return Simulation(spec, out, progress, resume=resume).run()

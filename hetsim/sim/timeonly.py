@@ -85,6 +85,13 @@ class TimeOnlyCore:
     def evaluate(self) -> tuple[float, float]:
         return math.nan, math.nan
 
+    def state_dict(self) -> dict:
+        return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.infos = [WorkerInfo(*i) for i in state["infos"]]
+        self.samples_total = state["samples_total"]
+
 
 class VectorClock:
     """Round durations of many devices at once, drawn per device group (see the module docstring)."""
