@@ -113,7 +113,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from backends.torchmp.profiler import profile_device, write_profile
+    from backends.torchmp.profiler import profile_cluster, profile_device, write_profile
+
+    if args.config:
+        from hetsim.config import load_spec
+
+        spec = load_spec(args.config, args.set)
+        print(f"profiling the {spec.n_workers} devices of {args.config} concurrently ...", file=sys.stderr)
+        for kind, path in profile_cluster(spec, args.out, args.max_seconds, args.exchange).items():
+            print(f"{kind}: {path}")
+        return 0
 
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise SpecError(f"--device {args.device!r}: expected 'cpu' or 'cuda:INDEX'")
@@ -233,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--batch-size", type=int, default=16)
     pf.add_argument("--max-seconds", type=float, default=30.0, help="time cap of the step measurement")
     pf.add_argument("--exchange", action="store_true", help="also measure all-reduce latency and bandwidth")
+    pf.add_argument("--config", help="profile every device of this config at once, as `hetsim run` runs them; "
+                                     "--out is then a folder receiving KIND.json per device group")
+    pf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of --config")
     pf.add_argument("--out", required=True, help="profile file (entries for other workloads are kept)")
     pf.set_defaults(func=cmd_profile)
 

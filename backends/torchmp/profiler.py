@@ -7,9 +7,14 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   the samples agree within 2% (at least `min_steps`, at most `max_steps` or `max_seconds`); all
   samples are stored (dist 'empirical'), with median / p10 / p90 for readers;
 - evaluation time: the median of 3 evaluations of the test set;
-- exchange (optional, `--exchange`): two gloo processes on loopback all-reduce a tiny tensor and a
-  large one (the model's size, at least 4 MB, so that bandwidth rather than latency dominates); for a
-  ring of 2, T = 2a + S/B gives the latency a and bandwidth B.
+- exchange (optional, `--exchange`): two gloo processes on loopback run the backend's round
+  synchronisation (control broadcast, tally gather, all-reduce) with a tiny and a large model (at least
+  4 MB, so that bandwidth rather than latency dominates); for a ring of 2, T = 2a + S/B gives the
+  latency a (which absorbs the fixed per-round costs) and the bandwidth B;
+- `--config CONFIG`: every device of a config is measured at the same time, each in its own process
+  with its threads and emulated slowdown, as `hetsim run` will run them: cores, caches and memory
+  bandwidth are then shared as in the real run (a device that has its samples keeps stepping, untimed,
+  until all have). One file per device group, `DIR/<kind>.json`, pooling the group's samples.
 
 Entries for other (workload, batch size) pairs already in the file are kept.
 """
@@ -33,17 +38,23 @@ from hetsim.results import atomic_write, versions
 from hetsim.training import TrainingCore, evaluate
 
 
-def _spec(workload: str, batch_size: int, device: str, data_path: str) -> Spec:
+def _spec(workload: str, batch_size: int, device: str, data_path: str, kind: str = "",
+          sampler: dict[str, Any] | None = None) -> Spec:
+    """A one-device spec whose local step is the one to measure: the run's sampler matters (loss-biased
+    sampling draws a larger pool and computes per-sample losses)."""
     return spec_from_dict({
         "name": "profile", "workload": {"name": workload, "path": data_path},
-        "cluster": {"devices": [{"kind": device.split(":")[0], "device": device, "step_time": {"mean_s": 1.0}}]},
-        "scheduler": {"name": "sync"}, "sampler": {"name": "uniform"}, "aggregator": {"name": "mean"},
+        "cluster": {"devices": [{"kind": kind or device.split(":")[0], "device": device,
+                                 "step_time": {"mean_s": 1.0}}]},
+        "scheduler": {"name": "sync"}, "sampler": sampler or {"name": "uniform"}, "aggregator": {"name": "mean"},
         "optim": {"batch_size": batch_size}, "stop": {"max_rounds": 1},
     }, source="hetsim profile")
 
 
 def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, warmup: int, min_steps: int,
-                  max_steps: int, max_seconds: float) -> list[float]:
+                  max_steps: int, max_seconds: float, on_measured: Any = None, keep_busy: Any = None) -> list[float]:
+    """Timed local steps (see the module docstring). on_measured: called once the samples are in;
+    keep_busy: says whether to go on stepping, untimed (so concurrent measurements see the same load)."""
     def step() -> float:
         t = time.perf_counter()
         core.local_step(0)
@@ -55,8 +66,11 @@ def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, war
         core.workers[0].tally.observations.clear()
         return time.perf_counter() - t
 
-    for _ in range(warmup):
+    t_warm = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - t_warm < 0.5:  # let clocks and caches settle
         step()
+        done += 1
     samples: list[float] = []
     t0 = time.perf_counter()
     while len(samples) < max_steps and time.perf_counter() - t0 < max_seconds:
@@ -66,6 +80,10 @@ def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, war
             a, b = statistics.median(samples[:half]), statistics.median(samples[half:])
             if abs(a - b) / statistics.median(samples) < 0.02:
                 break
+    if on_measured is not None:
+        on_measured()
+    while keep_busy is not None and keep_busy():
+        step()
     return samples
 
 
@@ -94,21 +112,32 @@ def measure_exchange(model_bytes: int, repeats: int = 20) -> dict[str, float]:
 
 
 def _exchange_worker(rank: int, init: str, nbytes: int, repeats: int, result: Any) -> None:
+    """Time the backend's whole synchronisation, not just the all-reduce: the round's control
+    broadcast, the all_gather_object of tallies and one all-reduce of n floats. Its fixed costs end up
+    in the fitted latency, which is what the simulator should charge per exchange."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         times = []
+        tally = {"steps": 8, "samples": 512, "biased": 0, "loss_sum": 1.0, "idx": None, "loss": None,
+                 "start": 0.0, "finish": 0.0}
         for n in (1, max(1, nbytes // 4)):
             x = torch.ones(n)
-            for _ in range(3):
+
+            def sync() -> None:
+                dist.broadcast(torch.zeros(2, dtype=torch.float64), 0)
+                dist.all_gather_object([None, None], tally)
                 dist.all_reduce(x)
+
+            for _ in range(3):
+                sync()
             ts = []
             for _ in range(repeats):
                 dist.barrier()
                 t = time.perf_counter()
-                dist.all_reduce(x)
+                sync()
                 ts.append(time.perf_counter() - t)
             times.append(statistics.median(ts))
         if rank == 0:
@@ -119,14 +148,20 @@ def _exchange_worker(rank: int, init: str, nbytes: int, repeats: int, result: An
 
 def profile_device(workload: str, batch_size: int, device: str = "cpu", threads: int = 0, slowdown: float = 1.0,
                    data_path: str = "", warmup: int = 20, min_steps: int = 50, max_steps: int = 1000,
-                   max_seconds: float = 30.0, exchange: bool = False) -> dict[str, Any]:
-    """Measure one device; returns {'entry': profile entry, 'link': ... or None, 'hardware': ...}."""
+                   max_seconds: float = 30.0, exchange: bool = False, start: Any = None,
+                   on_measured: Any = None, keep_busy: Any = None, kind: str = "",
+                   sampler: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure one device; returns {'entry': profile entry, 'link': ... or None, 'hardware': ...}.
+    start: a barrier to wait on before measuring (concurrent profiling); kind and sampler: the device's
+    kind and the run's sampler, so that the measured step is the run's step."""
     if threads:
         torch.set_num_threads(threads)
-    spec = _spec(workload, batch_size, device, data_path)
+    spec = _spec(workload, batch_size, device, data_path, kind, sampler)
     dev = torch.device(device)
     core = TrainingCore(spec, device=dev)
-    samples = measure_steps(core, dev, slowdown, warmup, min_steps, max_steps, max_seconds)
+    if start is not None:
+        start.wait()
+    samples = measure_steps(core, dev, slowdown, warmup, min_steps, max_steps, max_seconds, on_measured, keep_busy)
     evals = []
     for _ in range(3):
         t = time.perf_counter()
@@ -150,6 +185,60 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
     return {"entry": entry, "link": measure_exchange(core.model_bytes) if exchange else None, "hardware": hardware}
 
 
+def _concurrent_worker(k: int, kw: dict[str, Any], start: Any, done: Any, n: int, results: Any) -> None:
+    def measured() -> None:
+        with done.get_lock():
+            done.value += 1
+
+    results[k] = profile_device(**kw, start=start, on_measured=measured, keep_busy=lambda: done.value < n)
+
+
+def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, exchange: bool = False
+                    ) -> dict[str, Path]:
+    """Measure every device of `spec` at once (see the module docstring); returns {kind: profile path}."""
+    import torch.multiprocessing as mp
+
+    devices = spec.worker_devices()
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    results = manager.list([None] * len(devices))
+    start, done = ctx.Barrier(len(devices)), ctx.Value("i", 0)
+    kws = [dict(workload=spec.workload.name, batch_size=spec.optim.batch_size, device=d.device,
+                threads=d.threads or max(1, (ctx.cpu_count() or 1) // len(devices)), slowdown=d.emulated_slowdown,
+                data_path=spec.workload.path, max_seconds=max_seconds, kind=d.kind,
+                sampler={"name": spec.sampler.name, "params": dict(spec.sampler.params)}) for d in devices]
+    procs = [ctx.Process(target=_concurrent_worker, args=(k, kw, start, done, len(devices), results))
+             for k, kw in enumerate(kws)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise HetsimError("concurrent profiling failed in a device process")
+    link = measure_exchange(_model_bytes(spec)) if exchange else None
+    out_dir = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for kind in dict.fromkeys(d.kind for d in devices):
+        group = [results[k] for k, d in enumerate(devices) if d.kind == kind]
+        pooled = [x for m in group for x in m["entry"]["step_time"]["samples_s"]]
+        measured = dict(group[0])
+        entry = dict(measured["entry"])
+        q = np.quantile(pooled, [0.1, 0.5, 0.9])
+        entry.update(step_time={"dist": "empirical", "samples_s": pooled}, median_s=float(q[1]), p10_s=float(q[0]),
+                     p90_s=float(q[2]), n_samples=len(pooled), concurrent_with=len(devices) - 1)
+        measured.update(entry=entry, link=link)
+        paths[kind] = out_dir / f"{kind}.json"
+        write_profile(paths[kind], kind, measured)
+    return paths
+
+
+def _model_bytes(spec: Spec) -> int:
+    from hetsim.training import FlatParams
+    from hetsim.workloads import build_model
+
+    return FlatParams(build_model(spec.workload)).nbytes
+
+
 def write_profile(path: str | Path, device_kind: str, measured: dict[str, Any]) -> dict[str, Any]:
     """Add (or replace) the measured entry in the profile file at `path`."""
     path = Path(path)
@@ -169,4 +258,4 @@ def write_profile(path: str | Path, device_kind: str, measured: dict[str, Any]) 
     return data
 
 
-__all__ = ["profile_device", "write_profile", "measure_exchange"]
+__all__ = ["measure_exchange", "profile_cluster", "profile_device", "write_profile"]

@@ -108,7 +108,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
     names = worker_names(spec.worker_kinds())
     schedule = RunSchedule(spec)
-    writer = RunWriter(out, spec, flush_every_s=1.0) if rank == 0 else None
+    writer = RunWriter(out, spec) if rank == 0 else None
     if writer:
         writer.trace.extend(trace_thread_names(names))
     ks = list(range(world))
@@ -128,6 +128,11 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             writer.rows, writer.decisions, writer.trace = runner["rows"], runner["decisions"], runner["trace"]
             rows_acc = writer.rows[-1]["test_acc"]
 
+    if writer and not resume:
+        # the initial model's accuracy anchors the curves; as in the simulator it is not on the clock
+        test_loss, rows_acc = core.evaluate()
+        writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
+                        "train_loss": math.nan, "test_loss": test_loss, "test_acc": rows_acc})
     t0 = torch.tensor([time.time() - elapsed], dtype=torch.float64)
     dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start (of the first attempt)
     wall0 = time.perf_counter()
@@ -135,10 +140,6 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     def now() -> float:
         return time.time() - float(t0)
 
-    if writer and not resume:
-        test_loss, rows_acc = core.evaluate()
-        writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
-                        "train_loss": math.nan, "test_loss": test_loss, "test_acc": rows_acc})
     stopped_by = ""
     try:
         while True:

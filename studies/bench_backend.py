@@ -1,0 +1,117 @@
+"""Benchmark of the real backend and of the simulator's fidelity, measured side by side in one run.
+
+    python studies/bench_backend.py [--workload digits] [--rounds 40] [--out DIR]
+
+On a 2-process CPU cluster (one torch thread each; one device slowed 4x by emulation) it
+
+1. profiles both devices with `hetsim profile`: each alone (the efficiency denominator) and both
+   at once, as they will run (`--config`, with the exchange; what the simulator is given);
+2. runs the system-aware config for real (`hetsim run`) and in the simulator with the profiles
+   (`hetsim simulate`), and compares them (`hetsim compare`);
+3. prints backend efficiency = measured aggregate samples/s / sum of each device's standalone
+   samples/s (target >= 0.90 with >= 8 local steps per round), and simulator fidelity =
+   |predicted - measured| / measured of the round time (median; target <= 10%) and of the
+   time to accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hetsim.analysis import compare_runs, load_run
+from hetsim.config import spec_from_dict, spec_to_dict, to_toml
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "hetsim.cli", *args], check=True, capture_output=True, text=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="fashion_mnist" if Path("/usr/share/datasets/fashion-mnist").is_dir()
+                    else "digits", help="default: fashion_mnist where installed (realistic step times), else digits")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16, help="local steps of the fast device per round (H)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--slowdown", type=float, default=4.0)
+    ap.add_argument("--target", type=float, default=0.0, help="target accuracy (default 0.75 fashion, 0.9 digits)")
+    ap.add_argument("--out", help="keep the profiles and runs here (default: a temporary folder)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="hetsim-bench-backend-"))
+    out.mkdir(parents=True, exist_ok=True)
+    b = args.batch_size
+    args.target = args.target or (0.75 if args.workload == "fashion_mnist" else 0.9)
+
+    def config(fast_profile: Path, slow_profile: Path):
+        return spec_from_dict({
+            "name": "bench-backend", "seed": 0, "workload": {"name": args.workload},
+            "cluster": {"devices": [
+                {"kind": "slow", "count": 1, "profile": str(slow_profile), "threads": 1,
+                 "emulated_slowdown": args.slowdown},
+                {"kind": "fast", "count": 1, "profile": str(fast_profile), "threads": 1}]},
+            "scheduler": {"name": "proportional", "params": {"max_steps": args.steps}},
+            "sampler": {"name": "loss_topk", "params": {"kinds": ["slow"]}},
+            "aggregator": {"name": "biased"},
+            "optim": {"batch_size": b, "lr": 0.05},
+            "stop": {"max_rounds": args.rounds, "target_accuracy": args.target},
+            "eval": {"every_rounds": 10, "every_epochs": 0},
+        }, source="bench_backend")
+
+    # a draft config (any step times) to profile from
+    draft = out / "draft.toml"
+    placeholder = Path(__file__).resolve().parents[1] / "hetsim" / "profiles" / "assumed-cpu.json"
+    draft_spec = spec_to_dict(config(placeholder, placeholder))
+    for d in draft_spec["cluster"]["devices"]:
+        d.pop("profile")
+        d["step_time"] = {"dist": "constant", "mean_s": 1.0}
+    draft.write_text(to_toml(draft_spec))
+    # standalone: each device alone on the machine, with the run's sampler (the efficiency denominator)
+    for i, kind in enumerate(("slow", "fast")):
+        cli("profile", "--config", str(draft), "--set", f"cluster.devices=[{{kind='{kind}', count=1, "
+            f"step_time={{mean_s=1.0}}, threads=1, emulated_slowdown={args.slowdown if kind == 'slow' else 1.0}}}]",
+            "--out", str(out / "alone"))
+    median = {k: json.loads((out / "alone" / f"{k}.json").read_text())["entries"][0]["median_s"] for k in ("fast", "slow")}
+    # concurrent: both devices measured at once, as they will run (what the simulator is given)
+    cli("profile", "--config", str(draft), "--exchange", "--out", str(out / "profiles"))
+    spec = config(out / "profiles" / "fast.json", out / "profiles" / "slow.json")
+    cfg = out / "config.toml"
+    cfg.write_text(to_toml(spec_to_dict(spec)))
+    real_dir, sim_dir = out / "real", out / "sim"
+    cli("run", str(cfg), "--out", str(real_dir))
+    cli("simulate", str(cfg), "--out", str(sim_dir), "--quiet")
+    real, sim = load_run(real_dir), load_run(sim_dir)
+    report = compare_runs(sim, real)
+
+    # efficiency: training samples per second of wall time, evaluations excluded
+    eval_s = sum(e["dur"] for e in real.trace() if e.get("name") == "eval") / 1e6
+    measured = real.summary["samples"] / (real.summary["time_s"] - eval_s)
+    standalone = b / median["fast"] + b / median["slow"]
+    steps = [d["local_steps"] for d in real.decisions]
+    together = {k: json.loads((out / "profiles" / f"{k}.json").read_text())["entries"][0]["median_s"]
+                for k in ("fast", "slow")}
+    print(f"devices alone: fast step {median['fast'] * 1e3:.2f} ms, slow step {median['slow'] * 1e3:.2f} ms; "
+          f"measured together: {together['fast'] * 1e3:.2f} / {together['slow'] * 1e3:.2f} ms")
+    print(f"emulated slowdown {args.slowdown:g}x; "
+          f"local steps per round {steps[0]}; {args.rounds} rounds of {args.workload}")
+    print(f"backend efficiency: {measured / standalone:.3f}   (aggregate {measured:,.0f} samples/s vs "
+          f"{standalone:,.0f} standalone sum; target >= 0.90)")
+    tta_err = report["time_to_accuracy_rel_error"]
+    print(f"simulator fidelity: round time error median {report['round_time_rel_error_median']:.1%}, "
+          f"p90 {report['round_time_rel_error_p90']:.1%}; total time {report['total_time_rel_error']:.1%}; "
+          f"time to {args.target:.0%} {'n/a' if tta_err is None else format(tta_err, '.1%')} (target <= 10%)")
+    print(f"same decisions: {report['same_decisions']}; accuracy difference max {report['accuracy_abs_diff_max']}")
+    rounds = [r for r in range(1, len(real.metrics["time_s"]))]
+    dm = [real.metrics["time_s"][r] - real.metrics["time_s"][r - 1] for r in rounds]
+    print(f"measured round time: median {statistics.median(dm) * 1e3:.2f} ms; predicted "
+          f"{statistics.median([sim.metrics['time_s'][r] - sim.metrics['time_s'][r - 1] for r in rounds]) * 1e3:.2f} ms")
+    print(f"runs and profiles: {out}")
+
+
+if __name__ == "__main__":
+    main()
