@@ -182,8 +182,11 @@ def plot_compare(predicted: Run, measured: Run, out: Path) -> list[Path]:
             axes[2].plot(t, acc, color=colour, marker="o", ms=2, label=label)
         dp, dm = np.diff(predicted.metrics["time_s"][:n]), np.diff(measured.metrics["time_s"][:n])
         axes[1].scatter(dm * 1e3, dp * 1e3, s=6, color=PALETTE[0])
-        lim = [0, max(dm.max(), dp.max()) * 1e3 * 1.05]
+        both = np.concatenate([dm, dp]) * 1e3
+        lim = [both[both > 0].min() / 1.2, both.max() * 1.2]
         axes[1].plot(lim, lim, color="0.5", lw=0.8, ls="--")
+        axes[1].set_xscale("log")
+        axes[1].set_yscale("log")
         axes[0].set(xlabel="round", ylabel="elapsed time (s)")
         axes[1].set(xlabel="measured round time (ms)", ylabel="predicted round time (ms)", xlim=lim, ylim=lim)
         axes[2].set(xlabel="time (s)", ylabel="test accuracy")

@@ -156,3 +156,29 @@ def test_backend_resume_continues_to_the_uninterrupted_result(tiny_spec, tmp_pat
     assert len(resumed.decisions) == 8
     assert np.allclose(resumed.metrics["train_loss"][1:], whole.metrics["train_loss"][1:], atol=1e-6)
     assert np.allclose(resumed.metrics["test_acc"], whole.metrics["test_acc"], equal_nan=True)
+
+
+def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
+    from backends.torchmp.profiler import profile_cluster
+
+    paths = profile_cluster(tiny_spec(*TWO), tmp_path, max_seconds=2.0)
+    assert set(paths) == {"cpu", "gpu"}
+    cpu, gpu = (json.loads(paths[k].read_text())["entries"][0] for k in ("cpu", "gpu"))
+    assert cpu["concurrent_with"] == 1 and cpu["step_time"]["dist"] == "empirical"
+    assert cpu["median_s"] > 1.5 * gpu["median_s"]  # the cpu device is emulated 2x slower
+
+
+def test_compare_command_reports_and_plots(tiny_spec, tmp_path, capsys):
+    from hetsim.cli import main
+
+    spec = tiny_spec(*TWO)
+    simulate(spec, tmp_path / "a")
+    simulate(tiny_spec(*TWO, "cluster.devices.0.step_time.mean_s=0.005"), tmp_path / "b")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    # cpu 2 steps x 0.004 vs 0.005 dominates (gpu 4 x 0.002): every round is 0.002 s longer
+    assert report["same_decisions"] is True and report["accuracy_abs_diff_max"] == 0.0
+    e = report["total_time_measured_s"] / 8 - 0.010
+    assert report["round_time_rel_error_median"] == pytest.approx(0.002 / (0.010 + e), rel=1e-6)
+    assert (tmp_path / "cmp" / "predicted_vs_measured.png").is_file()
+    assert "per-round time error" in capsys.readouterr().out
