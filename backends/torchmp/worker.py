@@ -80,7 +80,7 @@ def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_met
 
 
 def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
-    """(round, phase, wall time) per rank; phase 0 = computing, 1 = at the barrier."""
+    """(round, phase, wall time) per rank; phase 0 = computing, 1 = at the barrier, 2 = finished."""
     if heartbeat is not None:
         heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
 
@@ -228,6 +228,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     # leave together: a process that tears its connections down while a peer still uses them can make
     # gloo abort the peer
     dist.barrier()
+    _beat(heartbeat, rank, round_, 2)  # finished: a failure from here on is only the teardown
 
 
 def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: RunWriter | None, busy: np.ndarray,
