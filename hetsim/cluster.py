@@ -209,10 +209,13 @@ def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> D
                        d.straggler_factor, tuple((float(a), float(b)) for a, b in d.offline))
 
 
-def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int, t: float = 0.0) -> float:
+def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int, t: float = 0.0,
+                  n: int | None = None) -> float:
     """Seconds for one model exchange among `devices` starting at time t (formulas in the module
-    docstring; the network's bandwidth follows its bandwidth_schedule)."""
-    n = len(devices)
+    docstring; the network's bandwidth follows its bandwidth_schedule). With `n`, `devices` need only
+    hold one model per device group present (the slowest link and latency are the same) and n is the
+    number of participants."""
+    n = len(devices) if n is None else n
     if n <= 1:
         return 0.0
     net_bw = network_bandwidth_at(network, t) * 1e9

@@ -1,8 +1,8 @@
 """Scheduling, sampling and aggregation policies (importing this package registers the built-ins)."""
 
 from hetsim.policies import aggregation, sampling, scheduling  # noqa: F401  (registration)
-from hetsim.policies.base import (Aggregator, Batch, Contribution, RoundPlan, Sampler, Scheduler,
+from hetsim.policies.base import (Aggregator, Batch, Contribution, Contributions, RoundPlan, Sampler, Scheduler,
                                   WorkerInfo, build, names, register)
 
-__all__ = ["Aggregator", "Batch", "Contribution", "RoundPlan", "Sampler", "Scheduler", "WorkerInfo",
+__all__ = ["Aggregator", "Batch", "Contribution", "Contributions", "RoundPlan", "Sampler", "Scheduler", "WorkerInfo",
            "build", "names", "register"]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hetsim.policies.base import Aggregator, Contribution, register
+from hetsim.policies.base import Aggregator, Contribution, Contributions, register
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -31,7 +31,8 @@ class Mean(Aggregator):
     """
 
     def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
-        return np.full(len(contributions), 1.0 / len(contributions))
+        n = len(contributions)
+        return np.full(n, 1.0 / n)
 
 
 @register("aggregator", "samples")
@@ -40,7 +41,7 @@ class SampleWeighted(Aggregator):
     """x = Σ_k (m_k / Σ_j m_j) x_k with m_k the samples worker k processed this round (FedAvg weights)."""
 
     def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
-        return _normalise(np.array([c.samples for c in contributions], dtype=np.float64))
+        return _normalise(Contributions.of(contributions).samples)
 
 
 @register("aggregator", "fednova")
@@ -56,8 +57,8 @@ class FedNova(Aggregator):
     """
 
     def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
-        m = np.array([c.samples for c in contributions], dtype=np.float64)
-        tau = np.array([c.local_steps for c in contributions], dtype=np.float64)
+        c = Contributions.of(contributions)
+        m, tau = c.samples, c.local_steps
         p = m / m.sum()
         return (p * tau).sum() * p / tau
 
@@ -93,9 +94,9 @@ class Biased(Aggregator):
             raise ValueError(f"basis: expected 'steps' or 'loss', got {self.basis!r}")
 
     def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
+        c = Contributions.of(contributions)
         if self.basis == "steps":
-            b = np.array([c.local_steps for c in contributions], dtype=np.float64)
+            b = c.local_steps
         else:
-            b = np.array([c.mean_loss for c in contributions], dtype=np.float64)
-            b = np.maximum(b, 1e-12)  # a replica with zero loss keeps a (tiny) weight
+            b = np.maximum(c.mean_loss, 1e-12)  # a replica with zero loss keeps a (tiny) weight
         return _normalise(b ** self.strength)

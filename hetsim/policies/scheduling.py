@@ -7,9 +7,10 @@ GPU_interval = 32 and CPU_interval = 1 by hand).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+import numpy as np
 
 from hetsim.policies.base import RoundPlan, Scheduler, WorkerInfo, register
 
@@ -99,10 +100,9 @@ class Proportional(Scheduler):
         return w.profile_step_time_s
 
     def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        times = [self._step_time(w) for w in workers]
-        h_fastest = self.max_steps * min(times)
-        lo, floor = self.min_steps, math.floor
-        return RoundPlan(tuple(max(lo, floor(h_fastest / t + 0.5)) for t in times))
+        times = np.array([self._step_time(w) for w in workers])
+        steps = np.maximum(self.min_steps, np.floor(self.max_steps * times.min() / times + 0.5))
+        return RoundPlan(tuple(steps.astype(np.int64).tolist()))
 
 
 @register("scheduler", "time_budget")

@@ -48,11 +48,13 @@ ProgressFn = Callable[[dict], None]
 
 def build_devices(spec: Spec) -> list[DeviceModel]:
     """One time model per device group (profiles read once), repeated for each device of the group."""
-    devices = []
-    for i, d in enumerate(spec.cluster.devices):
-        model = device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
-        devices.extend([model] * d.count)
-    return devices
+    return [m for m, d in zip(build_groups(spec), spec.cluster.devices) for _ in range(d.count)]
+
+
+def build_groups(spec: Spec) -> list[DeviceModel]:
+    """The time model of each device group."""
+    return [device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
+            for i, d in enumerate(spec.cluster.devices)]
 
 
 @contextlib.contextmanager
@@ -78,7 +80,9 @@ class Simulation:
         the result equals an uninterrupted run's."""
         self.spec = spec
         self.time_only = spec.sim.fidelity == "time_only"
-        self.devices = build_devices(spec)
+        self.group_models = build_groups(spec)
+        self.group_of = np.repeat(np.arange(len(self.group_models)), [d.count for d in spec.cluster.devices])
+        self.devices = [self.group_models[g] for g in self.group_of]
         mean_times = [d.step_time.mean_s for d in self.devices]
         if self.time_only:
             self.core: Any = TimeOnlyCore(spec, mean_times)
@@ -218,8 +222,9 @@ class Simulation:
                     self._trace("compute", k, start, done, steps=n)
                     self._trace("idle", k, done, barrier)  # fast devices wait for the slowest
             self.core.run_local_steps(ks, steps)  # the real math (time-only: tallies of the work)
-            exchange_s = exchange_time(self.spec.cluster.network, [self.devices[k] for k in ks],
-                                       self.core.model_bytes, barrier)
+            groups = self.group_models if self._always_online else \
+                [self.group_models[g] for g in np.unique(self.group_of[ks])]
+            exchange_s = exchange_time(self.spec.cluster.network, groups, self.core.model_bytes, barrier, n=len(ks))
             if exchange_s > 0:
                 yield self.env.timeout(exchange_s)
                 self.exchange_total_s += exchange_s

@@ -23,7 +23,7 @@ import numpy as np
 from hetsim import policies
 from hetsim.cluster import DeviceModel
 from hetsim.config import Spec
-from hetsim.policies import Contribution, RoundPlan, WorkerInfo
+from hetsim.policies import Contributions, RoundPlan, WorkerInfo
 from hetsim.training import RoundRecord, lr_at, observe_step_times
 from hetsim.workloads import nominal_train_size
 
@@ -42,6 +42,7 @@ class TimeOnlyCore:
         self.aggregator = policies.build("aggregator", spec.aggregator)
         self.infos = [WorkerInfo(k, kind, float(t)) for k, (kind, t) in
                       enumerate(zip(spec.worker_kinds(), profile_step_times))]
+        self.kinds = np.array(spec.worker_kinds())
         self.n_train = nominal_train_size(spec.workload)
         self.samples_total = 0
         self._steps: list[int] = []
@@ -73,13 +74,12 @@ class TimeOnlyCore:
 
     def aggregate(self, round: int, participants: Sequence[int], time_budget_s: float | None = None) -> RoundRecord:
         b = self.spec.optim.batch_size
-        steps, infos, make = self._steps, self.infos, tuple.__new__
-        contributions = [make(Contribution, (k, infos[k][1], n, n * b, STAND_IN_LOSS))
-                         for k, n in zip(participants, steps)]
+        ks, steps = np.asarray(participants), np.asarray(self._steps)
+        contributions = Contributions(ks, self.kinds[ks], steps, steps * b, np.full(len(ks), STAND_IN_LOSS))
         weights = self.aggregator.weights(contributions)
-        samples = [n * b for n in steps]
+        samples = [n * b for n in self._steps]
         self.samples_total += sum(samples)
-        return RoundRecord(round, tuple(participants), tuple(steps), tuple(samples), tuple(self._biased),
+        return RoundRecord(round, tuple(participants), tuple(self._steps), tuple(samples), tuple(self._biased),
                            tuple(weights.tolist()), STAND_IN_LOSS, time_budget_s)
 
     def evaluate(self) -> tuple[float, float]:
