@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hetsim.errors import HetsimError
-from hetsim.results import METRIC_COLUMNS, time_to_accuracy
+from hetsim.results import METRIC_COLUMNS, RunResult, time_to_accuracy
 
 
 @dataclass
@@ -49,10 +49,9 @@ class Run:
         t, _, acc = self.evaluated()
         return time_to_accuracy(list(t), list(acc), target)
 
-    def as_result(self) -> "RunResult":
+    def as_result(self) -> RunResult:
         """The run as a RunResult (what `hetsim.simulate` returns), read back from disk."""
         from hetsim.config import spec_from_dict
-        from hetsim.results import RunResult
 
         spec = spec_from_dict(self.config, source=str(self.path / "config.toml"))
         metrics = {c: [int(v) if c in ("round", "samples") else float(v) for v in col] for c, col in self.metrics.items()}

@@ -72,7 +72,7 @@ def main() -> None:
         d["step_time"] = {"dist": "constant", "mean_s": 1.0}
     draft.write_text(to_toml(draft_spec))
     # standalone: each device alone on the machine, with the run's sampler (the efficiency denominator)
-    for i, kind in enumerate(("slow", "fast")):
+    for kind in ("slow", "fast"):
         cli("profile", "--config", str(draft), "--set", f"cluster.devices=[{{kind='{kind}', count=1, "
             f"step_time={{mean_s=1.0}}, threads=1, emulated_slowdown={args.slowdown if kind == 'slow' else 1.0}}}]",
             "--out", str(out / "alone"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hetsim.config import load_spec
 from hetsim.seeding import derive
-from hetsim.sim import Simulation, simulate
+from hetsim.sim import simulate
 from hetsim.training import TrainingCore, lr_at
 from hetsim.policies.sampling import EpochStream
 
