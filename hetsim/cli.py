@@ -1,4 +1,4 @@
-"""The command line: `hetsim quickstart | simulate | run | profile | compare | plot`.
+"""The command line: `hetsim quickstart | simulate | run | profile | compare | sweep | plot`.
 
 Errors in configs, profiles or data paths print one line (`hetsim: error: FILE: KEY: expected ...`)
 and exit with status 2; no traceback.
@@ -188,6 +188,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hetsim.sweep import sweep
+
+    print(sweep(args.config, args.grid, args.seeds, args.out, args.workers, args.engine, args.set))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
@@ -272,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("measured", help="run directory of the measurement (hetsim run)")
     c.add_argument("--out", help="folder for compare.json and the figure (default MEASURED/compare)")
     c.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser("sweep", help="a grid of configs x seeds in parallel, cached by config hash")
+    sw.add_argument("config", help="the base TOML spec")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a swept field and its values (V1|V2 when values hold commas); repeat for a product")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds per grid point (seed, seed+1, ...)")
+    sw.add_argument("--out", required=True, help="sweep folder: runs/<config hash>/ and sweep.csv")
+    sw.add_argument("--workers", type=int, default=0, help="parallel runs (default: the cores)")
+    sw.add_argument("--engine", default="sim", help="sim (default) or real (the backend, one run at a time)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base spec")
+    sw.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("plot", help="figures and a speedup table from run directories")
     pl.add_argument("runs", nargs="+", help="run directories, or folders holding them")
