@@ -193,3 +193,24 @@ def plot_compare(predicted: Run, measured: Run, out: Path) -> list[Path]:
         axes[0].legend(frameon=False)
         fig.tight_layout()
         return _save(fig, out, "predicted_vs_measured")
+
+
+def plot_ablation(name: str, xlabel: str, values: Sequence[str], ttas: dict[str, list[float]], seeds: int,
+                  out: Path) -> list[Path]:
+    """Time to accuracy (mean, and each seed as a dot) for each value of one swept parameter."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.2))
+        xs = np.arange(len(values))
+        means = [np.mean(ttas[v]) if ttas[v] else np.nan for v in values]
+        ax.plot(xs, means, color=PALETTE[0], marker="o", ms=3)
+        for x, v in zip(xs, values):
+            ax.scatter([x] * len(ttas[v]), ttas[v], color=PALETTE[0], s=6, alpha=0.5)
+            if len(ttas[v]) < seeds:
+                ax.annotate(f"{len(ttas[v])}/{seeds}", (x, means[x] if ttas[v] else 0), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xticks(xs, values)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("time to 95% (simulated s)")
+        ax.set_title(name, loc="left")
+        fig.tight_layout()
+        return _save(fig, out, f"ablation_{name}")
