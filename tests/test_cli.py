@@ -88,3 +88,10 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for cmd in ("quickstart", "simulate", "plot"):
         assert cmd in proc.stdout
+
+
+def test_ablation_plot(tmp_path):
+    from hetsim.plots import plot_ablation
+
+    paths = plot_ablation("sample_ratio", "pool / k", ["1", "4"], {"1": [0.2, 0.25], "4": [0.18]}, 2, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths)
