@@ -9,6 +9,8 @@ The exchange cost model is the standard alpha-beta model of collectives:
   T = 2(n-1)·a + 2(n-1)/n · S/B   (reduce-scatter then all-gather; Patarasuk & Yuan 2009)
 - parameter server, server link B_s, slowest worker link B_w:
   T = 2·a + 2·max(n·S/B_s, S/B_w)  (every worker pushes and pulls S through the server)
+- tree all-reduce (reduce then broadcast along a binary tree, pipelined as NCCL's trees):
+  T = 2·ceil(log2 n)·a + 2(n-1)/n · S/B  (latency grows with log n instead of n)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hetsim.errors import SpecError
 
 PROFILE_FORMAT = "hetsim-profile/1"
 BUILTIN_PROFILES = Path(__file__).parent / "profiles"
-COLLECTIVES = ("ring_allreduce", "parameter_server")
+COLLECTIVES = ("ring_allreduce", "tree_allreduce", "parameter_server")
 DISTRIBUTIONS = ("constant", "lognormal", "empirical")
 
 
@@ -223,4 +225,6 @@ def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_by
     latency = max(d.latency_s if d.latency_s is not None else network.latency_s for d in devices)
     if network.collective == "ring_allreduce":
         return 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / link_bw
+    if network.collective == "tree_allreduce":
+        return 2 * math.ceil(math.log2(n)) * latency + 2 * (n - 1) / n * model_bytes / link_bw
     return 2 * latency + 2 * max(n * model_bytes / net_bw, model_bytes / link_bw)

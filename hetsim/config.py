@@ -113,7 +113,8 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The model exchange. collective: `ring_allreduce` or `parameter_server` (see cluster.py).
+    """The model exchange. collective: `ring_allreduce`, `tree_allreduce` or `parameter_server` (formulas
+    in cluster.py).
 
     bandwidth_schedule: [[time_s, GBps], ...] — from time_s on the network's bandwidth is GBps
     (piecewise constant; bandwidth_GBps before the first entry). Devices with their own

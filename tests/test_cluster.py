@@ -71,6 +71,12 @@ def test_parameter_server_closed_form():
     assert exchange_time(net, [dev()] * 4, 1_000_000) == pytest.approx(8.02e-3)
 
 
+def test_tree_allreduce_closed_form():
+    # n = 10: ceil(log2 10) = 4 -> 2*4*1e-5 + 2*9/10 * 1e-3
+    net = NetworkSpec("tree_allreduce", bandwidth_GBps=1.0, latency_s=1e-5)
+    assert exchange_time(net, [dev()] * 10, 1_000_000) == pytest.approx(8e-5 + 1.8e-3)
+
+
 def test_single_device_needs_no_exchange():
     assert exchange_time(NetworkSpec(), [dev()], 10**9) == 0.0
 
