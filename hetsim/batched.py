@@ -12,8 +12,9 @@ worker draws its batches from the same sampler, stream and augmentation generato
 per-replica loop, and the round's math does not depend on this order (see hetsim/training.py), so the
 result equals the loop's up to float round-off (tested at 1e-5).
 
-Models with BatchNorm keep running statistics in-place per replica, which vmap cannot batch; they use
-the per-replica loop (`BatchedSteps.create` returns None and the summary says `batched: false`).
+Models with BatchNorm keep running statistics in-place per replica, and RNNs use fused kernels, which
+vmap cannot batch; they use the per-replica loop (`BatchedSteps.create` returns None and the summary
+says `batched: false`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 class BatchedSteps:
     def __init__(self, template: nn.Module, names: list[str]):
+        from hetsim.training import per_sample_loss
+
         self.template = template
         self.names = names
 
         def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            losses = F.cross_entropy(functional_call(self.template, params, (x,)), y, reduction="none")
+            losses = per_sample_loss(functional_call(self.template, params, (x,)), y)
             return losses.mean(), losses
 
         self.grad_fn = vmap(grad(loss, has_aux=True))
@@ -45,8 +47,8 @@ class BatchedSteps:
     @classmethod
     def create(cls, workers: list["Worker"], workload: "Workload") -> "BatchedSteps | None":
         model = workers[0].model
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return None
+        if any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.RNNBase)) for m in model.modules()):
+            return None  # in-place running statistics, or fused RNN kernels that vmap does not batch
         if any(b.numel() for b in model.buffers()):
             return None
         template = workload.make_model()

@@ -78,19 +78,26 @@ def lr_at(optim: OptimSpec, progress: float) -> float:
     return optim.lr
 
 
+def per_sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample; for sequence targets (N, T) the mean over the sample's positions."""
+    losses = F.cross_entropy(out, y, reduction="none")
+    return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, workload: Workload, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean test loss, test accuracy) of `model` on the workload's test set."""
+    """(mean test loss, test accuracy) of `model` on the workload's test set; for sequence targets
+    both are per predicted position (next-character accuracy for a language model)."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, n = 0.0, 0, 0
     for start in range(0, len(workload.test_y), batch_size):
         x = workload.prepare(workload.test_x[start:start + batch_size], False, None)
         y = workload.test_y[start:start + batch_size]
         out = model(x)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
+        n += y.numel()
     model.train()
-    n = len(workload.test_y)
     return loss_sum / n, correct / n
 
 
@@ -140,7 +147,7 @@ class Worker:
         losses = None
         if per_sample:
             with torch.no_grad():
-                losses = F.cross_entropy(out.detach(), y, reduction="none").cpu().numpy().astype(np.float64)
+                losses = per_sample_loss(out.detach(), y).cpu().numpy().astype(np.float64)
         return loss.item() * len(indices), losses
 
 

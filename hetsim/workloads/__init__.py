@@ -44,6 +44,7 @@ class WorkloadEntry:
     required_files: tuple[tuple[str, ...], ...] = ()  # alternatives per needed file
     description: str = ""
     n_train: int = 0              # training-set size, known without loading (for the time-only fidelity)
+    required_glob: str = ""       # at least one file matching this pattern must be in the data folder
 
 
 WORKLOADS: dict[str, WorkloadEntry] = {}
@@ -68,7 +69,7 @@ def check_workload(spec: WorkloadSpec, need_files: bool = True) -> None:
     if spec.n_features < 1 or spec.n_classes < 2:
         raise SpecError("workload: expected n_features >= 1 and n_classes >= 2")
     entry = WORKLOADS[spec.name]
-    if not entry.required_files or not need_files:
+    if not (entry.required_files or entry.required_glob) or not need_files:
         return
     root = data_path(spec)
     if not root.is_dir():
@@ -77,6 +78,8 @@ def check_workload(spec: WorkloadSpec, need_files: bool = True) -> None:
     for alternatives in entry.required_files:
         if not any((root / f).is_file() for f in alternatives):
             raise SpecError(f"workload.path: {str(root)!r} lacks {alternatives[0]} ({entry.description})")
+    if entry.required_glob and not any(root.glob(entry.required_glob)):
+        raise SpecError(f"workload.path: {str(root)!r} has no {entry.required_glob} files ({entry.description})")
 
 
 def build_model(spec: WorkloadSpec) -> nn.Module:
@@ -107,4 +110,4 @@ def build_workload(spec: WorkloadSpec) -> Workload:
 
 
 def _load_builtins() -> None:
-    from hetsim.workloads import cifar10, digits, fashion_mnist, synthetic  # noqa: F401  (registration)
+    from hetsim.workloads import cifar10, digits, fashion_mnist, shakespeare, synthetic  # noqa: F401
