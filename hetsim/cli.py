@@ -191,7 +191,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hetsim.sweep import sweep
 
-    print(sweep(args.config, args.grid, args.seeds, args.out, args.workers, args.engine, args.set))
+    print(sweep(args.config, args.grid, args.seeds, args.out, args.workers, args.engine, args.set,
+                ray_address=args.ray or ""))
     return 0
 
 
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=0, help="parallel runs (default: the cores)")
     sw.add_argument("--engine", default="sim", help="sim (default) or real (the backend, one run at a time)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base spec")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster ('local': start one here); "
+                    "needs pip install 'hetsim[ray]'")
     sw.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("plot", help="figures and a speedup table from run directories")

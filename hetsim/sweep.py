@@ -9,6 +9,10 @@ run (its summary.json written for the same config) is never run twice: re-runnin
 interrupt runs only what is missing (a run with a checkpoint resumes from it). Runs of one grid point
 share a name, `<base name>[key=value,...]`, so `hetsim plot` averages their seeds. One table,
 `sweep.csv`, holds every run's grid values and summary.
+
+The local process pool is the default. `--ray ADDRESS` runs the pending runs as Ray tasks on a Ray
+cluster instead (`--ray local` starts one on this machine); each task returns its run directory's
+files, which the driver writes, so the cluster's machines need hetsim installed but no shared disk.
 """
 
 from __future__ import annotations
@@ -78,6 +82,50 @@ def expand(base: Spec, grid: dict[str, list[str]], seeds: int, out: Path) -> lis
     return runs
 
 
+def _run_remote(spec: Spec, engine: str) -> dict[str, bytes]:
+    """A Ray task: run into a local temporary folder and return the run directory's files, so that
+    results reach the driver whatever machine of the cluster ran them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _run_one(spec, tmp, engine, False)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _sweep_ray(pending: Sequence[SweepRun], address: str, workers: int, engine: str, stream, t0: float
+               ) -> list[tuple[SweepRun, Exception]]:
+    try:
+        import ray
+    except ImportError:
+        raise SpecError("--ray needs Ray: pip install 'hetsim[ray]'") from None
+    if address == "local":
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    failures = []
+    try:
+        task = ray.remote(num_cpus=1)(_run_remote)
+        refs = {task.remote(r.spec, engine): r for r in pending}
+        remaining = list(refs)
+        for i in range(1, len(refs) + 1):
+            (ref,), remaining = ray.wait(remaining, num_returns=1)
+            r = refs[ref]
+            try:
+                files = ray.get(ref)
+                r.run_dir.mkdir(parents=True, exist_ok=True)
+                for name, data in sorted(files.items(), key=lambda kv: kv[0] == "summary.json"):
+                    (r.run_dir / name).write_bytes(data)  # summary.json last: it marks the run finished
+                status = "done"
+            except Exception as e:  # noqa: BLE001
+                failures.append((r, e))
+                status = f"FAILED: {e}"
+            print(f"[{i}/{len(refs)} {time.perf_counter() - t0:.0f}s ray] {r.spec.name} seed {r.seed}: {status}",
+                  file=stream, flush=True)
+    finally:
+        ray.shutdown()
+    return failures
+
+
 def _run_one(spec: Spec, run_dir: str, engine: str, resume: bool) -> dict[str, Any]:
     if engine == "real":
         from backends.torchmp import run
@@ -92,8 +140,9 @@ def _run_one(spec: Spec, run_dir: str, engine: str, resume: bool) -> dict[str, A
 
 
 def sweep(config: str | Path, grid_items: Sequence[str], seeds: int, out: str | Path, workers: int = 0,
-          engine: str = "sim", overrides: Sequence[str] = (), stream=sys.stderr) -> Path:
-    """Run the sweep (see the module docstring); returns the path of sweep.csv."""
+          engine: str = "sim", overrides: Sequence[str] = (), stream=sys.stderr, ray_address: str = "") -> Path:
+    """Run the sweep (see the module docstring); returns the path of sweep.csv. ray_address: run the
+    pending runs as Ray tasks on that cluster ('local' starts a Ray instance on this machine)."""
     if engine not in ("sim", "real"):
         raise SpecError(f"--engine {engine!r}: expected 'sim' or 'real'")
     if seeds < 1:
@@ -107,7 +156,9 @@ def sweep(config: str | Path, grid_items: Sequence[str], seeds: int, out: str | 
           f"at a time", file=stream)
     t0 = time.perf_counter()
     failures = []
-    if pending:
+    if pending and ray_address:
+        failures = _sweep_ray(pending, ray_address, workers, engine, stream, t0)
+    elif pending:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_run_one, r.spec, str(r.run_dir), engine, (r.run_dir / CHECKPOINT).is_file()): r
                        for r in pending}

@@ -62,3 +62,15 @@ def test_sweep_cli_and_bad_key(base, tmp_path, capsys):
     assert (tmp_path / "a" / "sweep.csv").is_file()
     assert main(["sweep", str(base), "--grid", "optim.lrr=0.1", "--out", str(tmp_path / "b")]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
+
+
+def test_sweep_on_a_local_ray_instance_equals_the_process_pool(base, tmp_path):
+    pytest.importorskip("ray")
+    pool = read(sweep(base, ["optim.lr=0.05,0.1"], 1, tmp_path / "pool", workers=2))
+    on_ray = read(sweep(base, ["optim.lr=0.05,0.1"], 1, tmp_path / "ray", workers=2, ray_address="local"))
+    key = lambda r: (r["optim.lr"], r["seed"])  # noqa: E731
+    assert sorted((key(r), r["final_test_acc"], r["time_s"]) for r in pool) == \
+           sorted((key(r), r["final_test_acc"], r["time_s"]) for r in on_ray)
+    # finished Ray runs are cached like any other
+    again = sweep(base, ["optim.lr=0.05,0.1"], 1, tmp_path / "ray", workers=2, ray_address="local")
+    assert len(read(again)) == 2
