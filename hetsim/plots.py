@@ -34,7 +34,7 @@ COLUMN_WIDTH_IN = 3.4
 PAGE_WIDTH_IN = 7.0
 
 
-def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
+def save_figure(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
     for p in paths:
@@ -89,7 +89,7 @@ def plot_accuracy(groups: dict[str, list[Run]], out: Path, target: float | None 
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
         fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3) + 0.02, 1, 1))
-        return _save(fig, out, "accuracy")
+        return save_figure(fig, out, "accuracy")
 
 
 def plot_time_to_accuracy(rows: Sequence[SpeedupRow], out: Path, target: float, baseline: str | None,
@@ -118,7 +118,7 @@ def plot_time_to_accuracy(rows: Sequence[SpeedupRow], out: Path, target: float, 
         ax.grid(axis="y", visible=False)
         ax.margins(x=0.25)
         fig.tight_layout()
-        return _save(fig, out, "time_to_accuracy")
+        return save_figure(fig, out, "time_to_accuracy")
 
 
 def plot_timeline(runs: Sequence[Run], out: Path, rounds: tuple[int, int] = (1, 3)) -> list[Path]:
@@ -144,7 +144,7 @@ def plot_timeline(runs: Sequence[Run], out: Path, rounds: tuple[int, int] = (1, 
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
         fig.legend(handles, list(KIND_COLOURS), loc="upper right", ncol=4, frameon=False)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
-        return _save(fig, out, "timeline")
+        return save_figure(fig, out, "timeline")
 
 
 def _thread_names(run: Run) -> list[str]:
@@ -192,7 +192,7 @@ def plot_compare(predicted: Run, measured: Run, out: Path) -> list[Path]:
         axes[2].set(xlabel="time (s)", ylabel="test accuracy")
         axes[0].legend(frameon=False)
         fig.tight_layout()
-        return _save(fig, out, "predicted_vs_measured")
+        return save_figure(fig, out, "predicted_vs_measured")
 
 
 def plot_ablation(name: str, xlabel: str, values: Sequence[str], ttas: dict[str, list[float]], seeds: int,
@@ -213,4 +213,4 @@ def plot_ablation(name: str, xlabel: str, values: Sequence[str], ttas: dict[str,
         ax.set_ylabel("time to 95% (simulated s)")
         ax.set_title(name, loc="left")
         fig.tight_layout()
-        return _save(fig, out, f"ablation_{name}")
+        return save_figure(fig, out, f"ablation_{name}")

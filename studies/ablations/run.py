@@ -6,6 +6,7 @@ each a `hetsim sweep` over one parameter, 3 seeds, time to 95% accuracy as the o
   n_cpus           CPUs beside the 8 GPUs: 0, 1, 2, 4, 8
   speed_ratio      GPU:CPU step-time ratio 4, 8, 16, 32, 64 (CPU step time scaled; H = 8 fixed)
   score_rule       the reference code's running-min loss scores vs the latest loss
+  gpu_slowdown     the GPUs become 4x slower at t = 20 ms: plan from the profile vs from observed step times
   stragglers       every device: probability of a 5x step 0, 0.01, 0.05, 0.1
 
     python studies/ablations/run.py [--seeds 3] [--only sample_ratio,n_cpus]
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hetsim.errors import HetsimError
 from hetsim.plots import plot_ablation
 from hetsim.quickstart import BASE
 from hetsim.sweep import sweep
@@ -46,6 +48,9 @@ ABLATIONS = {
                                f"std_s={GPU_STEP_S * float(v) * 0.05}}}"], BIASED),
     "score_rule": ("loss-score rule", ["latest", "min"],
                    lambda v: [f"sampler.params.score_rule='{v}'"], BIASED),
+    "gpu_slowdown": ("scheduler's speed estimate, GPUs 4x slower from t = 20 ms", ["profile", "observed"],
+                     lambda v: ["cluster.devices.1.slowdown=[[0.02, 4.0]]", f"scheduler.params.source='{v}'"],
+                     BIASED),
     "stragglers": ("probability of a 5x straggler step", ["0", "0.01", "0.05", "0.1"],
                    lambda v: [f"cluster.devices.{g}.straggler_prob={v}" for g in (0, 1)] +
                              [f"cluster.devices.{g}.straggler_factor=5.0" for g in (0, 1)], BIASED),
@@ -85,4 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HetsimError as e:  # a config, data or run problem: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from hetsim.analysis import load_runs
+from hetsim.errors import HetsimError
 from hetsim.plots import plot_runs
 from hetsim.sweep import sweep
 
@@ -75,4 +76,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HetsimError as e:  # a config, data or run problem: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from hetsim.analysis import load_runs
+from hetsim.errors import HetsimError
 from hetsim.plots import plot_runs
 from hetsim.sweep import sweep
 
@@ -63,4 +64,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HetsimError as e:  # a config, data or run problem: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,7 +21,8 @@ import numpy as np
 
 from hetsim.analysis import load_run
 from hetsim.config import spec_from_dict
-from hetsim.plots import PALETTE, STYLE, COLUMN_WIDTH_IN, _save
+from hetsim.errors import HetsimError
+from hetsim.plots import COLUMN_WIDTH_IN, PALETTE, STYLE, save_figure
 from hetsim.sim import simulate
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +93,10 @@ def main() -> None:
             ax.set_xlabel("devices (20% CPUs)")
         axes[0, 0].legend(frameon=False, fontsize=6)
         fig.tight_layout()
-        _save(fig, figures, "scale")
+        save_figure(fig, figures, "scale")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HetsimError as e:  # a config, data or run problem: one line, no traceback
+        sys.exit(f"error: {e}")
