@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec, out = _spec_and_out(args, "-real")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from backends.torchmp.worker import worker_main
+        from backends.torchmp.worker import exit_now, worker_main
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume))
         if rank == 0:
             print(out)
-        return 0
+        exit_now(0)  # skip gloo's teardown at interpreter exit (see worker_main)
     from backends.torchmp import run
 
     result = run(spec, out, resume=bool(args.resume))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from backends.torchmp.worker import error_path, worker_main
+from backends.torchmp.worker import error_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
@@ -44,7 +44,7 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
         raise HetsimError(f"{run_dir}: no checkpoint to resume from (set run.checkpoint_every > 0)")
     for stale in (run_dir / ".errors").glob("rank*.json"):
         stale.unlink()  # reports of an earlier attempt
-    procs = [ctx.Process(target=worker_main, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume),
+    procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume),
                          name=f"hetsim-{names[r]}") for r in range(world)]
     for p in procs:
         p.start()

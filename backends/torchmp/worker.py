@@ -62,7 +62,11 @@ def _threads(spec: Spec, rank: int, world: int) -> int:
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
                 heartbeat: Any | None = None, resume: bool = False) -> None:
-    """Entry point of one process (spawned by the launcher, or started by torchrun with env://)."""
+    """Entry point of one process (spawned by the launcher, or started by torchrun with env://).
+
+    On success the process group is left open: the caller ends the process with `exit_now`, because
+    tearing gloo down at interpreter exit can abort a finished process ("terminate called without an
+    active exception") and make torchrun report a failure after all results were written."""
     out = Path(run_dir) if run_dir else None
     try:
         _run(rank, world, spec, out, init_method, heartbeat, resume)
@@ -73,10 +77,24 @@ def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_met
             round_ = int(heartbeat[3 * rank]) if heartbeat is not None else -1
             path.write_text(json.dumps({"rank": rank, "time": time.time(), "round": round_,
                                         "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}))
-        raise
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+
+
+def exit_now(code: int = 0) -> None:
+    """End a worker process at once (stdio flushed), skipping the interpreter's teardown."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def spawn_entry(*args: Any) -> None:
+    """The launcher's process target: run the worker, then exit without tearing gloo down."""
+    worker_main(*args)
+    exit_now(0)
 
 
 def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
