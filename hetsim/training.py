@@ -116,17 +116,16 @@ class Worker:
     """One replica: model, SGD optimiser (its momentum stays local, as the reference), data stream,
     augmentation generator, and its tally for the current round."""
 
-    def __init__(self, info: WorkerInfo, workload: Workload, spec: Spec, init: torch.Tensor,
+    def __init__(self, index: int, workload: Workload, spec: Spec, init: torch.Tensor,
                  device: torch.device | str = "cpu"):
-        self.info = info
         self.model = workload.make_model().to(device)
         self.flat = FlatParams(self.model)
         self.flat.set(init.to(device))
         o = spec.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
-        self.stream = EpochStream(workload.n_train, numpy_rng(spec.seed, "data", info.index))
-        self.gen = torch_generator(spec.seed, "augment", info.index)
+        self.stream = EpochStream(workload.n_train, numpy_rng(spec.seed, "data", index))
+        self.gen = torch_generator(spec.seed, "augment", index)
         self.tally = RoundTally()
 
     def set_lr(self, lr: float) -> None:
@@ -198,8 +197,8 @@ class TrainingCore:
         self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
         local_set = set(range(len(kinds)) if local is None else local)
         self.local = sorted(local_set)
-        self.workers: list[Worker] = [Worker(info, self.workload, spec, init, device) if info.index in local_set else None
-                                      for info in self.infos]  # type: ignore[misc]
+        self.workers: list[Worker] = [Worker(k, self.workload, spec, init, device) if k in local_set else None
+                                      for k in range(len(kinds))]  # type: ignore[misc]
         self.scores = LossScores(self.workload.n_train, getattr(self.sampler, "score_rule", "latest"))
         self.samples_total = 0
         self.batched = None
