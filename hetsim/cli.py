@@ -1,4 +1,4 @@
-"""The command line: `hetsim quickstart | simulate | run | profile | compare | sweep | plot`.
+"""The command line: `hetsim quickstart | simulate | run | profile | compare | sweep | surrogate | plot`.
 
 Errors in configs, profiles or data paths print one line (`hetsim: error: FILE: KEY: expected ...`)
 and exit with status 2; no traceback.
@@ -196,6 +196,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_surrogate(args: argparse.Namespace) -> int:
+    import json
+
+    from hetsim.analysis import load_runs
+    from hetsim.surrogate import fit, holdout_error
+
+    curve = fit(load_runs(args.runs))
+    curve.save(args.out)
+    print(f"acc(e) = {curve.a:.4f} - {curve.b:.4f} exp(-{curve.c:.4f} e), valid for epochs "
+          f"{curve.epochs_min:.3g}..{curve.epochs_max:.3g}", file=sys.stderr)
+    if args.holdout:
+        held = load_runs(args.holdout)
+        target = args.target or float(held[0].summary.get("target_accuracy", 0.9))
+        print(json.dumps(holdout_error(curve, held, target), indent=2))
+    print(args.out)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
@@ -293,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster ('local': start one here); "
                     "needs pip install 'hetsim[ray]'")
     sw.set_defaults(func=cmd_sweep)
+
+    su = sub.add_parser("surrogate", help="fit a learning curve (accuracy vs epochs) for time-only runs")
+    su.add_argument("runs", nargs="+", help="emulated run directories of one policy (seeds)")
+    su.add_argument("--holdout", nargs="*", default=[], help="run directories to report the curve's error on")
+    su.add_argument("--target", type=float, help="accuracy for the held-out time-to-accuracy error")
+    su.add_argument("--out", required=True, help="learning-curve JSON file")
+    su.set_defaults(func=cmd_surrogate)
 
     pl = sub.add_parser("plot", help="figures and a speedup table from run directories")
     pl.add_argument("runs", nargs="+", help="run directories, or folders holding them")

@@ -202,10 +202,13 @@ class SimSpec:
     batched: run the local steps of replicas that share an architecture as one batched computation
         (torch.func.vmap over stacked parameters); equal to the per-replica loop within float
         round-off. Models with BatchNorm fall back to the loop.
+    surrogate: a learning curve (`hetsim surrogate`, hetsim/surrogate.py) that gives a time-only run an
+        accuracy at each evaluation, within the epochs it was fitted on (NaN beyond: no extrapolation).
     """
 
     fidelity: str = "emulated"
     batched: bool = False
+    surrogate: str = ""
 
 
 @dataclass(frozen=True)
@@ -404,6 +407,12 @@ def _validate(spec: Spec) -> None:
     _check_schedule(net.bandwidth_schedule, "cluster.network.bandwidth_schedule", "bandwidth in GB/s")
     _require(spec.sim.fidelity in ("emulated", "time_only"), "sim.fidelity", "'emulated' or 'time_only'",
              spec.sim.fidelity)
+    if spec.sim.surrogate:
+        _require(spec.sim.fidelity == "time_only", "sim.surrogate", "fidelity 'time_only' (emulated runs have "
+                 "real accuracy)", spec.sim.fidelity)
+        from hetsim.surrogate import LearningCurve
+
+        LearningCurve.load(spec.sim.surrogate)
 
     for category in ("scheduler", "sampler", "aggregator"):
         registry.build(category, getattr(spec, category), where=category)
@@ -484,9 +493,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative data and profile paths absolute, relative to the config file's folder."""
-    workload = data.get("workload")
-    if isinstance(workload, dict) and isinstance(workload.get("path"), str) and workload["path"]:
-        workload["path"] = str((base / Path(workload["path"]).expanduser()).resolve())
+    for table, key in (("workload", "path"), ("sim", "surrogate")):
+        t = data.get(table)
+        if isinstance(t, dict) and isinstance(t.get(key), str) and t[key]:
+            t[key] = str((base / Path(t[key]).expanduser()).resolve())
     cluster = data.get("cluster")
     if isinstance(cluster, dict) and isinstance(cluster.get("devices"), list):
         for d in cluster["devices"]:

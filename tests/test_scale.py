@@ -217,3 +217,40 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_spec, tmp_path):
     simulate(tiny_spec(), tmp_path)
     with pytest.raises(HetsimError, match="no checkpoint to resume from"):
         simulate(tiny_spec(), tmp_path, resume=True)
+
+
+# -- learning-curve surrogate ----------------------------------------------------------------
+
+def test_learning_curve_fit_predict_and_refusal_to_extrapolate(tiny_spec, tmp_path):
+    from hetsim.analysis import load_run
+    from hetsim.surrogate import LearningCurve, fit, holdout_error
+
+    for seed in range(3):
+        simulate(tiny_spec(f"seed={seed}", "stop.max_rounds=12"), tmp_path / f"s{seed}")
+    curve = fit([load_run(tmp_path / "s0"), load_run(tmp_path / "s1")])
+    assert 0 <= curve.a <= 1 and curve.b >= 0 and curve.c > 0
+    assert curve.epochs_min == 0 and curve.epochs_max == pytest.approx(12 * 88 / 256)
+    assert np.isnan(curve.predict(curve.epochs_max * 1.01))  # no silent extrapolation
+    report = holdout_error(curve, [load_run(tmp_path / "s2")], 0.5)
+    assert report["points"] == 13 and report["accuracy_abs_error_mean"] < 0.15
+    curve.save(tmp_path / "curve.json")
+    assert LearningCurve.load(tmp_path / "curve.json") == curve
+
+    # a time-only run gets accuracy from the curve within its range, and NaN (noted) beyond
+    r = simulate(tiny_spec("sim.fidelity='time_only'", f"sim.surrogate='{tmp_path / 'curve.json'}'",
+                           "stop.max_rounds=16"))
+    acc = np.array(r.metrics["test_acc"])
+    epochs = np.array(r.metrics["epoch"])
+    inside = epochs <= curve.epochs_max
+    assert np.allclose(acc[inside], curve.predict(epochs[inside]))
+    assert np.isnan(acc[~inside]).all() and (~inside).any()
+    assert r.summary["surrogate_refused_after_epoch"] == pytest.approx(epochs[~inside][0])
+    assert r.summary["time_to_accuracy_s"] is not None
+
+
+def test_surrogate_needs_time_only_and_a_readable_curve(tiny_spec, tmp_path):
+    from hetsim.errors import SpecError
+    with pytest.raises(SpecError, match="sim.surrogate: expected fidelity 'time_only'"):
+        tiny_spec(f"sim.surrogate='{tmp_path / 'x.json'}'")
+    with pytest.raises(SpecError, match="cannot read learning curve"):
+        tiny_spec("sim.fidelity='time_only'", f"sim.surrogate='{tmp_path / 'x.json'}'")

@@ -268,7 +268,16 @@ class Simulation:
             exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
             model_bytes=self.core.model_bytes,
             rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)},
+            **self._surrogate_notes(),
             device_sources={name: d.source for name, d in zip(self.names, self.devices)})
+
+
+    def _surrogate_notes(self) -> dict:
+        curve = getattr(self.core, "curve", None)
+        if curve is None:
+            return {}
+        return {"surrogate": self.spec.sim.surrogate, "surrogate_epochs": [curve.epochs_min, curve.epochs_max],
+                "surrogate_refused_after_epoch": self.core.refused_after}
 
 
 def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None,

@@ -10,7 +10,8 @@ summary (`fidelity_notes`):
 - There are no losses: loss-biased samplers log how many samples they would pick by loss
   (`Sampler.biased_per_step`), and aggregators see a stand-in mean loss of 1.0 for every replica
   (so loss-based weights reduce to uniform; step- and sample-based weights are exact).
-- There is no accuracy: `test_acc` stays empty, so time-to-accuracy is not defined.
+- There is no accuracy: `test_acc` stays empty and time-to-accuracy is not defined, unless a learning
+  curve (`sim.surrogate`, hetsim/surrogate.py) supplies accuracy as a function of epochs done.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class TimeOnlyCore:
         self.kinds = np.array(spec.worker_kinds())
         self.n_train = nominal_train_size(spec.workload)
         self.samples_total = 0
+        self.curve = None
+        self.refused_after: float | None = None
+        if spec.sim.surrogate:
+            from hetsim.surrogate import LearningCurve
+
+            self.curve = LearningCurve.load(spec.sim.surrogate)
         self._steps: list[int] = []
         self._biased: list[int] = []
         self.model_bytes = 0  # set by the caller from a model built once (no data needed)
@@ -83,7 +90,14 @@ class TimeOnlyCore:
                            tuple(weights.tolist()), STAND_IN_LOSS, time_budget_s)
 
     def evaluate(self) -> tuple[float, float]:
-        return math.nan, math.nan
+        """No loss; the surrogate learning curve's accuracy at the epochs done, if one is configured
+        (NaN outside its fitted range, and the first such epoch is remembered for the summary)."""
+        if self.curve is None:
+            return math.nan, math.nan
+        acc = self.curve.predict(self.epochs)
+        if math.isnan(acc) and self.epochs > self.curve.epochs_max and self.refused_after is None:
+            self.refused_after = self.epochs
+        return math.nan, acc
 
     def state_dict(self) -> dict:
         return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total}
