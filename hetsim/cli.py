@@ -115,17 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _spec_to_profile(path: str, overrides: list[str]):
     """A config whose devices are about to be profiled: their profiles may not exist yet, so each
     device's time source is replaced by a placeholder before validation."""
-    import tomllib
-
-    from hetsim.config import apply_overrides, spec_from_dict
+    from hetsim.config import apply_overrides, read_toml, spec_from_dict
 
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: no such config file")
-    try:
-        data = apply_overrides(tomllib.loads(p.read_text()), overrides)
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{p}: not valid TOML: {e}") from None
+    data = apply_overrides(read_toml(p), overrides)
     for d in data.get("cluster", {}).get("devices", []):
         if isinstance(d, dict):
             d.pop("profile", None)

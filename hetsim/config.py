@@ -524,16 +524,21 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path |
     return spec
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
-    """Read, override and validate a TOML spec. Raises SpecError with file, key and expectation."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's raw tables; a missing file or bad TOML raises SpecError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such config file")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
-    return spec_from_dict(data, source=str(path), base=path.parent, overrides=overrides)
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and validate a TOML spec. Raises SpecError with file, key and expectation."""
+    path = Path(path)
+    return spec_from_dict(read_toml(path), source=str(path), base=path.parent, overrides=overrides)
 
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
