@@ -62,13 +62,6 @@ class FlatParams:
             offset += n
 
 
-def observe_step_times(infos: list[WorkerInfo], ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
-    make = tuple.__new__  # WorkerInfo(index, kind, profile, observed) without NamedTuple's slower paths
-    for k, t in zip(ks, mean_step_s):
-        i = infos[k]
-        infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t))
-
-
 def lr_at(optim: OptimSpec, progress: float) -> float:
     """Learning rate at `progress` in [0, 1] of the run's budget."""
     if optim.lr_schedule == "step":
@@ -170,7 +163,41 @@ class RoundRecord:
                 "time_budget_s": self.time_budget_s}
 
 
-class TrainingCore:
+class DecisionCore:
+    """What every runner's core shares: the three policies, what they know of each worker, the plan.
+
+    TrainingCore adds the replicas and their math; the simulator's time-only core adds tallies only.
+    """
+
+    def __init__(self, spec: Spec, profile_step_times: Sequence[float] | None = None):
+        self.spec = spec
+        self.scheduler = policies.build("scheduler", spec.scheduler)
+        self.sampler = policies.build("sampler", spec.sampler)
+        self.aggregator = policies.build("aggregator", spec.aggregator)
+        kinds = spec.worker_kinds()
+        times = profile_step_times or [1.0] * len(kinds)
+        self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
+        self.samples_total = 0
+
+    def plan(self, round: int, participants: Sequence[int] | None = None) -> RoundPlan:
+        """The scheduler's plan for the participating workers (all by default), in their order."""
+        infos = self.infos if participants is None else [self.infos[k] for k in participants]
+        plan = self.scheduler.plan(round, infos)
+        if len(plan.local_steps) != len(infos):
+            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
+        return plan
+
+    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
+        """The mean step time each worker measured in its latest round: what policies see as its
+        `observed_step_time_s` (a real system's most recent throughput estimate)."""
+        make = tuple.__new__  # WorkerInfo(index, kind, profile, observed) without NamedTuple's slower paths
+        infos = self.infos
+        for k, t in zip(ks, mean_step_s):
+            i = infos[k]
+            infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t))
+
+
+class TrainingCore(DecisionCore):
     """The protocol of biased local SGD over all workers of a spec, without a clock."""
 
     def __init__(self, spec: Spec, workload: Workload | None = None,
@@ -179,28 +206,22 @@ class TrainingCore:
         """`local`: the workers whose replicas live in this process (all by default; a real backend's
         process holds one). Decisions are made for all workers in every process alike. `device`: where
         the local replicas, the global model and the data live."""
-        self.spec = spec
+        super().__init__(spec, profile_step_times)
         self.workload = workload or build_workload(spec.workload)
         if str(device) != "cpu":
             for name in ("train_x", "train_y", "test_x", "test_y"):
                 setattr(self.workload, name, getattr(self.workload, name).to(device))
-        self.scheduler = policies.build("scheduler", spec.scheduler)
-        self.sampler = policies.build("sampler", spec.sampler)
-        self.aggregator = policies.build("aggregator", spec.aggregator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive(spec.seed, "init"))
             self.global_model = self.workload.make_model().to(device)
         self.global_flat = FlatParams(self.global_model)
         init = self.global_flat.get()
         kinds = spec.worker_kinds()
-        times = profile_step_times or [1.0] * len(kinds)
-        self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
         local_set = set(range(len(kinds)) if local is None else local)
         self.local = sorted(local_set)
         self.workers: list[Worker] = [Worker(k, self.workload, spec, init, device) if k in local_set else None
                                       for k in range(len(kinds))]  # type: ignore[misc]
         self.scores = LossScores(self.workload.n_train, getattr(self.sampler, "score_rule", "latest"))
-        self.samples_total = 0
         self.batched = None
         if spec.sim.batched:
             from hetsim.batched import BatchedSteps
@@ -214,14 +235,6 @@ class TrainingCore:
     @property
     def epochs(self) -> float:
         return self.samples_total / self.workload.n_train
-
-    def plan(self, round: int, participants: Sequence[int] | None = None) -> RoundPlan:
-        """The scheduler's plan for the participating workers (all by default), in their order."""
-        infos = self.infos if participants is None else [self.infos[k] for k in participants]
-        plan = self.scheduler.plan(round, infos)
-        if len(plan.local_steps) != len(infos):
-            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
-        return plan
 
     def set_lr(self, progress: float) -> float:
         lr = lr_at(self.spec.optim, progress)
@@ -259,10 +272,6 @@ class TrainingCore:
             for _ in range(n):
                 self.local_step(k)
 
-    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
-        """The mean step time each worker measured in its latest round: what policies see as its
-        `observed_step_time_s` (a real system's most recent throughput estimate)."""
-        observe_step_times(self.infos, ks, mean_step_s)
 
     def contributions(self, ks: Sequence[int], tallies: Sequence[RoundTally]) -> list[Contribution]:
         return [Contribution(k, self.infos[k].kind, t.steps, t.samples, t.loss_sum / t.samples if t.samples else 0.0)

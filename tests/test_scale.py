@@ -38,7 +38,7 @@ def test_time_only_needs_no_data_files(tiny_spec):
 
 def test_vector_clock_sums_match_mean_and_variance():
     d = DeviceModel("x", StepTimeModel("lognormal", 0.01, 0.005), 0.0, None, None, "inline")
-    clock = VectorClock([d] * 20000, np.random.default_rng(0))
+    clock = VectorClock([d], np.zeros(20000, dtype=int), np.random.default_rng(0))
     durations, steps = clock.round(np.arange(20000), np.full(20000, 4), None, 0.0)
     assert durations.min() > 0 and set(steps) == {4}
     assert durations.mean() == pytest.approx(0.04, rel=0.01)
@@ -48,7 +48,8 @@ def test_vector_clock_sums_match_mean_and_variance():
 def test_vector_clock_time_budget_and_stragglers():
     d = DeviceModel("x", StepTimeModel("constant", 0.003), 0.0, None, None, "inline", straggler_prob=1.0,
                     straggler_factor=3.0)
-    durations, steps = VectorClock([d], np.random.default_rng(0)).round(np.array([0]), None, 0.01, 0.0)
+    durations, steps = VectorClock([d], np.zeros(1, dtype=int), np.random.default_rng(0)).round(
+        np.array([0]), None, 0.01, 0.0)
     assert steps[0] == 4 and durations[0] == pytest.approx(4 * 0.003 * 3)
 
 

@@ -87,7 +87,7 @@ class Simulation:
         if self.time_only:
             self.core: Any = TimeOnlyCore(spec, mean_times)
             self.core.model_bytes = FlatParams(build_model(spec.workload)).nbytes
-            self.vector_clock = VectorClock(self.devices, numpy_rng(spec.seed, "clock-vector"))
+            self.vector_clock = VectorClock(self.group_models, self.group_of, numpy_rng(spec.seed, "clock-vector"))
         else:
             self.core = TrainingCore(spec, workload, mean_times)
         self.n = len(self.devices)

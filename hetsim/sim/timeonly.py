@@ -21,11 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from hetsim import policies
 from hetsim.cluster import DeviceModel
 from hetsim.config import Spec
-from hetsim.policies import Contributions, RoundPlan, WorkerInfo
-from hetsim.training import RoundRecord, lr_at, observe_step_times
+from hetsim.policies import Contributions, WorkerInfo
+from hetsim.training import DecisionCore, RoundRecord, lr_at
 from hetsim.workloads import nominal_train_size
 
 FIDELITY_NOTES = ("time-only: step sums drawn as one moment-matched lognormal per device and round; "
@@ -33,19 +32,13 @@ FIDELITY_NOTES = ("time-only: step sums drawn as one moment-matched lognormal pe
 STAND_IN_LOSS = 1.0
 
 
-class TimeOnlyCore:
+class TimeOnlyCore(DecisionCore):
     """The TrainingCore's protocol (plan, local steps, aggregate) with tallies instead of math."""
 
     def __init__(self, spec: Spec, profile_step_times: Sequence[float]):
-        self.spec = spec
-        self.scheduler = policies.build("scheduler", spec.scheduler)
-        self.sampler = policies.build("sampler", spec.sampler)
-        self.aggregator = policies.build("aggregator", spec.aggregator)
-        self.infos = [WorkerInfo(k, kind, float(t)) for k, (kind, t) in
-                      enumerate(zip(spec.worker_kinds(), profile_step_times))]
+        super().__init__(spec, profile_step_times)
         self.kinds = np.array(spec.worker_kinds())
         self.n_train = nominal_train_size(spec.workload)
-        self.samples_total = 0
         self.curve = None
         self.refused_after: float | None = None
         if spec.sim.surrogate:
@@ -60,13 +53,6 @@ class TimeOnlyCore:
     def epochs(self) -> float:
         return self.samples_total / self.n_train
 
-    def plan(self, round: int, participants: Sequence[int]) -> RoundPlan:
-        infos = [self.infos[k] for k in participants]
-        plan = self.scheduler.plan(round, infos)
-        if len(plan.local_steps) != len(infos):
-            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
-        return plan
-
     def set_lr(self, progress: float) -> float:
         return lr_at(self.spec.optim, progress)
 
@@ -75,9 +61,6 @@ class TimeOnlyCore:
         infos, per_step = self.infos, self.sampler.biased_per_step
         self._steps = list(steps)
         self._biased = [n * per_step(infos[k], b) for k, n in zip(ks, steps)]
-
-    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
-        observe_step_times(self.infos, ks, mean_step_s)
 
     def aggregate(self, round: int, participants: Sequence[int], time_budget_s: float | None = None) -> RoundRecord:
         b = self.spec.optim.batch_size
@@ -110,21 +93,11 @@ class TimeOnlyCore:
 class VectorClock:
     """Round durations of many devices at once, drawn per device group (see the module docstring)."""
 
-    def __init__(self, devices: Sequence[DeviceModel], rng: np.random.Generator):
-        self.devices = devices
+    def __init__(self, models: Sequence[DeviceModel], group: np.ndarray, rng: np.random.Generator):
+        """models: the time model of each device group; group[k]: device k's group."""
+        self.models = list(models)
+        self.group = np.asarray(group)
         self.rng = rng
-        models: list[DeviceModel] = []
-        group = np.empty(len(devices), dtype=np.int64)
-        for k, d in enumerate(devices):
-            for g, m in enumerate(models):
-                if m is d:
-                    group[k] = g
-                    break
-            else:
-                models.append(d)
-                group[k] = len(models) - 1
-        self.models = models
-        self.group = group
 
     def round(self, ks: np.ndarray, steps: np.ndarray | None, budget_s: float | None,
               t: float) -> tuple[np.ndarray, np.ndarray]:
