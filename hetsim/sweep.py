@@ -192,3 +192,31 @@ def write_table(runs: Sequence[SweepRun], out: Path) -> Path:
                     *("" if s.get(c) is None else s[c] for c in SUMMARY_COLUMNS)])
     atomic_write(out / "sweep.csv", buf.getvalue())
     return out / "sweep.csv"
+
+
+def compare_methods(config: str | Path, methods: dict[str, tuple[str, str, str]], seeds: int, out: str | Path,
+                    workers: int = 0, overrides: Sequence[str] = (), target: float | None = None,
+                    baseline: str | None = None) -> Path:
+    """Run each method — label -> (scheduler, sampler, aggregator) tables as TOML — for `seeds` seeds
+    on the base config (cached sweeps), then draw the comparison; returns the figures folder."""
+    from hetsim.analysis import load_runs
+    from hetsim.plots import plot_runs
+
+    out = Path(out)
+    run_dirs: list[Path] = []
+    for label, (sched, samp, agg) in methods.items():
+        table = sweep(config, [], seeds, out / label, workers,
+                      overrides=[*overrides, f"name={json.dumps(label)}", f"scheduler={sched}", f"sampler={samp}",
+                                 f"aggregator={agg}"])
+        run_dirs += table_runs(table)
+    figures = out / "figures"
+    plot_runs(load_runs(run_dirs), figures, target=target, baseline=baseline)
+    return figures
+
+
+def table_runs(table: str | Path) -> list[Path]:
+    """The run directories a sweep.csv lists: this sweep's runs only, not stale ones of an older config
+    that share the folder."""
+    table = Path(table)
+    with open(table, newline="") as f:
+        return [table.parent / row["run_dir"] for row in csv.DictReader(f)]

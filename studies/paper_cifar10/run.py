@@ -15,10 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from hetsim.analysis import load_runs
 from hetsim.errors import HetsimError
-from hetsim.plots import plot_runs
-from hetsim.sweep import sweep
+from hetsim.sweep import compare_methods
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,13 +45,7 @@ def main() -> None:
     target = args.target or (0.80 if args.preset == "small" else 0.90)
     out = Path(args.out or HERE / f"out-{args.preset}")
     config = HERE / f"{args.preset}.toml"
-    # one sweep per method (its three policy tables change together), seeds in parallel
-    for label, (sched, samp, agg) in POLICIES.items():
-        sweep(config, [], args.seeds, out / label, args.workers,
-              overrides=[*args.set, f'name="{label}"', f"scheduler={sched}", f"sampler={samp}", f"aggregator={agg}"])
-    runs = load_runs([out / label / "runs" for label in POLICIES])
-    figures = out / "figures"
-    plot_runs(runs, figures, target=target, baseline="sync-sgd")
+    figures = compare_methods(config, POLICIES, args.seeds, out, args.workers, args.set, target, "sync-sgd")
     print((figures / "speedups.md").read_text())
     if args.preset == "small" and not args.set:  # the committed copies beside this script
         dest = HERE / "figures"
