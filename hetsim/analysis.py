@@ -84,11 +84,16 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Load run directories; a folder that holds run directories (not itself one) is expanded."""
+    """Load run directories; a sweep folder loads the runs its sweep.csv lists (not stale runs of an
+    older config beside them), and any other folder of run directories is expanded."""
     runs = []
     for p in map(Path, paths):
         if (p / "summary.json").is_file() or (p / "config.toml").is_file():
             runs.append(load_run(p))
+        elif (p / "sweep.csv").is_file():
+            from hetsim.sweep import table_runs
+
+            runs.extend(load_run(r) for r in table_runs(p / "sweep.csv"))
         elif p.is_dir():
             children = sorted(c for c in p.iterdir() if (c / "summary.json").is_file())
             if not children:

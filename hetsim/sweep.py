@@ -7,7 +7,7 @@ Every point of the grid and every seed is one spec: the base config with `--set`
 Its run directory is `runs/<hash>` where the hash is that of the fully resolved config, so a finished
 run (its summary.json written for the same config) is never run twice: re-running the command after an
 interrupt runs only what is missing (a run with a checkpoint resumes from it). Runs of one grid point
-share a name, `<base name>[key=value,...]`, so `hetsim plot` averages their seeds. One table,
+share a name, `<base name>[key=value,...]`, so `hetsim plot DIR` averages their seeds. One table,
 `sweep.csv`, holds every run's grid values and summary.
 
 The local process pool is the default. `--ray ADDRESS` runs the pending runs as Ray tasks on a Ray

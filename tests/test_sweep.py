@@ -88,5 +88,6 @@ def test_compare_methods_plots_only_the_current_configs_runs(base, tmp_path):
     assert len(list((tmp_path / "sync" / "runs").iterdir())) == 2
     assert len(table_runs(tmp_path / "sync" / "sweep.csv")) == 1
     assert "| sync | 1/1 |" in (figures / "speedups.md").read_text()
+    assert len(load_runs([tmp_path / "sync"])) == 1  # a sweep folder loads its sweep.csv's runs
     assert {r.spec.optim.lr for r in (x.as_result() for x in load_runs(table_runs(tmp_path / "local" / "sweep.csv")))} \
         == {0.07}
