@@ -2,6 +2,10 @@
 
 Errors in configs, profiles or data paths print one line (`hetsim: error: FILE: KEY: expected ...`)
 and exit with status 2; no traceback.
+
+Exit status: 0 done; 1 the run failed (one line: a crashed or hung device, an unusable checkpoint);
+2 bad input (config, profile, data path, arguments); 3 the run diverged: its training loss or model
+became non-finite (summary.json `diverged_at_round`; the run directory is complete); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,20 @@ from pathlib import Path
 from typing import Sequence
 
 from hetsim.errors import HetsimError, SpecError
+
+EXIT_DIVERGED = 3  # distinct from 1 (a failure): the run finished, and its result is that SGD diverged
+
+
+def _report_divergence(summary: dict, out: Path) -> int:
+    """One line for a diverged run, and its exit status (0 when it did not diverge)."""
+    r = summary.get("diverged_at_round")
+    if r is None:
+        return 0
+    how = ("stopped there" if summary.get("stopped_by") == "diverged"
+           else "continued to its budget (stop.on_divergence = 'continue')")
+    print(f"hetsim: the run diverged at round {r}: its training loss or model became non-finite; it {how} "
+          f"(try a smaller optim.lr). Files: {out}", file=sys.stderr)
+    return EXIT_DIVERGED
 
 
 class Progress:
@@ -39,14 +57,14 @@ class Progress:
         if now - self._last < self.every_s:
             return
         self._last = now
-        self._print(f"round {row['round']:>5}  t={row['time_s']:.4g}s  epoch {row['epoch']:.2f}  "
-                    f"acc {self.last_acc:.3f}", final=False)
+        acc = "n/a" if math.isnan(self.last_acc) else f"{self.last_acc:.3f}"  # n/a: not evaluated yet, or time-only
+        self._print(f"round {row['round']:>5}  t={row['time_s']:.4g}s  epoch {row['epoch']:.2f}  acc {acc}",
+                    final=False)
 
     def done(self, summary: dict) -> None:
-        tta = summary["time_to_accuracy_s"]
-        tta_text = f"{tta:.4g}s" if tta is not None else "not reached"
-        self._print(f"done: {summary['rounds']} rounds, t={summary['time_s']:.4g}s, final acc "
-                    f"{summary['final_test_acc']:.3f}, time to {summary['target_accuracy']:.0%}: {tta_text} "
+        from hetsim.results import summary_outcome
+
+        self._print(f"done: {summary['rounds']} rounds, t={summary['time_s']:.4g}s, {summary_outcome(summary)} "
                     f"(wall {summary['wall_time_s']:.1f}s)", final=True)
 
     def _print(self, text: str, final: bool) -> None:
@@ -62,6 +80,8 @@ def _spec_and_out(args: argparse.Namespace, suffix: str):
     """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml)."""
     from hetsim.config import load_spec
 
+    if args.force and not args.resume:
+        raise SpecError("--force only applies to --resume RUN_DIR (continue with a config edited since the checkpoint)")
     if args.resume:
         if args.config or args.set:
             raise SpecError("--resume RUN_DIR continues that run with its own config.toml; give no CONFIG or --set")
@@ -79,11 +99,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = None if args.quiet else Progress()
     if progress:
         progress.start(f"[{spec.name} seed {spec.seed}]")
-    result = simulate(spec, out, progress, resume=bool(args.resume))
+    result = simulate(spec, out, progress, resume=bool(args.resume), force=args.force)
     if progress:
         progress.done(result.summary)
+    status = _report_divergence(result.summary, out)
     print(out)
-    return 0
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,19 +118,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
             raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
-        worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume))
-        if rank == 0:
-            print(out)
-        exit_now(0)  # skip gloo's teardown at interpreter exit (see worker_main)
-    from backends.torchmp import run
+        worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume), force=args.force)
+        status = 0
+        if rank == 0:  # rank 0 wrote the summary; the other ranks' status stays 0 so torchrun names rank 0
+            import json
 
-    result = run(spec, out, resume=bool(args.resume))
+            status = _report_divergence(json.loads((out / "summary.json").read_text()), out)
+            print(out)
+        exit_now(status)  # skip gloo's teardown at interpreter exit (see worker_main)
+    from backends.torchmp import run
+    from hetsim.results import summary_outcome
+
+    result = run(spec, out, resume=bool(args.resume), force=args.force)
     s = result.summary
-    tta = s["time_to_accuracy_s"]
-    print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, final acc {s['final_test_acc']:.3f}, "
-          f"time to {s['target_accuracy']:.0%}: {'not reached' if tta is None else f'{tta:.3g}s'}", file=sys.stderr)
+    print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, {summary_outcome(s)}", file=sys.stderr)
+    status = _report_divergence(s, out)
     print(out)
-    return 0
+    return status
 
 
 def _spec_to_profile(path: str, overrides: list[str]):
@@ -167,15 +192,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
+    def secs(v):  # None: never reached, or no accuracy at all (a time-only prediction)
+        return "n/a" if v is None else f"{v:.4g}s"
+
     print(f"rounds compared:            {report['rounds_compared']}")
     print(f"per-round time error:       median {pct(report['round_time_rel_error_median'])}, "
           f"p90 {pct(report['round_time_rel_error_p90'])}")
     print(f"total time:                 predicted {report['total_time_predicted_s']:.4g}s, measured "
           f"{report['total_time_measured_s']:.4g}s ({pct(report['total_time_rel_error'])})")
-    print(f"time to {report['target_accuracy']:.0%}:               predicted {report['time_to_accuracy_predicted_s']}, "
-          f"measured {report['time_to_accuracy_measured_s']} ({pct(report['time_to_accuracy_rel_error'])})")
-    print(f"accuracy difference:        max {report['accuracy_abs_diff_max']}, mean {report['accuracy_abs_diff_mean']} "
-          f"over {report['accuracy_points_compared']} evaluations")
+    print(f"time to {report['target_accuracy']:.0%}:               "
+          f"predicted {secs(report['time_to_accuracy_predicted_s'])}, "
+          f"measured {secs(report['time_to_accuracy_measured_s'])} ({pct(report['time_to_accuracy_rel_error'])})")
+    if report["accuracy_points_compared"]:
+        print(f"accuracy difference:        max {report['accuracy_abs_diff_max']:.4g}, "
+              f"mean {report['accuracy_abs_diff_mean']:.4g} over {report['accuracy_points_compared']} evaluations")
+    else:
+        print("accuracy difference:        n/a (no accuracy evaluated in both runs)")
     print(f"same decisions:             {report['same_decisions']}")
     print(out)
     return 0
@@ -258,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run one config in the simulator")
     s.add_argument("config", nargs="?", help="TOML spec (see examples/)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "
+                   "since the checkpoint (summary.json records it)")
     s.add_argument("--out", help="run directory (default runs/NAME-sSEED)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
@@ -267,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)")
     r.add_argument("config", nargs="?", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "
+                   "since the checkpoint (summary.json records it)")
     r.add_argument("--out", help="run directory (default runs/NAME-sSEED-real)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     r.set_defaults(func=cmd_run)

@@ -161,6 +161,11 @@ class StopSpec:
     """A run stops at the first budget reached. 0 = that budget is not set; at least one must be.
 
     target_accuracy: the accuracy for time_to_accuracy_s; with stop_at_target the run ends there.
+    on_divergence: what to do when a round's training loss or global model becomes non-finite (NaN or
+        inf; checked once per aggregation; time-only runs have no math to check). `stop` (default) ends
+        the run after that round; `continue` runs on to the budget (to see what the curves do). Either
+        way summary.json records `diverged_at_round` and `hetsim simulate` / `hetsim run` exit with
+        status 3. (No `error` mode: a diverged run is a result, e.g. one row of a sweep.)
     """
 
     max_rounds: int = 0
@@ -168,6 +173,7 @@ class StopSpec:
     max_epochs: float = 0.0
     target_accuracy: float = 0.9
     stop_at_target: bool = False
+    on_divergence: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -435,6 +441,7 @@ def _validate(spec: Spec) -> None:
     _require(s.max_rounds > 0 or s.max_time_s > 0 or s.max_epochs > 0, "stop",
              "at least one of max_rounds, max_time_s, max_epochs > 0", dict(dataclasses.asdict(s)))
     _require(0 < s.target_accuracy <= 1, "stop.target_accuracy", "a number in (0, 1]", s.target_accuracy)
+    _require(s.on_divergence in ("stop", "continue"), "stop.on_divergence", "'stop' or 'continue'", s.on_divergence)
 
     e = spec.eval
     _require(e.every_rounds >= 0, "eval.every_rounds", "an integer >= 0", e.every_rounds)

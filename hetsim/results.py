@@ -12,19 +12,23 @@ Every file is written atomically (temporary file + rename), so a crashed run lea
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hetsim.config import Spec, spec_to_dict, to_toml
+from hetsim.errors import HetsimError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -154,8 +158,13 @@ def time_to_accuracy(times: list[float], accs: list[float], target: float) -> fl
 
 def run_summary(spec: Spec, rows: list[dict[str, Any]], engine: str, names: list[str], busy_s: Any,
                 rounds: int, time_s: float, epochs: float, samples: int, stopped_by: str, wall_s: float,
+                diverged_at_round: int | None = None, config_changes: Sequence[dict[str, Any]] = (),
                 **extra: Any) -> dict[str, Any]:
-    """The summary.json every runner writes: time to accuracy, accuracy, utilisation, provenance."""
+    """The summary.json every runner writes: time to accuracy, accuracy, utilisation, provenance.
+
+    diverged_at_round: the first round whose training loss or global parameters were not finite
+    (None: the run did not diverge). config_changes: the resumes that went on with an edited config
+    (`Checkpoint.config_changes`), reported as resumed_with_changed_config (None: never)."""
     import torch
 
     evaluated = [r for r in rows if not math.isnan(r["test_acc"])]
@@ -170,31 +179,193 @@ def run_summary(spec: Spec, rows: list[dict[str, Any]], engine: str, names: list
         "final_test_acc": evaluated[-1]["test_acc"] if evaluated else None,
         "best_test_acc": max(r["test_acc"] for r in evaluated) if evaluated else None,
         "final_train_loss": rows[-1]["train_loss"], "rounds": rounds, "time_s": time_s, "epochs": epochs,
-        "samples": samples, "stopped_by": stopped_by,
+        "samples": samples, "stopped_by": stopped_by, "diverged_at_round": diverged_at_round,
+        "resumed_with_changed_config": list(config_changes) or None,
         "utilization": {n: (float(b) / time_s if time_s else 0.0) for n, b in zip(names, busy_s)},
         **extra,
         "wall_time_s": wall_s, "torch_threads": torch.get_num_threads(), "versions": versions(),
     }
 
 
+def summary_outcome(summary: dict[str, Any]) -> str:
+    """A run's result in words, for status lines: its divergence, "no accuracy" (a time-only run), or
+    its final accuracy and time to target."""
+    if summary.get("diverged_at_round") is not None:
+        return f"diverged at round {summary['diverged_at_round']}: non-finite training loss or parameters"
+    acc = summary.get("final_test_acc")
+    if acc is None:
+        time_only = summary.get("fidelity") == "time_only" and not summary.get("surrogate")
+        return "no accuracy" + (" (time-only run without sim.surrogate)" if time_only else " (never evaluated)")
+    tta = summary["time_to_accuracy_s"]
+    return (f"final acc {acc:.3f}, time to {summary['target_accuracy']:.0%}: "
+            f"{'not reached' if tta is None else f'{tta:.4g}s'}")
+
+
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1  # the envelope below; a later hetsim that changes it bumps this
+ENGINE_COMMANDS = {"sim": "hetsim simulate", "torchmp": "hetsim run"}
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (torch.save to a temporary file, then rename)."""
+def config_hash(spec: Spec) -> str:
+    """sha256 of the fully resolved config (as config.toml holds it): what a checkpoint was written with."""
+    return hashlib.sha256(to_toml(spec_to_dict(spec)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the runner's `state` and the config changes its run went through.
+
+    config_changes: one entry per resume that continued with an edited config (`--force`):
+    {"round", "checkpoint_config_hash", "config_hash", "changed": [dotted keys]}. A run carries the
+    list in every later checkpoint, so summary.json reports it even after further plain resumes.
+    """
+
+    state: dict[str, Any]
+    config_changes: list[dict[str, Any]]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], engine: str, spec: Spec,
+                    config_changes: Sequence[dict[str, Any]] = ()) -> None:
+    """Write a checkpoint atomically (torch.save to a temporary file, then rename).
+
+    The file holds tensors and plain data only (numpy arrays become tensors, numpy scalars Python
+    numbers), so `load_checkpoint` can read it with torch's weights-only unpickler and a checkpoint in a
+    shared run folder can never run code. It records the engine and the resolved config it belongs to.
+    """
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    torch.save({"hetsim_checkpoint": CHECKPOINT_FORMAT, "engine": engine, "config": spec_to_dict(spec),
+                "config_hash": config_hash(spec), "config_changes": _to_plain(list(config_changes)),
+                "state": _to_plain(state)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
+def load_checkpoint(path: Path, engine: str, spec: Spec, force: bool = False) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` for `engine` ("sim" or "torchmp") and `spec`.
 
-    from hetsim.errors import HetsimError
+    Only tensors and plain data are unpickled (torch's weights-only loader; anything else is refused
+    before it is built). A missing, empty, truncated or corrupt file (zip CRC checked), a file that is not
+    a hetsim checkpoint, one of the other engine, or one written with another config is a one-line
+    HetsimError; with `force`, a changed config is accepted and recorded in `Checkpoint.config_changes`.
+    """
+    import pickle
+    import zipfile
+
+    import torch
 
     if not path.is_file():
         raise HetsimError(f"{path.parent}: no checkpoint to resume from (set run.checkpoint_every > 0)")
-    return torch.load(path, weights_only=False)
+    if path.stat().st_size == 0:
+        raise HetsimError(f"{path}: the checkpoint is empty (the run was interrupted while writing it?)")
+    if not zipfile.is_zipfile(path):
+        raise HetsimError(f"{path}: not a hetsim checkpoint (truncated, or not written by hetsim)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # torch does not verify the archive's CRCs; a flipped bit would load silently
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise HetsimError(f"{path}: the checkpoint is corrupt ({_one_line(e)})") from None
+    if bad is not None:
+        raise HetsimError(f"{path}: the checkpoint is corrupt (checksum mismatch in {bad})")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise HetsimError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
+                          f"data, so it was not written by this hetsim or was tampered with"
+                          + (f" (it calls {found.group(1)})" if found else "")) from None
+    except Exception as e:  # noqa: BLE001 - whatever else torch.load trips on, the file is unusable
+        raise HetsimError(f"{path}: the checkpoint is corrupt ({_one_line(e)})") from None
+    if not isinstance(data, dict) or "hetsim_checkpoint" not in data or not isinstance(data.get("state"), dict):
+        raise HetsimError(f"{path}: not a hetsim checkpoint")
+    if data["hetsim_checkpoint"] != CHECKPOINT_FORMAT:
+        raise HetsimError(f"{path}: checkpoint format {data['hetsim_checkpoint']!r}; this hetsim reads format "
+                          f"{CHECKPOINT_FORMAT}")
+    if data.get("engine") != engine:
+        other = ENGINE_COMMANDS.get(data.get("engine"), repr(data.get("engine")))
+        raise HetsimError(f"{path}: written by `{other}`, not `{ENGINE_COMMANDS[engine]}`; resume it with "
+                          f"`{other} --resume {path.parent}`")
+    changes = list(data.get("config_changes") or [])
+    new_hash = config_hash(spec)
+    if data.get("config_hash") != new_hash:
+        changed = _changed_keys(data.get("config") or {}, spec_to_dict(spec))
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        if not force:
+            raise HetsimError(f"{path}: the config changed since this checkpoint ({shown or 'config hash differs'}); "
+                              f"restore config.toml, or resume with --force to continue with the edited config "
+                              f"(recorded in summary.json)")
+        changes.append({"round": data["state"].get("round"), "checkpoint_config_hash": data.get("config_hash"),
+                        "config_hash": new_hash, "changed": changed})
+    return Checkpoint(_from_plain(data["state"]), changes)
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around a runner's restore of a loaded state: a state that does not fit this run (a config changed
+    with --force beyond what the state can take, a damaged file) is a one-line error, not a traceback."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise HetsimError(f"{path}: the checkpoint does not fit this run ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (list items by index)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
+            any(isinstance(x, dict) for x in old + new):
+        return [key for i, (a, b) in enumerate(zip(old, new)) for key in _changed_keys(a, b, f"{prefix}.{i}")]
+    return [] if old == new else [prefix]
+
+
+_NDARRAY = "__hetsim_ndarray__"  # marks a numpy array stored as a tensor
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _to_plain(obj: Any) -> Any:
+    """Tensors and plain data only: numpy arrays become tagged tensors, numpy scalars Python numbers.
+    Anything else is a TypeError here, at save, rather than a checkpoint that cannot be loaded."""
+    import collections
+
+    import numpy as np
+    import torch
+
+    if isinstance(obj, np.generic):  # before the plain types: np.float64 is a float, but pickles as numpy
+        return obj.item()
+    if isinstance(obj, _PLAIN) or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise TypeError(f"cannot checkpoint a numpy array of dtype {obj.dtype}")
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
+    if type(obj) in (dict, collections.OrderedDict):
+        out = type(obj)((_to_plain(k), _to_plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's per-module versions
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_to_plain(v) for v in obj)
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}: only tensors, numpy arrays and plain data")
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].numpy()
+        out = type(obj)((k, _from_plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj

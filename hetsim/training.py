@@ -155,6 +155,7 @@ class RoundRecord:
     weights: tuple[float, ...]
     train_loss: float
     time_budget_s: float | None
+    diverged: bool = False            # the round's training loss or new global model is not finite
 
     def as_json(self) -> dict[str, Any]:
         return {"round": self.round, "workers": list(self.workers), "local_steps": list(self.local_steps),
@@ -186,6 +187,13 @@ class DecisionCore:
         if len(plan.local_steps) != len(infos):
             raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
         return plan
+
+    def load_infos(self, infos: Sequence[Sequence[Any]]) -> None:
+        """Restore what the policies know of each worker (from a checkpoint); a checkpoint of a cluster
+        with another number of workers does not fit (a ValueError, reported by the runner)."""
+        if len(infos) != len(self.infos):
+            raise ValueError(f"it holds {len(infos)} workers, this config has {len(self.infos)}")
+        self.infos = [WorkerInfo(*i) for i in infos]
 
     def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
         """The mean step time each worker measured in its latest round: what policies see as its
@@ -300,14 +308,18 @@ class TrainingCore(DecisionCore):
             self.scores.merge_all(t.observations)
         samples = sum(t.samples for t in tallies)
         self.samples_total += samples
+        train_loss = sum(t.loss_sum for t in tallies) / samples if samples else float("nan")
+        # one reduction over the parameters per aggregation; a round without samples has no loss to check
+        diverged = not bool(torch.isfinite(new_global).all()) or (samples > 0 and not math.isfinite(train_loss))
         return RoundRecord(
             round=round, workers=tuple(ks),
             local_steps=tuple(t.steps for t in tallies),
             samples=tuple(t.samples for t in tallies),
             biased_samples=tuple(t.biased for t in tallies),
             weights=tuple(float(x) for x in weights),
-            train_loss=sum(t.loss_sum for t in tallies) / samples if samples else float("nan"),
+            train_loss=train_loss,
             time_budget_s=time_budget_s,
+            diverged=diverged,
         )
 
     def evaluate(self) -> tuple[float, float]:
@@ -328,8 +340,8 @@ class TrainingCore(DecisionCore):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_infos(state["infos"])
         self.global_model.load_state_dict(state["global_model"])
-        self.infos = [WorkerInfo(*i) for i in state["infos"]]
         self.scores.values[:] = state["scores"]
         self.samples_total = state["samples_total"]
         for k in self.local:
@@ -348,6 +360,21 @@ class RunSchedule:
         self.stop = spec.stop
         self.eval = spec.eval
         self.next_eval_epoch = spec.eval.every_epochs
+        self.diverged_at_round: int | None = None
+
+    def check_divergence(self, record: RoundRecord) -> None:
+        """Remember the first round whose training loss or global model is not finite (NaN or inf): SGD
+        diverged, and every later round computes on garbage. With stop.on_divergence = "stop" the run
+        ends after that round (`stop_reason` "diverged"); with "continue" it runs to its budget."""
+        if record.diverged and self.diverged_at_round is None:
+            self.diverged_at_round = record.round
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_eval_epoch": self.next_eval_epoch, "diverged_at_round": self.diverged_at_round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_eval_epoch = state["next_eval_epoch"]
+        self.diverged_at_round = state["diverged_at_round"]
 
     def progress(self, rounds_done: int, time_s: float, epochs: float) -> float:
         """Share of the budget already used, in [0, 1] (the largest over the budgets that are set)."""
@@ -358,6 +385,8 @@ class RunSchedule:
 
     def stop_reason(self, rounds_done: int, time_s: float, epochs: float, reached_target: bool) -> str:
         s = self.stop
+        if self.diverged_at_round is not None and s.on_divergence == "stop":
+            return "diverged"
         if s.stop_at_target and reached_target:
             return "target_accuracy"
         if s.max_rounds and rounds_done >= s.max_rounds:

@@ -1,8 +1,10 @@
-"""A user's own scheduler, plugged in by import path in tests (`custom_policy:EveryOther`)."""
+"""A user's own policies, plugged in by import path in tests (`custom_policy:EveryOther`)."""
 
 from dataclasses import dataclass
 
-from hetsim.policies import RoundPlan, Scheduler
+import numpy as np
+
+from hetsim.policies import Aggregator, RoundPlan, Scheduler
 
 
 @dataclass(frozen=True)
@@ -11,3 +13,28 @@ class EveryOther(Scheduler):
 
     def plan(self, round, workers):
         return RoundPlan(tuple(self.steps if w.index % 2 == 0 else 1 for w in workers))
+
+
+@dataclass(frozen=True)
+class StepsAtRound(Scheduler):
+    """`steps` local steps for every worker, and `special` steps in round `at` only."""
+
+    steps: int = 1
+    at: int = 3
+    special: int = 2
+
+    def plan(self, round, workers):
+        return RoundPlan(tuple(self.special if round == self.at else self.steps for _ in workers))
+
+
+@dataclass(frozen=True)
+class NanWhenSteps(Aggregator):
+    """The plain mean, except in a round where a worker took `steps` local steps: then every weight is
+    NaN, so the new global model is NaN. A stand-in for SGD blowing up in a known round, stateless so a
+    resumed run and every process of the real backend see it alike."""
+
+    steps: int = 2
+
+    def weights(self, contributions):
+        n = len(contributions)
+        return np.full(n, np.nan if any(c.local_steps == self.steps for c in contributions) else 1.0 / n)

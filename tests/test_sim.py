@@ -168,3 +168,52 @@ def test_progress_callback_sees_every_row(tiny_spec):
     rows = []
     simulate(tiny_spec(), progress=rows.append)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+# -- divergence --------------------------------------------------------------------------------
+
+NAN_AT_ROUND_3 = ("scheduler={name='custom_policy:StepsAtRound', params={steps=1, at=3, special=2}}",
+                  "aggregator={name='custom_policy:NanWhenSteps', params={steps=2}}", "stop.max_rounds=6")
+
+
+def test_a_run_that_does_not_diverge_records_null(tiny_spec):
+    s = simulate(tiny_spec()).summary
+    assert s["diverged_at_round"] is None and s["stopped_by"] == "max_rounds"
+
+
+def test_divergence_stops_the_run_after_the_round_that_made_the_model_non_finite(tiny_spec):
+    # the aggregator turns the global model into NaN in round 3 (the only round with 2 local steps)
+    r = simulate(tiny_spec(*NAN_AT_ROUND_3))
+    assert r.summary["diverged_at_round"] == 3 and r.summary["stopped_by"] == "diverged"
+    assert r.summary["rounds"] == 3 and r.metrics["round"] == [0, 1, 2, 3]
+    assert all(math.isfinite(x) for x in r.metrics["train_loss"][1:])  # round 3's loss came before the NaN model
+
+
+def test_on_divergence_continue_runs_to_the_budget_and_still_records_the_round(tiny_spec):
+    r = simulate(tiny_spec(*NAN_AT_ROUND_3, "stop.on_divergence='continue'"))
+    assert r.summary["diverged_at_round"] == 3 and r.summary["stopped_by"] == "max_rounds"
+    assert r.summary["rounds"] == 6
+    assert all(math.isnan(x) for x in r.metrics["train_loss"][4:])  # training from a NaN model
+
+
+def test_divergence_round_of_a_huge_learning_rate_is_the_first_non_finite_global_model(tiny_spec):
+    spec = tiny_spec("optim.lr=1e6", "stop.max_rounds=20")
+    # the same math driven by hand, with the test's own finiteness check of the global parameters
+    core = TrainingCore(spec)
+    expected = None
+    for r in range(1, 21):
+        core.run_local_steps([0, 1, 2], list(core.plan(r).local_steps))
+        record = core.aggregate(r)
+        if not (torch.isfinite(core.global_flat.get()).all() and math.isfinite(record.train_loss)):
+            expected = r
+            break
+    assert expected is not None
+    result = simulate(spec)
+    assert result.summary["diverged_at_round"] == expected and result.summary["rounds"] == expected
+
+
+def test_on_divergence_is_validated(tiny_spec):
+    from hetsim.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"stop.on_divergence: expected 'stop' or 'continue', got 'halt'"):
+        tiny_spec("stop.on_divergence='halt'")

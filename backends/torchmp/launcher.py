@@ -18,7 +18,7 @@ from backends.torchmp.worker import error_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
-from hetsim.results import CHECKPOINT, RunResult, worker_names
+from hetsim.results import CHECKPOINT, RunResult, load_checkpoint, worker_names
 
 
 def free_port() -> int:
@@ -27,9 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1) -> RunResult:
+def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False) -> RunResult:
     """Run `spec` on real devices, one process each; write the run directory; return its result.
-    resume: continue from the run directory's last checkpoint (run.checkpoint_every > 0)."""
+    resume: continue from the run directory's last checkpoint (run.checkpoint_every > 0); force: even
+    if the config changed since (summary.json records it). A run that diverges returns normally, with
+    `summary["diverged_at_round"]` set."""
     if any(d.offline or d.slowdown or d.slowdown_trace or d.straggler_prob for d in spec.cluster.devices):
         raise HetsimError("offline windows, slowdown schedules and stragglers are simulator conditions; "
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
@@ -40,11 +42,11 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
     ctx = mp.get_context("spawn")
     heartbeat = ctx.Array("d", 3 * world, lock=False)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    if resume and not (run_dir / CHECKPOINT).is_file():
-        raise HetsimError(f"{run_dir}: no checkpoint to resume from (set run.checkpoint_every > 0)")
+    if resume:  # a missing, damaged, foreign or other-engine checkpoint is one line here, before any process starts
+        load_checkpoint(run_dir / CHECKPOINT, "torchmp", spec, force)
     for stale in (run_dir / ".errors").glob("rank*.json"):
         stale.unlink()  # reports of an earlier attempt
-    procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume),
+    procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume, force),
                          name=f"hetsim-{names[r]}") for r in range(world)]
     for p in procs:
         p.start()

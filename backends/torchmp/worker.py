@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from hetsim.config import Spec
-from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, run_summary, save_checkpoint, trace_event,
-                            trace_thread_names, worker_names)
+from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
+                            trace_event, trace_thread_names, worker_names)
 from hetsim.sim.engine import build_devices
 from hetsim.training import RoundTally, RunSchedule, TrainingCore
 
@@ -61,7 +61,7 @@ def _threads(spec: Spec, rank: int, world: int) -> int:
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
-                heartbeat: Any | None = None, resume: bool = False) -> None:
+                heartbeat: Any | None = None, resume: bool = False, force: bool = False) -> None:
     """Entry point of one process (spawned by the launcher, or started by torchrun with env://).
 
     On success the process group is left open: the caller ends the process with `exit_now`, because
@@ -69,7 +69,7 @@ def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_met
     active exception") and make torchrun report a failure after all results were written."""
     out = Path(run_dir) if run_dir else None
     try:
-        _run(rank, world, spec, out, init_method, heartbeat, resume)
+        _run(rank, world, spec, out, init_method, heartbeat, resume, force)
     except BaseException as e:  # noqa: BLE001 - report every failure to the launcher, then re-raise
         if out is not None:
             path = error_path(out, rank)
@@ -108,7 +108,7 @@ def _rank_checkpoint(out: Path, round_: int, rank: int) -> Path:
 
 
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
-         resume: bool) -> None:
+         resume: bool, force: bool = False) -> None:
     devices_spec = spec.worker_devices()
     if world != len(devices_spec):
         raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
@@ -134,14 +134,20 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
 
     round_, elapsed = 0, 0.0
     rows_acc = math.nan
+    config_changes: list[dict] = []
     if resume:
         if out is None:
             raise ValueError("resume needs the run directory")
-        runner = load_checkpoint(out / CHECKPOINT)
-        round_, elapsed = runner["round"], runner["time_s"]
-        core.load_state_dict(load_checkpoint(_rank_checkpoint(out, round_, rank)))
-        busy = runner["busy_s"]
-        schedule.next_eval_epoch = runner["next_eval_epoch"]
+        loaded = load_checkpoint(out / CHECKPOINT, "torchmp", spec, force)
+        runner, config_changes = loaded.state, loaded.config_changes
+        with restoring(out / CHECKPOINT):
+            round_, elapsed = runner["round"], runner["time_s"]
+            rank_path = _rank_checkpoint(out, round_, rank)
+            rank_state = load_checkpoint(rank_path, "torchmp", spec, force).state
+            busy = runner["busy_s"]
+            schedule.load_state_dict(runner["schedule"])
+        with restoring(rank_path):
+            core.load_state_dict(rank_state)
         if writer:
             writer.rows, writer.decisions, writer.trace = runner["rows"], runner["decisions"], runner["trace"]
             rows_acc = writer.rows[-1]["test_acc"]
@@ -211,6 +217,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
                                                               contributions)
             comm_end = now()
             record = core.finish_round(round_, ks, tallies, new_global, np.asarray(weights), budget)
+            schedule.check_divergence(record)  # the same record in every process: all ranks agree
             core.observe_step_times(ks, [(g["finish"] - g["start"]) / g["steps"] for g in gathered])
             for k, g in enumerate(gathered):
                 busy[k] += g["finish"] - g["start"]
@@ -228,7 +235,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
                                 "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": rows_acc})
             every = spec.run.checkpoint_every
             if out is not None and every and round_ % every == 0:
-                _checkpoint(out, rank, round_, core, writer, busy, schedule, now())
+                _checkpoint(out, rank, round_, core, writer, busy, schedule, now(), spec, config_changes)
     finally:
         if writer:
             writer.flush()  # a failing peer still leaves every finished round on disk
@@ -237,7 +244,8 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
         emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
         writer.finish(run_summary(
             spec, writer.rows, "torchmp", names, busy, round_, total, core.epochs, core.samples_total, stopped_by,
-            time.perf_counter() - wall0, fidelity="real", backend=backend,
+            time.perf_counter() - wall0, diverged_at_round=schedule.diverged_at_round, config_changes=config_changes,
+            fidelity="real", backend=backend,
             devices={n: d.device for n, d in zip(names, devices_spec)},
             threads={n: _threads(spec, k, world) for k, n in enumerate(names)},
             emulated_slowdown=emulated, model_bytes=core.model_bytes,
@@ -250,16 +258,17 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
 
 
 def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: RunWriter | None, busy: np.ndarray,
-                schedule: RunSchedule, time_s: float) -> None:
+                schedule: RunSchedule, time_s: float, spec: Spec, config_changes: list[dict]) -> None:
     """Every rank saves its replica's state for this round; once all have, rank 0 points checkpoint.pt
     at the round (so a crash mid-checkpoint leaves the previous one usable) and drops older rounds."""
-    save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict())
+    save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict(), "torchmp", spec)
     dist.barrier()
     if writer is not None:
         writer.flush()
         save_checkpoint(out / CHECKPOINT, {"round": round_, "time_s": time_s, "busy_s": busy.copy(),
-                                           "next_eval_epoch": schedule.next_eval_epoch, "rows": writer.rows,
-                                           "decisions": writer.decisions, "trace": writer.trace})
+                                           "schedule": schedule.state_dict(), "rows": writer.rows,
+                                           "decisions": writer.decisions, "trace": writer.trace},
+                        "torchmp", spec, config_changes)
         for old in (out / "checkpoints").iterdir():
             if old.name != f"round{round_}":
                 shutil.rmtree(old, ignore_errors=True)

@@ -36,8 +36,8 @@ from hetsim.cluster import DeviceModel, device_model, exchange_time
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
 from hetsim.errors import HetsimError
-from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, run_summary, save_checkpoint,
-                            trace_event, trace_thread_names, worker_names)
+from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
+                            save_checkpoint, trace_event, trace_thread_names, worker_names)
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, RunSchedule, TrainingCore
@@ -75,10 +75,16 @@ def _fewer_gc_passes(threshold: int = 50_000):
 
 class Simulation:
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
-                 workload: Workload | None = None, resume: bool = False):
+                 workload: Workload | None = None, resume: bool = False, force: bool = False):
         """resume: continue from `run_dir`'s checkpoint (written every run.checkpoint_every rounds);
-        the result equals an uninterrupted run's."""
+        the result equals an uninterrupted run's. force: resume even if the config changed since the
+        checkpoint (summary.json records it as resumed_with_changed_config)."""
         self.spec = spec
+        checkpoint = None
+        if resume:  # read and checked before anything is written: a refused resume changes nothing
+            if run_dir is None:
+                raise HetsimError("resume needs the run directory to continue")
+            checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT, "sim", spec, force)
         self.time_only = spec.sim.fidelity == "time_only"
         self.group_models = build_groups(spec)
         self.group_of = np.repeat(np.arange(len(self.group_models)), [d.count for d in spec.cluster.devices])
@@ -107,10 +113,11 @@ class Simulation:
         self.schedule = RunSchedule(spec)
         self._always_online = all(not d.offline for d in self.devices)
         self.resumed = False
-        if resume:
-            if run_dir is None:
-                raise HetsimError("resume needs the run directory to continue")
-            self._restore(load_checkpoint(Path(run_dir) / CHECKPOINT))
+        self.config_changes: list[dict] = []
+        if checkpoint is not None:
+            self.config_changes = checkpoint.config_changes
+            with restoring(Path(run_dir) / CHECKPOINT):
+                self._restore(checkpoint.state)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -123,9 +130,10 @@ class Simulation:
             "round": self.round, "now": self.env.now, "core": self.core.state_dict(),
             "rows": self.writer.rows, "decisions": self.writer.decisions, "trace": self.writer.trace,
             "busy_s": self.busy_s, "participation": self.participation, "exchange_total_s": self.exchange_total_s,
-            "next_eval_epoch": self.schedule.next_eval_epoch,
+            "schedule": self.schedule.state_dict(),
             "clock_rngs": [r.bit_generator.state for r in self.clock_rngs],
-            "vector_clock": self.vector_clock.rng.bit_generator.state if self.time_only else None})
+            "vector_clock": self.vector_clock.rng.bit_generator.state if self.time_only else None},
+            "sim", self.spec, self.config_changes)
 
     def _restore(self, state: dict) -> None:
         self.round = state["round"]
@@ -134,7 +142,7 @@ class Simulation:
         self.writer.rows, self.writer.decisions, self.writer.trace = state["rows"], state["decisions"], state["trace"]
         self.busy_s, self.participation = state["busy_s"], state["participation"]
         self.exchange_total_s = state["exchange_total_s"]
-        self.schedule.next_eval_epoch = state["next_eval_epoch"]
+        self.schedule.load_state_dict(state["schedule"])
         for rng, st in zip(self.clock_rngs, state["clock_rngs"]):
             rng.bit_generator.state = st
         if self.time_only:
@@ -232,6 +240,7 @@ class Simulation:
                     for k in ks:
                         self._trace("comm", k, barrier, self.env.now, bytes=self.core.model_bytes)
             record = self.core.aggregate(self.round, ks, plan.time_budget_s)
+            self.schedule.check_divergence(record)
             if self.spec.trace.decisions:
                 self.writer.decisions.append(record.as_json())
             test_loss = test_acc = math.nan
@@ -261,8 +270,8 @@ class Simulation:
     def summary(self, wall_s: float) -> dict:
         return run_summary(
             self.spec, self.writer.rows, "sim", self.names, self.busy_s, self.round, self.env.now, self.core.epochs,
-            self.core.samples_total, self.stopped_by, wall_s,
-            fidelity=self.spec.sim.fidelity,
+            self.core.samples_total, self.stopped_by, wall_s, diverged_at_round=self.schedule.diverged_at_round,
+            config_changes=self.config_changes, fidelity=self.spec.sim.fidelity,
             fidelity_notes=FIDELITY_NOTES if self.time_only else "emulated: real SGD math for every worker",
             batched=bool(getattr(self.core, "batched", None)),
             exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
@@ -281,12 +290,16 @@ class Simulation:
 
 
 def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None,
-             resume: bool = False) -> RunResult:
+             resume: bool = False, force: bool = False) -> RunResult:
     """Run `spec` in the simulator; with `out`, write the run directory there.
+
+    A run whose training loss or parameters become non-finite returns normally, with
+    `result.summary["diverged_at_round"]` set (and, with stop.on_divergence = "stop", stopped there).
+    resume / force: see `Simulation`.
 
     Example::
 
         result = simulate(load_spec("examples/digits.toml"), out="runs/digits")
         result.summary["time_to_accuracy_s"]
     """
-    return Simulation(spec, out, progress, resume=resume).run()
+    return Simulation(spec, out, progress, resume=resume, force=force).run()

@@ -23,7 +23,7 @@ import numpy as np
 
 from hetsim.cluster import DeviceModel
 from hetsim.config import Spec
-from hetsim.policies import Contributions, WorkerInfo
+from hetsim.policies import Contributions
 from hetsim.training import DecisionCore, RoundRecord, lr_at
 from hetsim.workloads import nominal_train_size
 
@@ -86,7 +86,7 @@ class TimeOnlyCore(DecisionCore):
         return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total}
 
     def load_state_dict(self, state: dict) -> None:
-        self.infos = [WorkerInfo(*i) for i in state["infos"]]
+        self.load_infos(state["infos"])
         self.samples_total = state["samples_total"]
 
 
