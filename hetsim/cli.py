@@ -37,9 +37,9 @@ def _report_divergence(summary: dict, out: Path) -> int:
 class Progress:
     """One status line per run, refreshed in place on a terminal and every few seconds otherwise."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr  # looked up now, not at import: the stream may be redirected
+        self.tty = self.stream.isatty()
         self.every_s = 0.25 if self.tty else 5.0
         self._last = 0.0
         self.prefix = ""

@@ -274,7 +274,7 @@ def load_checkpoint(path: Path, engine: str, spec: Spec, force: bool = False) ->
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise HetsimError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
                           f"data, so it was not written by this hetsim or was tampered with"
-                          + (f" (it calls {found.group(1)})" if found else "")) from None
+                          + (f" (it refers to {found.group(1)})" if found else "")) from None
     except Exception as e:  # noqa: BLE001 - whatever else torch.load trips on, the file is unusable
         raise HetsimError(f"{path}: the checkpoint is corrupt ({_one_line(e)})") from None
     if not isinstance(data, dict) or "hetsim_checkpoint" not in data or not isinstance(data.get("state"), dict):

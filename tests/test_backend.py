@@ -158,6 +158,22 @@ def test_backend_resume_continues_to_the_uninterrupted_result(tiny_spec, tmp_pat
     assert np.allclose(resumed.metrics["test_acc"], whole.metrics["test_acc"], equal_nan=True)
 
 
+def test_backend_divergence_stops_every_rank_where_the_simulator_does_and_exits_3(tiny_spec, tmp_path, capsys):
+    from hetsim.cli import main
+
+    # the NaN model comes from the aggregator in round 3, the only round with 2 local steps
+    nan_at_3 = ["scheduler={name='custom_policy:StepsAtRound', params={steps=1, at=3, special=2}}",
+                "aggregator={name='custom_policy:NanWhenSteps', params={steps=2}}", "run.fault_timeout_s=30"]
+    spec = tiny_spec(*TWO, *nan_at_3)
+    assert simulate(spec).summary["diverged_at_round"] == 3
+    config = tmp_path / "nan.toml"
+    config.write_text(to_toml(spec_to_dict(spec)))
+    assert main(["run", str(config), "--out", str(tmp_path / "real")]) == 3
+    assert "hetsim: the run diverged at round 3" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert summary["diverged_at_round"] == 3 and summary["stopped_by"] == "diverged" and summary["rounds"] == 3
+
+
 def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
     from backends.torchmp.profiler import profile_cluster
 

@@ -95,3 +95,51 @@ def test_ablation_plot(tmp_path):
 
     paths = plot_ablation("sample_ratio", "pool / k", ["1", "4"], {"1": [0.2, 0.25], "4": [0.18]}, 2, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_time_only_simulate_says_no_accuracy_and_exits_0(tiny_file, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert main(["simulate", str(tiny_file), "--out", str(out), "--set", "sim.fidelity='time_only'"]) == 0
+    err = capfd.readouterr().err
+    assert "acc n/a" in err and "no accuracy (time-only run without sim.surrogate)" in err
+    assert "Traceback" not in err and json.loads((out / "summary.json").read_text())["final_test_acc"] is None
+
+
+def test_a_diverged_run_says_so_and_exits_3(tiny_file, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert main(["simulate", str(tiny_file), "--out", str(out), "--set", "optim.lr=1e6"]) == 3
+    err = capfd.readouterr().err
+    assert "done: 1 rounds" in err and "diverged at round 1" in err and "final acc" not in err
+    assert [line for line in err.splitlines() if line.startswith("hetsim:")] == [
+        f"hetsim: the run diverged at round 1: its training loss or model became non-finite; it stopped there "
+        f"(try a smaller optim.lr). Files: {out}"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_at_round"] == 1 and summary["stopped_by"] == "diverged"
+
+
+def test_force_needs_resume(tiny_file, capsys):
+    assert main(["simulate", str(tiny_file), "--force"]) == 2
+    assert capsys.readouterr().err.startswith("hetsim: error: --force only applies to --resume RUN_DIR")
+
+
+def test_resume_of_an_edited_config_is_one_line_until_forced(tiny_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", str(tiny_file), "--out", str(out), "--quiet", "--set", "run.checkpoint_every=2"]) == 0
+    config = out / "config.toml"
+    config.write_text(config.read_text().replace("lr = 0.1", "lr = 0.05"))
+    capsys.readouterr()
+    assert main(["simulate", "--resume", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"hetsim: error: {out / 'checkpoint.pt'}: the config changed")
+    assert main(["simulate", "--resume", str(out), "--quiet", "--force"]) == 0
+    change = json.loads((out / "summary.json").read_text())["resumed_with_changed_config"]
+    assert [(c["round"], c["changed"]) for c in change] == [(4, ["optim.lr"])]
+
+
+def test_compare_of_runs_without_accuracy_says_n_a(tiny_spec, tmp_path, capsys):
+    for name in ("a", "b"):
+        simulate(tiny_spec("sim.fidelity='time_only'"), tmp_path / name)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted n/a, measured n/a" in out and "accuracy difference:        n/a" in out
+    assert "None" not in out
