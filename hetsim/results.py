@@ -354,6 +354,8 @@ def _to_plain(obj: Any) -> Any:
             out._metadata = obj._metadata
         return out
     if type(obj) in (list, tuple):
+        if all(type(v) in _PLAIN for v in obj):  # the common long lists (per-worker numbers): nothing to convert
+            return obj
         return type(obj)(_to_plain(v) for v in obj)
     raise TypeError(f"cannot checkpoint a {type(obj).__name__}: only tensors, numpy arrays and plain data")
 
@@ -367,5 +369,7 @@ def _from_plain(obj: Any) -> Any:
             out._metadata = obj._metadata
         return out
     if isinstance(obj, (list, tuple)):
+        if all(type(v) in _PLAIN for v in obj):
+            return obj
         return type(obj)(_from_plain(v) for v in obj)
     return obj

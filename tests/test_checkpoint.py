@@ -163,3 +163,12 @@ def test_a_backend_checkpoint_is_refused_by_the_simulator(tiny_spec, tmp_path):
     with pytest.raises(HetsimError) as e:
         simulate(spec, tmp_path, resume=True)
     assert f"resume it with `hetsim run --resume {tmp_path}`" in one_line_error(e, tmp_path / CHECKPOINT)
+
+
+def test_a_resumed_run_keeps_the_round_it_diverged_at(tiny_spec, tmp_path):
+    # NaN model in round 3 (custom_policy), the run goes on; killed after round 5, resumed from round 4
+    args = ("scheduler={name='custom_policy:StepsAtRound', params={steps=1, at=3, special=2}}",
+            "aggregator={name='custom_policy:NanWhenSteps', params={steps=2}}", "stop.on_divergence='continue'")
+    run = interrupted_run(tiny_spec, tmp_path / "run", *args, at_round=5)
+    s = simulate(tiny_spec(*CHECKPOINTED, *args), run, resume=True).summary
+    assert s["diverged_at_round"] == 3 and s["rounds"] == 6
