@@ -47,6 +47,7 @@ def test_backend_makes_the_simulators_decisions_and_accuracy(tiny_spec, tmp_path
     kinds = {e["name"] for e in json.loads((tmp_path / "real" / "trace.json").read_text())["traceEvents"]
              if e["ph"] == "X"}
     assert {"compute", "comm", "eval"} <= kinds
+    assert not (tmp_path / "real" / "logs").exists()  # the workers' logs stayed empty and were removed
 
 
 class _RecordingClock:
@@ -196,6 +197,15 @@ def test_stopping_hetsim_run_ends_its_workers(tiny_spec, tmp_path, how):
         proc.wait()
 
 
+def test_run_interrupted_survives_pickling():
+    import pickle
+
+    from backends.torchmp.launcher import RunInterrupted
+
+    e = pickle.loads(pickle.dumps(RunInterrupted(signal.SIGTERM, "interrupted by SIGTERM in round 3")))
+    assert (e.signum, str(e)) == (signal.SIGTERM, "interrupted by SIGTERM in round 3")
+
+
 def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_any_process_starts(tiny_spec, tmp_path, monkeypatch):
     from backends.torchmp.launcher import check_devices
 
@@ -250,6 +260,24 @@ def test_torchrun_runs_the_same_entry_point(tiny_spec, tmp_path):
     real = load_run(tmp_path / "tr")
     assert [d["local_steps"] for d in real.decisions] == [d["local_steps"] for d in sim.decisions]
     assert np.allclose(real.metrics["test_acc"], sim.metrics["test_acc"], atol=1e-6, equal_nan=True)
+    assert not (tmp_path / "tr" / "logs").exists()  # the ranks' logs stayed empty and were removed
+
+
+def test_a_crash_under_torchrun_is_one_line_per_rank_and_a_log(tiny_spec, tmp_path):
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(to_toml(spec_to_dict(tiny_spec(*TWO, "run.fault_timeout_s=60"))))
+    env = dict(os.environ, **{FAULT_ENV: "crash:1:4"})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "hetsim.cli", "run", str(cfg), "--out", str(tmp_path / "tr")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    log = tmp_path / "tr" / "logs" / "rank1.log"
+    line = (f"hetsim: error: device gpu0 (rank 1) failed in round 4: RuntimeError: injected crash ({FAULT_ENV}="
+            f"crash:1:4); details in {log}; finished rounds are in {tmp_path / 'tr'}")
+    assert line in proc.stderr.splitlines()
+    # torchrun adds its own summary; the worker's traceback (which quotes the crash) is only in the log
+    assert proc.stderr.count("injected crash") == 1
+    assert "Traceback" in log.read_text() and 'raise RuntimeError(f"injected crash' in log.read_text()
 
 
 def _average_with_torch(rank, init, params, out):

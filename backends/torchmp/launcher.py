@@ -39,6 +39,9 @@ class RunInterrupted(HetsimError):
         super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
 
+    def __reduce__(self):  # a sweep's process pool sends the error back pickled
+        return RunInterrupted, (self.signum, str(self))
+
 
 class _StopOnSignals:
     """While the workers run, the first SIGTERM or SIGINT raises RunInterrupted in the launcher, so that
