@@ -111,14 +111,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The real backend: spawn one process per device, or be one rank under torchrun (env://)."""
     import os
 
+    from backends.torchmp.launcher import RunInterrupted, check_devices
+
     spec, out = _spec_and_out(args, "-real")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from backends.torchmp.worker import exit_now, worker_main
+        import traceback
+
+        from backends.torchmp.worker import exit_now, log_path, send_stderr_to_log, worker_main
+        from hetsim.results import worker_names
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
             raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
-        worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume), force=args.force)
+        check_devices(spec)
+        # as under the launcher: tracebacks and library noise go to the run's log, the console gets one line
+        log = log_path(out, rank)
+        console = send_stderr_to_log(log)
+        heartbeat = [0.0] * (3 * world)  # (round, phase, time) per rank: the round a failure happened in
+        try:
+            worker_main(rank, world, spec, str(out), "env://", heartbeat, resume=bool(args.resume), force=args.force)
+        except BaseException as e:  # noqa: BLE001 - every failure ends this rank with one line
+            traceback.print_exc()
+            os.write(console, f"hetsim: error: device {worker_names(spec.worker_kinds())[rank]} (rank {rank}) failed "
+                              f"in round {int(heartbeat[3 * rank])}: {type(e).__name__}: {e}; details in {log}; "
+                              f"finished rounds are in {out}\n".encode())
+            exit_now(1)
+        if log.stat().st_size == 0:
+            log.unlink()
+            try:
+                log.parent.rmdir()  # the last rank to leave an empty log removes the folder
+            except OSError:
+                pass
         status = 0
         if rank == 0:  # rank 0 wrote the summary; the other ranks' status stays 0 so torchrun names rank 0
             import json
@@ -129,7 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from backends.torchmp import run
     from hetsim.results import summary_outcome
 
-    result = run(spec, out, resume=bool(args.resume), force=args.force)
+    try:
+        result = run(spec, out, resume=bool(args.resume), force=args.force)
+    except RunInterrupted as e:
+        print(f"hetsim: error: {e}", file=sys.stderr)
+        return 128 + e.signum
     s = result.summary
     print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, {summary_outcome(s)}", file=sys.stderr)
     status = _report_divergence(s, out)

@@ -2,19 +2,24 @@
 
 A worker that crashes, or makes no progress for `run.fault_timeout_s` (a hang, or a peer blocked in a
 collective), ends the whole run within that bound with an error naming the device and the round;
-rank 0 has flushed every finished round to the run directory by then.
+rank 0 has flushed every finished round to the run directory by then. The worker's traceback is in the
+run's logs/rank{r}.log, not on the console. SIGTERM or SIGINT to the launcher ends every worker before
+the launcher exits, and a worker whose launcher dies anyway (SIGKILL) is killed by the kernel (Linux).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
-from backends.torchmp.worker import error_path, spawn_entry
+from backends.torchmp.worker import error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
@@ -27,6 +32,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RunInterrupted(HetsimError):
+    """The launcher got SIGTERM or SIGINT; its workers were ended. `signum` gives the exit status 128 + signum."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    def __reduce__(self):  # a sweep's process pool sends the error back pickled
+        return RunInterrupted, (self.signum, str(self))
+
+
+class _StopOnSignals:
+    """While the workers run, the first SIGTERM or SIGINT raises RunInterrupted in the launcher, so that
+    its cleanup ends them (SIGTERM's default would leave them running the whole job as orphans). Signals
+    that come once `disarm` is called (the cleanup has begun) are only remembered: the cleanup is never
+    cut short. Signal handlers can only be set in the main thread; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.armed:
+            self.armed = False
+            raise RunInterrupted(signum)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, *exc: object) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+
+
+def check_devices(spec: Spec) -> None:
+    """Refuse, before any process starts, a `cuda:i` device this machine cannot provide. Simulating such a
+    config needs no GPU; only `hetsim run` does."""
+    for i, d in enumerate(spec.cluster.devices):
+        if not d.device.startswith("cuda"):
+            continue
+        what = f"cluster.devices[{i}].device = {d.device!r}"
+        index = d.device.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise HetsimError(f"{what}: expected 'cuda:INDEX' with an integer INDEX")
+        if not torch.backends.cuda.is_built():
+            raise HetsimError(f"{what}: this torch ({torch.__version__}) is built without CUDA; run the config on "
+                              f"a CUDA build of torch, or simulate it (hetsim simulate needs no GPU)")
+        count = torch.cuda.device_count()
+        if int(index) >= count:
+            raise HetsimError(f"{what}: {'no' if count == 0 else f'only {count}'} CUDA device"
+                              f"{'' if count == 1 else 's'} visible on this machine")
+
+
 def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False) -> RunResult:
     """Run `spec` on real devices, one process each; write the run directory; return its result.
     resume: continue from the run directory's last checkpoint (run.checkpoint_every > 0); force: even
@@ -35,6 +101,7 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
     if any(d.offline or d.slowdown or d.slowdown_trace or d.straggler_prob for d in spec.cluster.devices):
         raise HetsimError("offline windows, slowdown schedules and stragglers are simulator conditions; "
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
+    check_devices(spec)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     world = spec.n_workers
@@ -48,42 +115,80 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
         stale.unlink()  # reports of an earlier attempt
     procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume, force),
                          name=f"hetsim-{names[r]}") for r in range(world)]
-    for p in procs:
-        p.start()
     exited_at: dict[int, float] = {}
-    try:
-        while True:
-            time.sleep(poll_s)
-            for r, p in enumerate(procs):
-                if p.exitcode is not None and r not in exited_at:
-                    exited_at[r] = time.time()
-            # a rank that finished its run (phase 2) and then failed only in gloo's teardown did its work
-            failed = [r for r in exited_at if procs[r].exitcode != 0 and heartbeat[3 * r + 1] != 2]
-            if failed:
-                raise HetsimError(_failure_message(run_dir, names, failed, exited_at, heartbeat))
-            if len(exited_at) == world:
-                break
-            stale = [r for r in range(world) if r not in exited_at and heartbeat[3 * r + 2] > 0
-                     and time.time() - heartbeat[3 * r + 2] > spec.run.fault_timeout_s]
-            if stale:
-                # the culprit is a device still computing (phase 0) while the others wait at the barrier
-                culprit = min(stale, key=lambda r: (heartbeat[3 * r], heartbeat[3 * r + 1]))
-                raise HetsimError(
-                    f"device {names[culprit]} (rank {culprit}) made no progress for {spec.run.fault_timeout_s:g} s "
-                    f"in round {int(heartbeat[3 * culprit])}; the run was stopped, finished rounds are in {run_dir}")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+    with _StopOnSignals() as signals:
+        try:
+            for p in procs:
+                p.start()
+            _watch(spec, run_dir, names, procs, heartbeat, exited_at, poll_s)
+        except RunInterrupted as e:
+            round_ = max(int(heartbeat[3 * r]) for r in range(world))
+            raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} in round {round_}; "
+                                           f"the {world} worker processes were ended, finished rounds are in "
+                                           f"{run_dir}") from None
+        finally:
+            try:
+                signals.disarm()
+            finally:  # a signal at the very start of this block disarms too, and must not skip the cleanup
+                _end(procs)
+                _drop_empty_logs(run_dir, world)
+    if signals.received is not None:  # asked to stop while the workers were ending: the run is over anyway
+        raise RunInterrupted(signals.received, f"interrupted by {signal.Signals(signals.received).name} as the "
+                                               f"run ended; its files are in {run_dir}")
     return load_run(run_dir).as_result()
 
 
+def _watch(spec: Spec, run_dir: Path, names: list[str], procs: list, heartbeat, exited_at: dict[int, float],
+           poll_s: float) -> None:
+    """Return when every worker has finished; raise HetsimError at the first failure or hang."""
+    world = len(procs)
+    while True:
+        time.sleep(poll_s)
+        for r, p in enumerate(procs):
+            if p.exitcode is not None and r not in exited_at:
+                exited_at[r] = time.time()
+        # a rank that finished its run (phase 2) and then failed only in gloo's teardown did its work
+        failed = [r for r in exited_at if procs[r].exitcode != 0 and heartbeat[3 * r + 1] != 2]
+        if failed:
+            raise HetsimError(_failure_message(run_dir, names, failed, exited_at, heartbeat,
+                                               {r: procs[r].exitcode for r in failed}))
+        if len(exited_at) == world:
+            return
+        stale = [r for r in range(world) if r not in exited_at and heartbeat[3 * r + 2] > 0
+                 and time.time() - heartbeat[3 * r + 2] > spec.run.fault_timeout_s]
+        if stale:
+            # the culprit is a device still computing (phase 0) while the others wait at the barrier
+            culprit = min(stale, key=lambda r: (heartbeat[3 * r], heartbeat[3 * r + 1]))
+            raise HetsimError(
+                f"device {names[culprit]} (rank {culprit}) made no progress for {spec.run.fault_timeout_s:g} s "
+                f"in round {int(heartbeat[3 * culprit])}; the run was stopped, finished rounds are in {run_dir}")
+
+
+def _end(procs: list) -> None:
+    """Terminate the workers still running (SIGTERM, then SIGKILL after 5 s) and reap them all."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _drop_empty_logs(run_dir: Path, world: int) -> None:
+    """A worker's log exists from its start; one that stayed empty says nothing and is removed."""
+    for r in range(world):
+        path = log_path(run_dir, r)
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+    if (run_dir / "logs").is_dir() and not any((run_dir / "logs").iterdir()):
+        (run_dir / "logs").rmdir()
+
+
 def _failure_message(run_dir: Path, names: list[str], failed: list[int], exited_at: dict[int, float],
-                     heartbeat) -> str:
+                     heartbeat, exitcodes: dict[int, int]) -> str:
     """Name the first device that failed: the earliest error report, else the earliest exit seen."""
     reports = {}
     for r in failed:
@@ -91,7 +196,16 @@ def _failure_message(run_dir: Path, names: list[str], failed: list[int], exited_
         if path.is_file():
             reports[r] = json.loads(path.read_text())
     first = min(failed, key=lambda r: reports[r]["time"] if r in reports else exited_at[r])
-    what = reports[first]["error"] if first in reports else "exited without a report"
+    code = exitcodes[first]
+    if first in reports:
+        what = reports[first]["error"]
+    elif code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        what = f"killed by {name}"
+    else:
+        what = f"exited with status {code} without a report"
     round_ = int(heartbeat[3 * first])
-    return (f"device {names[first]} (rank {first}) failed in round {round_}: {what}; "
+    log = log_path(run_dir, first)
+    where = f"; details in {log}" if log.is_file() and log.stat().st_size else ""
+    return (f"device {names[first]} (rank {first}) failed in round {round_}: {what}{where}; "
             f"finished rounds are in {run_dir}")

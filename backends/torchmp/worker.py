@@ -20,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -41,6 +43,26 @@ FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RA
 
 def error_path(run_dir: Path, rank: int) -> Path:
     return run_dir / ".errors" / f"rank{rank}.json"
+
+
+def log_path(run_dir: Path, rank: int) -> Path:
+    """Where a worker's stderr goes: its traceback, and what torch and gloo print."""
+    return run_dir / "logs" / f"rank{rank}.log"
+
+
+def send_stderr_to_log(path: Path) -> int:
+    """Point this process's stderr (file descriptor 2, so the C++ libraries' messages too) at `path`,
+    appending after an earlier attempt's lines; returns a descriptor of the previous stderr, for the
+    one line the user should see."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    console = os.dup(2)
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if os.fstat(fd).st_size:
+        os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: a new attempt (pid {os.getpid()})\n".encode())
+    os.dup2(fd, 2)
+    os.close(fd)
+    return console
 
 
 def _inject_fault(rank: int, round: int) -> None:
@@ -84,16 +106,40 @@ def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_met
 
 def exit_now(code: int = 0) -> None:
     """End a worker process at once (stdio flushed), skipping the interpreter's teardown."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def spawn_entry(*args: Any) -> None:
-    """The launcher's process target: run the worker, then exit without tearing gloo down."""
-    worker_main(*args)
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when the launcher dies, however it dies (SIGKILL, OOM killer):
+    an orphaned worker would otherwise run the whole job alone. Linux only; elsewhere the launcher's
+    own SIGTERM handling is what ends the workers."""
+    import ctypes
+    import multiprocessing
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def spawn_entry(rank: int, world: int, spec: Spec, run_dir: str, *args: Any) -> None:
+    """The launcher's process target: run the worker, then exit without tearing gloo down. Its stderr
+    (a failure's traceback included) goes to the run's logs/rank{rank}.log, the launcher prints one line;
+    Ctrl+C is the launcher's to handle, which ends the workers."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.close(send_stderr_to_log(log_path(Path(run_dir), rank)))
+    try:
+        worker_main(rank, world, spec, run_dir, *args)
+    except BaseException:  # noqa: BLE001 - the report is written; the traceback goes to the log
+        traceback.print_exc()
+        exit_now(1)
     exit_now(0)
 
 
