@@ -369,10 +369,11 @@ def _check_windows(windows: Sequence[Sequence[float]], key: str) -> None:
 def _validate(spec: Spec) -> None:
     from hetsim import cluster as cluster_mod
     from hetsim.policies import base as registry
-    from hetsim.workloads import check_workload
+    from hetsim.workloads import check_batch_fits, check_workload
 
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
     check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
+    check_batch_fits(spec.workload, spec.optim.batch_size)  # before the profiles, which are per batch size
 
     devices = spec.cluster.devices
     _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))
@@ -412,10 +413,13 @@ def _validate(spec: Spec) -> None:
                  "real accuracy)", spec.sim.fidelity)
         from hetsim.surrogate import LearningCurve
 
-        LearningCurve.load(spec.sim.surrogate)
+        curve = LearningCurve.load(spec.sim.surrogate)
 
     for category in ("scheduler", "sampler", "aggregator"):
-        registry.build(category, getattr(spec, category), where=category)
+        policy = registry.build(category, getattr(spec, category), where=category)
+        _check_names(spec, policy, f"{category}.params")
+    if spec.sim.surrogate:  # once the policies are known valid: the warning compares them with the curve's
+        curve.warn_if_not_fitted_for(spec)
 
     o = spec.optim
     _require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
@@ -444,6 +448,16 @@ def _validate(spec: Spec) -> None:
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
     _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
     _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
+
+
+def _check_names(spec: Spec, policy: Any, where: str) -> None:
+    """Every policy parameter that names kinds, devices, workers or files (declared on the policy's class
+    as `name_refs`) must name ones this spec has: a misspelt kind would silently switch the policy off."""
+    from hetsim.policies.base import check_names
+
+    devices = spec.cluster.devices
+    check_names(policy, where, list(dict.fromkeys(d.kind for d in devices)),
+                list(dict.fromkeys(d.device for d in devices)), spec.n_workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +520,29 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             t = d.get("slowdown_trace") if isinstance(d, dict) else None
             if isinstance(t, str) and t:
                 d["slowdown_trace"] = str((base / Path(t).expanduser()).resolve())
+    _resolve_policy_files(data, base)
+
+
+def _resolve_policy_files(data: dict[str, Any], base: Path) -> None:
+    """Policy parameters declared as naming files (`NameRef('file')`) are relative to the config's folder too."""
+    from hetsim.policies import base as registry
+
+    def resolve(v: Any) -> Any:
+        return str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) and v else v
+
+    for category in ("scheduler", "sampler", "aggregator"):
+        table = data.get(category)
+        if not (isinstance(table, dict) and isinstance(table.get("name"), str) and isinstance(table.get("params"), dict)):
+            continue
+        try:
+            cls = registry.policy_class(category, table["name"], category)
+        except SpecError:
+            continue  # validation reports the unknown name
+        params = table["params"]
+        for key, ref in cls.name_refs.items():
+            value = params.get(key)
+            if ref.to == "file" and value is not None:
+                params[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path | None = None,

@@ -95,3 +95,29 @@ def test_ablation_plot(tmp_path):
 
     paths = plot_ablation("sample_ratio", "pool / k", ["1", "4"], {"1": [0.2, 0.25], "4": [0.18]}, 2, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--emulated-slowdown", "-3"], "--emulated-slowdown -3.0: expected a factor >= 1"),
+    (["--emulated-slowdown", "0.5"], "--emulated-slowdown 0.5: expected a factor >= 1"),
+    (["--threads", "-2"], "--threads -2: expected an integer >= 0 (0 = default)"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+])
+def test_profile_rejects_impossible_flags_before_measuring(flags, message, tmp_path, capsys):
+    assert main(["profile", *flags, "--out", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err == f"hetsim: error: {message}\n"
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_profiler_rejects_a_slowdown_below_one():
+    from backends.torchmp.profiler import profile_device
+    from hetsim.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"^emulated slowdown: expected a factor >= 1, got -3$"):
+        profile_device("digits", 16, slowdown=-3)
+
+
+def test_profile_with_a_config_rejects_single_device_flags_it_would_ignore(tiny_file, tmp_path, capsys):
+    assert main(["profile", "--config", str(tiny_file), "--emulated-slowdown", "3", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.startswith("hetsim: error: --emulated-slowdown: a flag of single-device profiling; "
+                                              "with --config set it in the config")

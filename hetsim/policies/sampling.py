@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hetsim.policies.base import Batch, Sampler, WorkerInfo, register
+from hetsim.policies.base import Batch, NameRef, Sampler, WorkerInfo, register
 
 SCORE_RULES = ("latest", "min")
 
@@ -147,6 +147,8 @@ class LossBiasedTopK(Sampler):
     sample_ratio: float = 4.0
     kinds: tuple[str, ...] = ("cpu",)
     score_rule: str = "latest"
+
+    name_refs = {"kinds": NameRef("kind", wildcard=True)}  # a kind the cluster lacks would bias no one
 
     def __post_init__(self) -> None:
         if not self.sample_ratio >= 1:

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hetsim.policies.base import RoundPlan, Scheduler, WorkerInfo, register
+from hetsim.policies.base import NameRef, RoundPlan, Scheduler, WorkerInfo, register
 
 
 @register("scheduler", "sync")
@@ -50,6 +50,8 @@ class FixedSteps(Scheduler):
 
     local_steps: int = 1
     per_kind: Mapping[str, int] = field(default_factory=dict)
+
+    name_refs = {"per_kind": NameRef("kind")}  # a kind the cluster lacks would silently get local_steps
 
     def __post_init__(self) -> None:
         for kind, steps in {"local_steps": self.local_steps, **self.per_kind}.items():
