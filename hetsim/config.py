@@ -54,8 +54,9 @@ class WorkloadSpec:
 class StepTimeSpec:
     """An inline step-time distribution (seconds per local step).
 
-    dist: `constant` (always mean_s), `lognormal` (mean_s and std_s, moment-matched; never <= 0),
-    or `empirical` (resample samples_s uniformly with replacement).
+    dist: `constant` (always mean_s), `lognormal` (mean_s and std_s, moment-matched; never <= 0;
+    std_s at most 3 x mean_s, see cluster.MAX_STEP_TIME_CV), or `empirical` (resample samples_s
+    uniformly with replacement).
     """
 
     dist: str = "constant"

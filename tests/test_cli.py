@@ -121,3 +121,11 @@ def test_profile_with_a_config_rejects_single_device_flags_it_would_ignore(tiny_
     assert main(["profile", "--config", str(tiny_file), "--emulated-slowdown", "3", "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err.startswith("hetsim: error: --emulated-slowdown: a flag of single-device profiling; "
                                               "with --config set it in the config")
+
+
+def test_profiling_one_device_keeps_the_runs_sampler_naming_the_other_kinds():
+    # profile --config measures each device alone with the run's sampler, checked against the whole cluster
+    from backends.torchmp.profiler import _spec
+
+    spec = _spec("synthetic", 8, "cpu", "", kind="gpu", sampler={"name": "loss_topk", "params": {"kinds": ["cpu"]}})
+    assert (spec.cluster.devices[0].kind, spec.sampler.name, spec.sampler.params) == ("gpu", "loss_topk", {"kinds": ["cpu"]})

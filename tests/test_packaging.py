@@ -20,7 +20,8 @@ def package_data() -> dict[str, list[str]]:
 
 
 def test_package_data_names_every_data_file_of_the_package_and_nothing_else():
-    for package, patterns in package_data().items():
+    for package in ("hetsim", "backends"):
+        patterns = package_data().get(package, [])
         root = ROOT / package
         for pattern in patterns:
             assert list(root.glob(pattern)), f"package-data {package}: {pattern!r} matches no file"
@@ -28,7 +29,7 @@ def test_package_data_names_every_data_file_of_the_package_and_nothing_else():
                 and "__pycache__" not in p.parts]
         missed = [str(p.relative_to(root)) for p in data if not any(p.match(str(root / pat)) for pat in patterns)]
         assert not missed, f"{package} files a wheel would lack: {missed}"
-        assert (root / "quickstart.toml") in data  # what `hetsim quickstart` reads
+    assert "quickstart.toml" in package_data()["hetsim"]  # what `hetsim quickstart` reads
 
 
 def _setuptools_builds_offline() -> bool:

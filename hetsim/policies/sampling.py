@@ -136,7 +136,8 @@ class LossBiasedTopK(Sampler):
 
     Args:
         sample_ratio: candidate pool size / k (reference: 4). 1 = uniform.
-        kinds: device kinds that sample biased (reference: the slow 'cpu' workers); ["*"] = all.
+        kinds: device kinds that sample biased (reference: the slow 'cpu' workers); ["*"] = all. Each
+            must be a kind of the cluster (checked on load).
         score_rule: 'latest' loss per sample, or the reference code's running 'min'.
 
     Example::

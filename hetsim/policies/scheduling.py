@@ -40,7 +40,7 @@ class FixedSteps(Scheduler):
     Args:
         local_steps: steps of every worker whose kind is not listed in `per_kind`.
         per_kind: steps by device kind, e.g. ``{cpu = 1, gpu = 32}`` — the reference code's
-            CPU_interval / GPU_interval.
+            CPU_interval / GPU_interval. Every key must be a kind of the cluster (checked on load).
 
     Example::
 
