@@ -119,6 +119,8 @@ class LearningCurve:
         if data.pop("format", None) != FORMAT:
             raise SpecError(f"sim.surrogate: {path}: format: expected {FORMAT!r}")
         data["fitted_on"] = tuple(data.get("fitted_on", ()))
+        if not (data.get("fitted_for") is None or isinstance(data["fitted_for"], dict)):
+            raise SpecError(f"sim.surrogate: {path}: fitted_for: expected a table, got {data['fitted_for']!r}")
         return cls(**data)
 
     def warn_if_not_fitted_for(self, spec: "Spec") -> None:

@@ -99,3 +99,13 @@ def test_the_cli_prints_the_warning_as_one_line(tiny_spec, tmp_path):
     assert proc.returncode == 0
     assert proc.stderr.startswith("hetsim: warning: sim.surrogate: ") and proc.stderr.count("\n") == 1
     assert "sampler: fitted 'loss_topk', here 'uniform'" in proc.stderr
+
+
+def test_a_curve_whose_record_is_not_a_table_is_a_one_line_error(tiny_spec, tmp_path):
+    from hetsim.errors import SpecError
+
+    bad = {"format": "hetsim-learning-curve/1", "a": 0.9, "b": 0.5, "c": 1.0, "epochs_min": 0.0, "epochs_max": 4.0,
+           "fitted_for": "digits"}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(SpecError, match=r"bad.json: fitted_for: expected a table, got 'digits'$"):
+        time_only(tiny_spec, tmp_path / "bad.json")
