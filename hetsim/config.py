@@ -36,7 +36,8 @@ class WorkloadSpec:
 
     name: a registered workload (`digits`, `fashion_mnist`, `cifar10`, `synthetic`).
     path: data directory for workloads that read local files ("" = the workload's default).
-    n_train / n_test: use only the first n samples (0 = all), for quick experiments.
+    n_train / n_test: use only the first n samples (0 = all), for quick experiments. A time-only run of
+        a workload whose size depends on its files (shakespeare) needs n_train: the size it assumes.
     augment: random crop/flip on image workloads that support it.
     n_features / n_classes: shape of the synthetic task (ignored by the others).
     """
@@ -370,11 +371,15 @@ def _check_windows(windows: Sequence[Sequence[float]], key: str) -> None:
 def _validate(spec: Spec) -> None:
     from hetsim import cluster as cluster_mod
     from hetsim.policies import base as registry
-    from hetsim.workloads import check_batch_fits, check_workload
+    from hetsim.workloads import check_batch_fits, check_workload, known_train_size
 
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
     check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
     check_batch_fits(spec.workload, spec.optim.batch_size)  # before the profiles, which are per batch size
+    if spec.sim.fidelity == "time_only" and not spec.workload.n_train and known_train_size(spec.workload) is None:
+        # epochs are samples / training-set size: a guessed size would make every epoch figure wrong
+        raise SpecError(f"workload.n_train: expected the training-set size for a time-only run of "
+                        f"{spec.workload.name} (it depends on data files a time-only run does not read), got 0")
 
     devices = spec.cluster.devices
     _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))

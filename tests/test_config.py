@@ -193,3 +193,12 @@ def test_a_batch_must_fit_in_the_training_set(overrides, message):
 def test_a_batch_of_the_whole_training_set_loads(tiny_spec):
     assert tiny_spec("workload.n_train=8").workload.n_train == 8
     assert tiny_spec("workload={name='digits'}", "optim.batch_size=1437").optim.batch_size == 1437
+
+
+def test_a_time_only_run_of_a_workload_whose_size_depends_on_its_files_needs_n_train():
+    with pytest.raises(SpecError, match=r"^tiny: workload.n_train: expected the training-set size for a time-only "
+                                        r"run of shakespeare .*, got 0$"):
+        spec_from_dict(TINY, source="tiny", overrides=["workload={name='shakespeare'}", "sim.fidelity='time_only'"])
+    spec = spec_from_dict(TINY, source="tiny", overrides=["workload={name='shakespeare', n_train=5000}",
+                                                          "sim.fidelity='time_only'"])
+    assert spec.workload.n_train == 5000
