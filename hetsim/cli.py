@@ -14,10 +14,11 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from hetsim.errors import HetsimError, SpecError
+from hetsim.errors import HetsimError, HetsimWarning, SpecError
 
 EXIT_DIVERGED = 3  # distinct from 1 (a failure): the run finished, and its result is that SGD diverged
 
@@ -178,10 +179,23 @@ def _spec_to_profile(path: str, overrides: list[str]):
     return spec_from_dict(data, source=str(p), base=p.parent)
 
 
+#: the flags of single-device profiling and their defaults (with --config, the config says these)
+PROFILE_DEVICE_DEFAULTS = {"device": "cpu", "threads": 0, "emulated_slowdown": 1.0, "workload": "digits",
+                           "data_path": "", "batch_size": 16}
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from backends.torchmp.profiler import profile_cluster, profile_device, write_profile
 
+    if not args.max_seconds > 0:
+        raise SpecError(f"--max-seconds {args.max_seconds!r}: expected a number of seconds > 0")
     if args.config:
+        # the config's devices say these; a flag given beside it would be silently ignored
+        single = [f"--{name.replace('_', '-')}" for name, default in PROFILE_DEVICE_DEFAULTS.items()
+                  if getattr(args, name) != default]
+        if single:
+            raise SpecError(f"{single[0]}: a flag of single-device profiling; with --config set it in the config "
+                            f"(cluster.devices[], workload, optim.batch_size)")
         spec = _spec_to_profile(args.config, args.set)
         print(f"profiling the {spec.n_workers} devices of {args.config} concurrently ...", file=sys.stderr)
         for kind, path in profile_cluster(spec, args.out, args.max_seconds, args.exchange).items():
@@ -190,6 +204,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise SpecError(f"--device {args.device!r}: expected 'cpu' or 'cuda:INDEX'")
+    for flag, value, ok, expected in (
+            ("--emulated-slowdown", args.emulated_slowdown, args.emulated_slowdown >= 1, "a factor >= 1"),
+            ("--threads", args.threads, args.threads >= 0, "an integer >= 0 (0 = default)"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1")):
+        if not ok:
+            raise SpecError(f"{flag} {value!r}: expected {expected}")
     print(f"profiling {args.device} on {args.workload} (batch {args.batch_size}) ...", file=sys.stderr)
     measured = profile_device(args.workload, args.batch_size, args.device, args.threads, args.emulated_slowdown,
                               args.data_path, max_seconds=args.max_seconds, exchange=args.exchange)
@@ -335,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     pf = sub.add_parser("profile", help="measure a device's step, evaluation and exchange times into a profile file")
-    pf.add_argument("--device", default="cpu", help="cpu or cuda:INDEX")
-    pf.add_argument("--threads", type=int, default=0, help="torch threads (cpu; 0 = default)")
-    pf.add_argument("--emulated-slowdown", type=float, default=1.0, help="pad each step to this factor")
-    pf.add_argument("--workload", default="digits")
-    pf.add_argument("--data-path", default="", help="data directory of file-based workloads")
-    pf.add_argument("--batch-size", type=int, default=16)
+    d = PROFILE_DEVICE_DEFAULTS
+    pf.add_argument("--device", default=d["device"], help="cpu or cuda:INDEX")
+    pf.add_argument("--threads", type=int, default=d["threads"], help="torch threads (cpu; 0 = default)")
+    pf.add_argument("--emulated-slowdown", type=float, default=d["emulated_slowdown"],
+                    help="pad each step to this factor (>= 1)")
+    pf.add_argument("--workload", default=d["workload"])
+    pf.add_argument("--data-path", default=d["data_path"], help="data directory of file-based workloads")
+    pf.add_argument("--batch-size", type=int, default=d["batch_size"])
     pf.add_argument("--max-seconds", type=float, default=30.0, help="time cap of the step measurement")
     pf.add_argument("--exchange", action="store_true", help="also measure all-reduce latency and bandwidth")
     pf.add_argument("--config", help="profile every device of this config at once, as `hetsim run` runs them; "
@@ -385,7 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_python_formatwarning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # warnings.formatwarning's signature
+    """hetsim's own warnings (HetsimWarning) print as one line, like its errors; others keep Python's format."""
+    if issubclass(category, HetsimWarning):
+        return f"hetsim: warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,12 @@ PROFILE_FORMAT = "hetsim-profile/1"
 BUILTIN_PROFILES = Path(__file__).parent / "profiles"
 COLLECTIVES = ("ring_allreduce", "tree_allreduce", "parameter_server")
 DISTRIBUTIONS = ("constant", "lognormal", "empirical")
+#: Largest std/mean (coefficient of variation, cv) of a lognormal step time. A moment-matched lognormal
+#: has median mean/sqrt(1 + cv²), and the sum of n steps has std/mean cv/sqrt(n): the mean is carried by
+#: rare huge steps. At cv = 3 the typical step is 0.32 x the mean and a round of 9 local steps still
+#: varies by ±100%; beyond that the declared mean says little about any round. (Measured step times have
+#: cv well under 1; rare slow steps are modelled by straggler_prob / straggler_factor.)
+MAX_STEP_TIME_CV = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,16 @@ class StepTimeModel:
         if spec.std_s < 0:
             raise SpecError(f"{where}.std_s: expected a number >= 0, got {spec.std_s!r}")
         if spec.dist == "constant":
+            if spec.std_s:
+                raise SpecError(f"{where}.std_s: expected 0 for dist 'constant' (did you mean dist = 'lognormal'?), "
+                                f"got {spec.std_s!r}")
             return cls("constant", spec.mean_s, 0.0)
+        cv = spec.std_s / spec.mean_s
+        if cv > MAX_STEP_TIME_CV:
+            raise SpecError(f"{where}.std_s: expected at most {MAX_STEP_TIME_CV:g} x mean_s = "
+                            f"{MAX_STEP_TIME_CV * spec.mean_s:.6g} (a lognormal with std/mean = {cv:.3g} has half its "
+                            f"steps below {1 / math.sqrt(1 + cv * cv):.2g} x mean, its mean carried by rare huge steps; "
+                            f"model rare slow steps with straggler_prob/straggler_factor), got {spec.std_s!r}")
         return cls("lognormal", spec.mean_s, spec.std_s)
 
     def sample(self, rng: np.random.Generator) -> float:

@@ -36,7 +36,8 @@ class WorkloadSpec:
 
     name: a registered workload (`digits`, `fashion_mnist`, `cifar10`, `synthetic`).
     path: data directory for workloads that read local files ("" = the workload's default).
-    n_train / n_test: use only the first n samples (0 = all), for quick experiments.
+    n_train / n_test: use only the first n samples (0 = all), for quick experiments. A time-only run of
+        a workload whose size depends on its files (shakespeare) needs n_train: the size it assumes.
     augment: random crop/flip on image workloads that support it.
     n_features / n_classes: shape of the synthetic task (ignored by the others).
     """
@@ -54,8 +55,9 @@ class WorkloadSpec:
 class StepTimeSpec:
     """An inline step-time distribution (seconds per local step).
 
-    dist: `constant` (always mean_s), `lognormal` (mean_s and std_s, moment-matched; never <= 0),
-    or `empirical` (resample samples_s uniformly with replacement).
+    dist: `constant` (always mean_s), `lognormal` (mean_s and std_s, moment-matched; never <= 0;
+    std_s at most 3 x mean_s, see cluster.MAX_STEP_TIME_CV), or `empirical` (resample samples_s
+    uniformly with replacement).
     """
 
     dist: str = "constant"
@@ -375,10 +377,15 @@ def _check_windows(windows: Sequence[Sequence[float]], key: str) -> None:
 def _validate(spec: Spec) -> None:
     from hetsim import cluster as cluster_mod
     from hetsim.policies import base as registry
-    from hetsim.workloads import check_workload
+    from hetsim.workloads import check_batch_fits, check_workload, known_train_size
 
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
     check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
+    check_batch_fits(spec.workload, spec.optim.batch_size)  # before the profiles, which are per batch size
+    if spec.sim.fidelity == "time_only" and not spec.workload.n_train and known_train_size(spec.workload) is None:
+        # epochs are samples / training-set size: a guessed size would make every epoch figure wrong
+        raise SpecError(f"workload.n_train: expected the training-set size for a time-only run of "
+                        f"{spec.workload.name} (it depends on data files a time-only run does not read), got 0")
 
     devices = spec.cluster.devices
     _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))
@@ -418,10 +425,13 @@ def _validate(spec: Spec) -> None:
                  "real accuracy)", spec.sim.fidelity)
         from hetsim.surrogate import LearningCurve
 
-        LearningCurve.load(spec.sim.surrogate)
+        curve = LearningCurve.load(spec.sim.surrogate)
 
     for category in ("scheduler", "sampler", "aggregator"):
-        registry.build(category, getattr(spec, category), where=category)
+        policy = registry.build(category, getattr(spec, category), where=category)
+        _check_names(spec, policy, f"{category}.params")
+    if spec.sim.surrogate:  # once the policies are known valid: the warning compares them with the curve's
+        curve.warn_if_not_fitted_for(spec)
 
     o = spec.optim
     _require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
@@ -451,6 +461,16 @@ def _validate(spec: Spec) -> None:
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
     _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
     _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
+
+
+def _check_names(spec: Spec, policy: Any, where: str) -> None:
+    """Every policy parameter that names kinds, devices, workers or files (declared on the policy's class
+    as `name_refs`) must name ones this spec has: a misspelt kind would silently switch the policy off."""
+    from hetsim.policies.base import check_names
+
+    devices = spec.cluster.devices
+    check_names(policy, where, list(dict.fromkeys(d.kind for d in devices)),
+                list(dict.fromkeys(d.device for d in devices)), spec.n_workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +533,29 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             t = d.get("slowdown_trace") if isinstance(d, dict) else None
             if isinstance(t, str) and t:
                 d["slowdown_trace"] = str((base / Path(t).expanduser()).resolve())
+    _resolve_policy_files(data, base)
+
+
+def _resolve_policy_files(data: dict[str, Any], base: Path) -> None:
+    """Policy parameters declared as naming files (`NameRef('file')`) are relative to the config's folder too."""
+    from hetsim.policies import base as registry
+
+    def resolve(v: Any) -> Any:
+        return str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) and v else v
+
+    for category in ("scheduler", "sampler", "aggregator"):
+        table = data.get(category)
+        if not (isinstance(table, dict) and isinstance(table.get("name"), str) and isinstance(table.get("params"), dict)):
+            continue
+        try:
+            cls = registry.policy_class(category, table["name"], category)
+        except SpecError:
+            continue  # validation reports the unknown name
+        params = table["params"]
+        for key, ref in cls.name_refs.items():
+            value = params.get(key)
+            if ref.to == "file" and value is not None:
+                params[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path | None = None,

@@ -11,3 +11,7 @@ class SpecError(HetsimError):
 
 class DataError(HetsimError):
     """A data set is missing or malformed at the configured path."""
+
+
+class HetsimWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

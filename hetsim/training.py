@@ -33,7 +33,7 @@ from hetsim.config import OptimSpec, Spec
 from hetsim.policies import Contribution, RoundPlan, WorkerInfo
 from hetsim.policies.sampling import EpochStream, LossScores
 from hetsim.seeding import derive, numpy_rng, torch_generator
-from hetsim.workloads import Workload, build_workload
+from hetsim.workloads import Workload, build_workload, check_batch_fits
 
 
 class FlatParams:
@@ -216,6 +216,8 @@ class TrainingCore(DecisionCore):
         the local replicas, the global model and the data live."""
         super().__init__(spec, profile_step_times)
         self.workload = workload or build_workload(spec.workload)
+        # checked on load where the size is known without the data; here for data-dependent sizes
+        check_batch_fits(spec.workload, spec.optim.batch_size, self.workload.n_train)
         if str(device) != "cpu":
             for name in ("train_x", "train_y", "test_x", "test_y"):
                 setattr(self.workload, name, getattr(self.workload, name).to(device))

@@ -72,10 +72,13 @@ def main() -> None:
         d["step_time"] = {"dist": "constant", "mean_s": 1.0}
     draft.write_text(to_toml(draft_spec))
     # standalone: each device alone on the machine, with the run's sampler (the efficiency denominator)
+    # (alone, the fast device's cluster has no 'slow' kind for the sampler to name: a 1x pool of its own kind
+    # is its step in the run, an unbiased batch whose per-sample losses are kept)
     for kind in ("slow", "fast"):
+        unbiased = [] if kind == "slow" else ["--set", "sampler.params={kinds=['fast'], sample_ratio=1}"]
         cli("profile", "--config", str(draft), "--set", f"cluster.devices=[{{kind='{kind}', count=1, "
             f"step_time={{mean_s=1.0}}, threads=1, emulated_slowdown={args.slowdown if kind == 'slow' else 1.0}}}]",
-            "--out", str(out / "alone"))
+            *unbiased, "--out", str(out / "alone"))
     median = {k: json.loads((out / "alone" / f"{k}.json").read_text())["entries"][0]["median_s"] for k in ("fast", "slow")}
     # concurrent: both devices measured at once, as they will run (what the simulator is given)
     cli("profile", "--config", str(draft), "--exchange", "--out", str(out / "profiles"))

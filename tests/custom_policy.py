@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetsim.policies import Aggregator, RoundPlan, Scheduler
+from hetsim.policies import Aggregator, NameRef, RoundPlan, Scheduler
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,29 @@ class NanWhenSteps(Aggregator):
     def weights(self, contributions):
         n = len(contributions)
         return np.full(n, np.nan if any(c.local_steps == self.steps for c in contributions) else 1.0 / n)
+
+
+@dataclass(frozen=True)
+class Pinned(Scheduler):
+    """A user's scheduler whose parameters name a kind, workers, a device and a file (all checked on load)."""
+    kind: str = "gpu"
+    workers: tuple[int, ...] = ()
+    device: str = "cpu"
+    steps_file: str = ""
+
+    name_refs = {"kind": NameRef("kind"), "workers": NameRef("worker"), "device": NameRef("device"),
+                 "steps_file": NameRef("file")}
+
+    def plan(self, round, workers):
+        return RoundPlan(tuple(2 if w.index in self.workers else 1 for w in workers))
+
+
+@dataclass(frozen=True)
+class MisDeclared(Scheduler):
+    """A plug-in that declares a name reference for a parameter it does not have."""
+    steps: int = 1
+
+    name_refs = {"kinds": NameRef("kind")}
+
+    def plan(self, round, workers):
+        return RoundPlan(tuple(self.steps for _ in workers))

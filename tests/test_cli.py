@@ -143,3 +143,37 @@ def test_compare_of_runs_without_accuracy_says_n_a(tiny_spec, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted n/a, measured n/a" in out and "accuracy difference:        n/a" in out
     assert "None" not in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--emulated-slowdown", "-3"], "--emulated-slowdown -3.0: expected a factor >= 1"),
+    (["--emulated-slowdown", "0.5"], "--emulated-slowdown 0.5: expected a factor >= 1"),
+    (["--threads", "-2"], "--threads -2: expected an integer >= 0 (0 = default)"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+])
+def test_profile_rejects_impossible_flags_before_measuring(flags, message, tmp_path, capsys):
+    assert main(["profile", *flags, "--out", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err == f"hetsim: error: {message}\n"
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_profiler_rejects_a_slowdown_below_one():
+    from backends.torchmp.profiler import profile_device
+    from hetsim.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"^emulated slowdown: expected a factor >= 1, got -3$"):
+        profile_device("digits", 16, slowdown=-3)
+
+
+def test_profile_with_a_config_rejects_single_device_flags_it_would_ignore(tiny_file, tmp_path, capsys):
+    assert main(["profile", "--config", str(tiny_file), "--emulated-slowdown", "3", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.startswith("hetsim: error: --emulated-slowdown: a flag of single-device profiling; "
+                                              "with --config set it in the config")
+
+
+def test_profiling_one_device_keeps_the_runs_sampler_naming_the_other_kinds():
+    # profile --config measures each device alone with the run's sampler, checked against the whole cluster
+    from backends.torchmp.profiler import _spec
+
+    spec = _spec("synthetic", 8, "cpu", "", kind="gpu", sampler={"name": "loss_topk", "params": {"kinds": ["cpu"]}})
+    assert (spec.cluster.devices[0].kind, spec.sampler.name, spec.sampler.params) == ("gpu", "loss_topk", {"kinds": ["cpu"]})

@@ -43,10 +43,27 @@ def test_empirical_resamples_the_recorded_times():
     ({"dist": "empirical", "samples_s": ()}, "step_time.samples_s: expected a non-empty list"),
     ({"dist": "empirical", "samples_s": (0.1, 0.0)}, r"step_time.samples_s: expected step times > 0, got 0.0"),
     ({"dist": "normal", "mean_s": 1.0}, r"step_time.dist: expected one of"),
+    # std/mean above 3: half the steps below 1/sqrt(1 + 3.5²) = 0.27 x mean
+    ({"dist": "lognormal", "mean_s": 0.01, "std_s": 0.035},
+     r"step_time.std_s: expected at most 3 x mean_s = 0.03 \(a lognormal with std/mean = 3.5 has half its steps "
+     r"below 0.27 x mean"),
+    ({"dist": "constant", "mean_s": 0.01, "std_s": 0.002}, r"step_time.std_s: expected 0 for dist 'constant'"),
 ])
 def test_impossible_profiles_are_rejected(kw, message):
     with pytest.raises(SpecError, match=message):
         model(**kw)
+
+
+def test_lognormal_spread_up_to_three_times_the_mean_is_accepted():
+    assert model(dist="lognormal", mean_s=0.01, std_s=0.03).std_s == 0.03
+
+
+def test_a_profile_entry_with_an_absurd_spread_is_rejected(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": "hetsim-profile/1", "entries": [
+        {"workload": "digits", "batch_size": 16, "step_time": {"dist": "lognormal", "mean_s": 0.001, "std_s": 0.01}}]}))
+    with pytest.raises(SpecError, match=r"entries\[0\].step_time.std_s: expected at most 3 x mean_s"):
+        profile_entry(str(p), "digits", 16)
 
 
 def dev(bw=None, lat=None):

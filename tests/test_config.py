@@ -121,3 +121,84 @@ def test_spec_is_frozen(tiny_spec):
 
 def test_defaults_are_a_valid_default_spec_shape():
     assert Spec().optim.lr_schedule == "constant"
+
+
+# -- parameters that name things of the cluster, and sizes --------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampler={name='loss_topk', params={kinds=['cpus']}}"],
+     r"sampler.params.kinds: expected device kinds of this cluster \('cpu', 'gpu'\) or '\*', got 'cpus'$"),
+    (["scheduler.params.per_kind={cpus=1, gpu=5}"],
+     r"scheduler.params.per_kind: expected keys that are device kinds of this cluster \('cpu', 'gpu'\), got 'cpus'$"),
+    # a real kind, but not of this cluster: the policy under study would silently do nothing
+    (["cluster.devices=[{kind='gpu', count=2, step_time={mean_s=0.002}}]", "scheduler={name='sync'}",
+      "sampler={name='loss_topk', params={kinds=['cpu']}}"],
+     r"sampler.params.kinds: expected device kinds of this cluster \('gpu'\) or '\*', got 'cpu'$"),
+])
+def test_policy_parameters_naming_kinds_must_name_the_clusters_kinds(overrides, message):
+    with pytest.raises(SpecError, match=r"^tiny: " + message):
+        spec_from_dict(TINY, source="tiny", overrides=overrides)
+
+
+def test_kind_names_that_exist_and_the_documented_wildcard_load(tiny_spec):
+    assert tiny_spec("sampler={name='loss_topk', params={kinds=['*']}}").sampler.params["kinds"] == ["*"]
+    assert tiny_spec("sampler={name='loss_topk', params={kinds=['gpu', 'cpu']}}").sampler.name == "loss_topk"
+    with pytest.raises(SpecError, match=r"per_kind: expected keys that are device kinds .* got '\*'"):
+        tiny_spec("scheduler.params.per_kind={'*'=1}")  # per_kind documents no wildcard
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{kind='tpu'}", r"scheduler.params.kind: expected device kinds of this cluster \('cpu', 'gpu'\), got 'tpu'$"),
+    ("{workers=[0, 3]}", r"scheduler.params.workers: expected worker indices 0..2 of this cluster, got 3$"),
+    ("{workers=[-1]}", r"scheduler.params.workers: expected worker indices 0..2 of this cluster, got -1$"),
+    ("{device='cuda:1'}", r"scheduler.params.device: expected devices of this cluster \('cpu'\), got 'cuda:1'$"),
+    ("{steps_file='absent.csv'}", r"scheduler.params.steps_file: expected an existing file, got '.*absent.csv'$"),
+])
+def test_a_plugin_policys_declared_names_are_checked_like_the_builtins(params, message):
+    with pytest.raises(SpecError, match=r"^tiny: " + message):
+        spec_from_dict(TINY, source="tiny", overrides=[f"scheduler={{name='custom_policy:Pinned', params={params}}}"])
+
+
+def test_a_plugin_file_parameter_is_relative_to_the_config_folder(tmp_path):
+    (tmp_path / "steps.csv").write_text("1\n")
+    p = write(tmp_path, to_toml({**TINY, "scheduler": {"name": "custom_policy:Pinned",
+                                                       "params": {"steps_file": "steps.csv", "workers": [2]}}}))
+    assert load_spec(p).scheduler.params["steps_file"] == str((tmp_path / "steps.csv").resolve())
+
+
+def test_a_plugin_declaring_a_parameter_it_lacks_is_named():
+    with pytest.raises(SpecError, match=r"scheduler.params: MisDeclared.name_refs declares 'kinds', which is not one "
+                                        r"of its parameters \(steps\)"):
+        spec_from_dict(TINY, source="tiny", overrides=["scheduler={name='custom_policy:MisDeclared'}"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # digits: 1797 images, 80% (1437) for training
+    (["workload={name='digits'}", "optim.batch_size=1438"],
+     r"optim.batch_size: expected at most the 1437 training samples of digits, got 1438$"),
+    # synthetic without n_train: 2048 generated samples
+    (["workload.n_train=0", "optim.batch_size=4096"],
+     r"optim.batch_size: expected at most the 2048 training samples of synthetic, got 4096$"),
+    (["workload.n_train=5"],
+     r"workload.n_train: expected at least one batch \(optim.batch_size = 8 samples\), got 5$"),
+    # time-only configs need no data files: the size is known without them
+    (["workload={name='cifar10', path='/nonexistent', n_train=4}", "sim.fidelity='time_only'"],
+     r"workload.n_train: expected at least one batch \(optim.batch_size = 8 samples\), got 4$"),
+])
+def test_a_batch_must_fit_in_the_training_set(overrides, message):
+    with pytest.raises(SpecError, match=r"^tiny: " + message):
+        spec_from_dict(TINY, source="tiny", overrides=overrides)
+
+
+def test_a_batch_of_the_whole_training_set_loads(tiny_spec):
+    assert tiny_spec("workload.n_train=8").workload.n_train == 8
+    assert tiny_spec("workload={name='digits'}", "optim.batch_size=1437").optim.batch_size == 1437
+
+
+def test_a_time_only_run_of_a_workload_whose_size_depends_on_its_files_needs_n_train():
+    with pytest.raises(SpecError, match=r"^tiny: workload.n_train: expected the training-set size for a time-only "
+                                        r"run of shakespeare .*, got 0$"):
+        spec_from_dict(TINY, source="tiny", overrides=["workload={name='shakespeare'}", "sim.fidelity='time_only'"])
+    spec = spec_from_dict(TINY, source="tiny", overrides=["workload={name='shakespeare', n_train=5000}",
+                                                          "sim.fidelity='time_only'"])
+    assert spec.workload.n_train == 5000

@@ -74,7 +74,41 @@ def test_epoch_stream_state_round_trip():
     state = a.state_dict()
     b = EpochStream(7, np.random.default_rng(99))
     b.load_state_dict(state)
-    assert list(a.take(12)) == list(b.take(12))
+    assert [a.take(5).tolist() for _ in range(3)] == [b.take(5).tolist() for _ in range(3)]
+
+
+def test_epoch_stream_never_repeats_an_index_within_a_take():
+    # takes of 4 from 10 cross an epoch boundary every 2.5 takes: tail of epoch e + head of epoch e+1
+    s = EpochStream(10, np.random.default_rng(0))
+    takes = [s.take(4) for _ in range(50)]
+    assert all(len(set(t.tolist())) == 4 for t in takes)
+    flat = np.concatenate(takes)  # 200 indices = 20 whole epochs, each still a permutation of 0..9
+    assert all(sorted(flat[e * 10:(e + 1) * 10]) == list(range(10)) for e in range(20))
+    assert s.epoch == 19
+
+
+def test_epoch_stream_rejects_a_take_larger_than_the_data():
+    with pytest.raises(ValueError, match="cannot take 11 distinct indices from a stream of 10"):
+        EpochStream(10, np.random.default_rng(0)).take(11)
+
+
+def test_epoch_stream_resumes_identically_across_an_epoch_boundary():
+    a = EpochStream(10, np.random.default_rng(4))
+    a.take(4), a.take(4)
+    b = EpochStream(10, np.random.default_rng(99))
+    b.load_state_dict(a.state_dict())
+    assert [a.take(4).tolist() for _ in range(6)] == [b.take(4).tolist() for _ in range(6)]
+
+
+def test_loss_topk_pool_crossing_an_epoch_has_no_repeated_index():
+    # pool = 2 x 3 = 6 of 8 samples: most pools span two epochs; the paper's pool is without replacement
+    s = EpochStream(8, np.random.default_rng(2))
+    scores = LossScores(8)
+    scores.values[:] = np.random.default_rng(3).random(8)
+    sampler = LossBiasedTopK(sample_ratio=2, kinds=("*",))
+    for _ in range(40):
+        batch = sampler.batch(workers([1])[0], 3, s, scores)
+        assert len(set(batch.indices.tolist())) == 3
 
 
 def test_uniform_takes_the_next_indices_of_the_stream():

@@ -170,3 +170,13 @@ def test_lstm_language_model_trains_in_the_simulator(plays, tiny_spec):
                            "sampler={name='loss_topk', params={kinds=['cpu']}}"))
     assert r.summary["batched"] is False  # LSTMs fall back to the per-replica loop
     assert r.metrics["test_acc"][-1] > r.metrics["test_acc"][0]
+
+
+def test_a_batch_larger_than_data_dependent_training_set_is_named_when_the_data_load(plays, tiny_spec):
+    from hetsim.training import TrainingCore
+
+    n = build_workload(WorkloadSpec("shakespeare", path=str(plays))).n_train  # ~220 chunks of 65 characters
+    spec = tiny_spec(f"workload={{name='shakespeare', path='{plays}'}}", f"optim.batch_size={n + 1}")  # size unknown on load
+    with pytest.raises(SpecError, match=rf"^optim.batch_size: expected at most the {n} training samples of "
+                                        rf"shakespeare, got {n + 1}$"):
+        TrainingCore(spec)

@@ -21,6 +21,7 @@ Entries for other (workload, batch size) pairs already in the file are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 
 from hetsim.cluster import PROFILE_FORMAT
-from hetsim.config import Spec, spec_from_dict
-from hetsim.errors import HetsimError
+from hetsim.config import PolicySpec, Spec, spec_from_dict
+from hetsim.errors import HetsimError, SpecError
 from hetsim.results import atomic_write, versions
 from hetsim.training import TrainingCore, evaluate
 
@@ -41,14 +42,18 @@ from hetsim.training import TrainingCore, evaluate
 def _spec(workload: str, batch_size: int, device: str, data_path: str, kind: str = "",
           sampler: dict[str, Any] | None = None) -> Spec:
     """A one-device spec whose local step is the one to measure: the run's sampler matters (loss-biased
-    sampling draws a larger pool and computes per-sample losses)."""
-    return spec_from_dict({
+    sampling draws a larger pool and computes per-sample losses). The sampler was checked with the run's
+    whole cluster; it is set after validation, as its kinds may name the other devices' kinds."""
+    spec = spec_from_dict({
         "name": "profile", "workload": {"name": workload, "path": data_path},
         "cluster": {"devices": [{"kind": kind or device.split(":")[0], "device": device,
                                  "step_time": {"mean_s": 1.0}}]},
-        "scheduler": {"name": "sync"}, "sampler": sampler or {"name": "uniform"}, "aggregator": {"name": "mean"},
+        "scheduler": {"name": "sync"}, "sampler": {"name": "uniform"}, "aggregator": {"name": "mean"},
         "optim": {"batch_size": batch_size}, "stop": {"max_rounds": 1},
     }, source="hetsim profile")
+    if sampler is None:
+        return spec
+    return dataclasses.replace(spec, sampler=PolicySpec(sampler["name"], dict(sampler.get("params", {}))))
 
 
 def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, warmup: int, min_steps: int,
@@ -154,6 +159,10 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
     """Measure one device; returns {'entry': profile entry, 'link': ... or None, 'hardware': ...}.
     start: a barrier to wait on before measuring (concurrent profiling); kind and sampler: the device's
     kind and the run's sampler, so that the measured step is the run's step."""
+    if not slowdown >= 1:  # a factor below 1 would be silently treated as 1: the step is only ever padded
+        raise SpecError(f"emulated slowdown: expected a factor >= 1, got {slowdown!r}")
+    if threads < 0:
+        raise SpecError(f"threads: expected an integer >= 0 (0 = default), got {threads!r}")
     if threads:
         torch.set_num_threads(threads)
     spec = _spec(workload, batch_size, device, data_path, kind, sampler)

@@ -16,8 +16,9 @@ import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -110,14 +111,53 @@ class Contributions(Sequence):
                             int(self.samples[i]), float(self.mean_loss[i]))
 
 
-class Scheduler(ABC):
+REF_TARGETS = ("kind", "device", "worker", "file")
+
+
+@dataclass(frozen=True)
+class NameRef:
+    """Declares that a policy parameter names things of the cluster, so that the spec check at load
+    (`check_names`) rejects a name the cluster does not have instead of the policy silently doing nothing.
+
+    to: 'kind' (a device kind, `cluster.devices[].kind`), 'device' (a torch device of a group,
+        `cluster.devices[].device`, e.g. 'cuda:0'), 'worker' (a worker index, 0..n-1 in the order of
+        `cluster.devices`) or 'file' (an existing file, '' = none; a relative path is relative to the
+        config's folder).
+    wildcard: '*' stands for all of them (say so in the policy's docstring).
+
+    The parameter may hold one name, a list of names, or a table keyed by names (e.g. `per_kind`).
+
+    Example::
+
+        @dataclass(frozen=True)
+        class MySampler(Sampler):
+            kinds: tuple[str, ...] = ("cpu",)
+            name_refs = {"kinds": NameRef("kind", wildcard=True)}
+    """
+
+    to: str
+    wildcard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.to not in REF_TARGETS:
+            raise ValueError(f"NameRef.to: expected one of {list(REF_TARGETS)}, got {self.to!r}")
+
+
+class Policy(ABC):
+    """What every policy declares: which of its parameters name kinds, devices, workers or files."""
+
+    #: parameter name -> what it names; checked against the cluster when a spec is loaded
+    name_refs: ClassVar[Mapping[str, NameRef]] = {}
+
+
+class Scheduler(Policy):
     """Decides each worker's local work for a round (the paper's per-device 'interval')."""
 
     @abstractmethod
     def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan: ...
 
 
-class Sampler(ABC):
+class Sampler(Policy):
     """Chooses the samples of one local step of one worker."""
 
     #: how the loss-score store merges a new observation: 'latest' or the reference code's 'min'.
@@ -134,7 +174,7 @@ class Sampler(ABC):
         return 0
 
 
-class Aggregator(ABC):
+class Aggregator(Policy):
     """Combines replicas (rows of a [workers, parameters] matrix) into the next global model."""
 
     @abstractmethod
@@ -212,3 +252,43 @@ def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
     where = where or category
     cls = policy_class(category, spec.name, where)
     return build_dataclass(cls, spec.params, f"{where}.params")
+
+
+def _names_in(value: Any) -> list[Any]:
+    """The names a parameter holds: itself, the items of a list, or the keys of a table."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return list(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    return [value]
+
+
+def check_names(policy: Any, where: str, kinds: Collection[str], devices: Collection[str], n_workers: int) -> None:
+    """Check every parameter that `type(policy).name_refs` declares against the cluster: kinds and devices
+    it has, worker indices below n_workers, files that exist. `where` prefixes the key ('sampler.params')."""
+    cls = type(policy)
+    params = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for field, ref in cls.name_refs.items():
+        if field not in params:
+            raise SpecError(f"{where}: {cls.__name__}.name_refs declares {field!r}, which is not one of its "
+                            f"parameters ({', '.join(sorted(params)) or 'none'})")
+        value = getattr(policy, field)
+        what = "keys that are " if isinstance(value, Mapping) else ""
+        for name in _names_in(value):
+            if (ref.wildcard and name == "*") or (ref.to == "file" and name == ""):
+                continue
+            if ref.to in ("kind", "device"):
+                known = kinds if ref.to == "kind" else devices
+                if not (isinstance(name, str) and name in known):
+                    star = " or '*'" if ref.wildcard else ""
+                    label = "device kinds" if ref.to == "kind" else "devices"
+                    raise SpecError(f"{where}.{field}: expected {what}{label} of this cluster "
+                                    f"({', '.join(map(repr, known))}){star}, got {name!r}")
+            elif ref.to == "worker":
+                if isinstance(name, bool) or not isinstance(name, int) or not 0 <= name < n_workers:
+                    raise SpecError(f"{where}.{field}: expected {what}worker indices 0..{n_workers - 1} of this "
+                                    f"cluster, got {name!r}")
+            elif not (isinstance(name, str) and Path(name).expanduser().is_file()):
+                raise SpecError(f"{where}.{field}: expected {what}an existing file, got {name!r}")

@@ -17,18 +17,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hetsim.policies.base import Batch, Sampler, WorkerInfo, register
+from hetsim.policies.base import Batch, NameRef, Sampler, WorkerInfo, register
 
 SCORE_RULES = ("latest", "min")
 
 
 class EpochStream:
-    """Sample indices of one worker, without replacement within each epoch.
+    """Sample indices of one worker, without replacement within each epoch and within each `take`.
+
+    A take that crosses an epoch boundary gets the tail of epoch e and the head of epoch e+1; the head
+    is drawn from the indices not in that tail (the next epoch's permutation moves them to its front,
+    keeping their random order), so one batch or candidate pool never holds an index twice, and every
+    epoch is still a permutation of all n indices.
 
     Example::
 
         s = EpochStream(10, np.random.default_rng(0))
-        s.take(4), s.take(8)     # 12 indices: all of epoch 0, then 2 of epoch 1
+        s.take(4), s.take(8)     # 12 indices: all of epoch 0, then 2 of epoch 1 (not among the last 6)
     """
 
     def __init__(self, n: int, rng: np.random.Generator):
@@ -39,17 +44,25 @@ class EpochStream:
         self._pos = 0
 
     def take(self, k: int) -> np.ndarray:
-        parts = []
-        while k > 0:
-            if self._pos == self.n:
-                self.epoch += 1
-                self._perm = self.rng.permutation(self.n)
-                self._pos = 0
-            part = self._perm[self._pos:self._pos + k]
-            self._pos += len(part)
-            k -= len(part)
-            parts.append(part)
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        """The next k indices, all distinct (k <= n)."""
+        if k > self.n:
+            raise ValueError(f"cannot take {k} distinct indices from a stream of {self.n}")
+        part = self._perm[self._pos:self._pos + k]
+        self._pos += len(part)
+        if len(part) == k:
+            return part
+        self._next_epoch(avoid=part, head=k - len(part))
+        self._pos = k - len(part)
+        return np.concatenate([part, self._perm[:self._pos]])
+
+    def _next_epoch(self, avoid: np.ndarray, head: int) -> None:
+        """A fresh permutation whose first `head` entries are not in `avoid` (the current take's tail)."""
+        self.epoch += 1
+        perm = self.rng.permutation(self.n)
+        if len(avoid):
+            front = np.flatnonzero(~np.isin(perm, avoid))[:head]
+            perm = np.concatenate([perm[front], np.delete(perm, front)])
+        self._perm = perm
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "perm": self._perm.copy(), "pos": self._pos,
@@ -123,7 +136,8 @@ class LossBiasedTopK(Sampler):
 
     Args:
         sample_ratio: candidate pool size / k (reference: 4). 1 = uniform.
-        kinds: device kinds that sample biased (reference: the slow 'cpu' workers); ["*"] = all.
+        kinds: device kinds that sample biased (reference: the slow 'cpu' workers); ["*"] = all. Each
+            must be a kind of the cluster (checked on load).
         score_rule: 'latest' loss per sample, or the reference code's running 'min'.
 
     Example::
@@ -134,6 +148,8 @@ class LossBiasedTopK(Sampler):
     sample_ratio: float = 4.0
     kinds: tuple[str, ...] = ("cpu",)
     score_rule: str = "latest"
+
+    name_refs = {"kinds": NameRef("kind", wildcard=True)}  # a kind the cluster lacks would bias no one
 
     def __post_init__(self) -> None:
         if not self.sample_ratio >= 1:

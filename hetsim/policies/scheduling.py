@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hetsim.policies.base import RoundPlan, Scheduler, WorkerInfo, register
+from hetsim.policies.base import NameRef, RoundPlan, Scheduler, WorkerInfo, register
 
 
 @register("scheduler", "sync")
@@ -40,7 +40,7 @@ class FixedSteps(Scheduler):
     Args:
         local_steps: steps of every worker whose kind is not listed in `per_kind`.
         per_kind: steps by device kind, e.g. ``{cpu = 1, gpu = 32}`` — the reference code's
-            CPU_interval / GPU_interval.
+            CPU_interval / GPU_interval. Every key must be a kind of the cluster (checked on load).
 
     Example::
 
@@ -50,6 +50,8 @@ class FixedSteps(Scheduler):
 
     local_steps: int = 1
     per_kind: Mapping[str, int] = field(default_factory=dict)
+
+    name_refs = {"per_kind": NameRef("kind")}  # a kind the cluster lacks would silently get local_steps
 
     def __post_init__(self) -> None:
         for kind, steps in {"local_steps": self.local_steps, **self.per_kind}.items():

@@ -95,6 +95,28 @@ def nominal_train_size(spec: WorkloadSpec) -> int:
     return min(full, spec.n_train) if spec.n_train else full
 
 
+def known_train_size(spec: WorkloadSpec) -> int | None:
+    """The training-set size of `spec` when it is known without reading data files; None when it depends
+    on them (shakespeare's, from its texts)."""
+    _load_builtins()
+    entry = WORKLOADS[spec.name]
+    if not entry.n_train and (entry.required_files or entry.required_glob):
+        return None
+    return nominal_train_size(spec)
+
+
+def check_batch_fits(spec: WorkloadSpec, batch_size: int, n_train: int | None = None) -> None:
+    """A batch must fit in the training set: a batch is drawn without replacement. `n_train`: the loaded
+    set's size; unset, the size known without the data (the check is skipped where that is unknown)."""
+    if spec.n_train and spec.n_train < batch_size:
+        raise SpecError(f"workload.n_train: expected at least one batch (optim.batch_size = {batch_size} "
+                        f"samples), got {spec.n_train}")
+    size = known_train_size(spec) if n_train is None else n_train
+    if size is not None and batch_size > size:
+        raise SpecError(f"optim.batch_size: expected at most the {size} training samples of {spec.name}, "
+                        f"got {batch_size}")
+
+
 def build_workload(spec: WorkloadSpec) -> Workload:
     """Load the data and return the workload; `n_train`/`n_test` truncate the sets."""
     check_workload(spec)

@@ -39,9 +39,12 @@ ABLATIONS = {
                      lambda v: [f"sampler.params.sample_ratio={v}"], BIASED),
     "agg_strength": ("aggregation bias strength", ["0", "0.5", "1", "2"],
                      lambda v: [f"aggregator.params.strength={v}"], BIASED),
+    # with no CPU the CPU-only biased sampler has no one to bias: it is uniform sampling (a sampler naming
+    # a kind the cluster lacks is rejected on load)
     "n_cpus": ("CPUs beside 8 GPUs", ["0", "1", "2", "4", "8"],
                lambda v: ([f"cluster.devices.0.count={v}"] if v != "0" else
-                          ["cluster.devices=[{kind='gpu', count=8, profile='builtin:assumed-gpu'}]"]), BIASED),
+                          ["cluster.devices=[{kind='gpu', count=8, profile='builtin:assumed-gpu'}]",
+                           "sampler={name='uniform'}"]), BIASED),
     "speed_ratio": ("GPU:CPU step-time ratio", ["4", "8", "16", "32", "64"],
                     lambda v: ["cluster.devices.0.profile=''",
                                f"cluster.devices.0.step_time={{dist='lognormal', mean_s={GPU_STEP_S * float(v)}, "
