@@ -24,7 +24,7 @@ import numpy as np
 
 from hetsim.analysis import Run
 from hetsim.errors import HetsimError, SpecError
-from hetsim.results import atomic_write, time_to_accuracy
+from hetsim.results import time_to_accuracy, write_json
 
 FORMAT = "hetsim-learning-curve/1"
 
@@ -46,7 +46,7 @@ class LearningCurve:
         return float(acc) if acc.ndim == 0 else acc
 
     def save(self, path: str | Path) -> None:
-        atomic_write(Path(path), json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n")
+        write_json(Path(path), {"format": FORMAT, **asdict(self)})
 
     @classmethod
     def load(cls, path: str | Path) -> "LearningCurve":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hetsim.analysis import compare_runs, load_run
+from hetsim.results import read_trace
 from hetsim.config import spec_to_dict, to_toml
 from hetsim.errors import HetsimError
 from hetsim.sim import simulate
@@ -42,8 +43,7 @@ def test_backend_makes_the_simulators_decisions_and_accuracy(tiny_spec, tmp_path
     assert s["device_sources"]["cpu0"].startswith("emulated")
     report = compare_runs(load_run(tmp_path / "sim"), load_run(tmp_path / "real"))
     assert report["same_decisions"] is True and report["accuracy_abs_diff_max"] <= 1e-6
-    kinds = {e["name"] for e in json.loads((tmp_path / "real" / "trace.json").read_text())["traceEvents"]
-             if e["ph"] == "X"}
+    kinds = {e["name"] for e in read_trace(tmp_path / "real" / "trace.json") if e["ph"] == "X"}
     assert {"compute", "comm", "eval"} <= kinds
 
 
