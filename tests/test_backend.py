@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hetsim.analysis import compare_runs, load_run
-from hetsim.results import read_trace
+from hetsim.results import read_decisions, read_trace
 from hetsim.config import spec_to_dict, to_toml
 from hetsim.errors import HetsimError
 from hetsim.sim import simulate
@@ -73,6 +73,17 @@ def test_a_hanging_worker_ends_the_run_within_the_timeout(tiny_spec, tmp_path, m
     with pytest.raises(HetsimError, match=r"device cpu0 \(rank 0\) made no progress for 3 s in round 2"):
         run(tiny_spec(*TWO, "run.fault_timeout_s=3"), tmp_path)
     assert time.time() - t0 < 15
+
+
+def test_a_hang_keeps_every_finished_round_on_disk(tiny_spec, tmp_path, monkeypatch):
+    # rank 1 hangs in round 3; rank 0 waits at the barrier until the launcher kills it: no flush at exit
+    # runs, so rounds 0-2 are there only if each was written when it finished
+    monkeypatch.setenv(FAULT_ENV, "hang:1:3")
+    with pytest.raises(HetsimError, match="made no progress"):
+        run(tiny_spec(*TWO, "run.fault_timeout_s=3"), tmp_path)
+    rounds = [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert rounds == ["0", "1", "2"]
+    assert [d["round"] for d in read_decisions(tmp_path / "decisions.bin")] == [1, 2]
 
 
 def test_simulator_only_conditions_are_refused(tiny_spec, tmp_path):

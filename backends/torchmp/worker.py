@@ -218,7 +218,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             if writer:
                 _record_round(writer, spec, round_, gathered, barrier, comm_end, core.model_bytes)
                 if spec.trace.decisions:
-                    writer.add_decision(record.as_json())
+                    writer.add_decision(record)
                 test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
                 last = bool(schedule.stop_reason(round_, now(), core.epochs, False))
                 if schedule.eval_due(round_, core.epochs) or last:

@@ -229,7 +229,7 @@ class Simulation:
                     self._trace("comm", ks[i], barrier, self.env.now, bytes=self.core.model_bytes)
             record = self.core.aggregate(self.round, ks, plan.time_budget_s)
             if self.spec.trace.decisions:
-                self.writer.add_decision(record.as_json())
+                self.writer.add_decision(record)
             test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
             last = bool(self.schedule.stop_reason(self.round, self.env.now, self.core.epochs, False))
             if self.schedule.eval_due(self.round, self.core.epochs) or last:
