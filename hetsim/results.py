@@ -429,6 +429,10 @@ class RunWriter:
         if self.run_dir is not None and resume:
             return  # load_state_dict opens the files where the checkpoint left them
         if self.run_dir is not None:
+            # a run started afresh replaces the folder's files: what described the old ones goes first (its
+            # summary would mark the new files finished; its checkpoint would resume into them)
+            for stale in ("summary.json", CHECKPOINT, "decisions.jsonl"):
+                (self.run_dir / stale).unlink(missing_ok=True)
             # unbuffered: every write below reaches the OS at once, so a kill loses no finished round
             self._files = {name: open(self.run_dir / name, "wb", buffering=0) for name, _ in _FILES}
             self._size = dict.fromkeys(self._files, 0)

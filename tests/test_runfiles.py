@@ -197,6 +197,21 @@ def test_in_memory_results_equal_the_files(tiny_spec, tmp_path):
         "biased_samples": [0, 0, 0], "time_budget_s": None}
     assert d["weights"] == pytest.approx([1 / 3] * 3)
     assert [e for e in disk.trace() if e["ph"] == "X"] == [e for e in mem.trace if e["ph"] == "X"]
+    assert isinstance(strict_load(tmp_path / "trace.json"), list)  # a finished trace is a closed JSON array
+
+
+def test_a_fresh_run_drops_the_summary_and_checkpoint_of_the_files_it_replaces(tiny_spec, tmp_path):
+    simulate(tiny_spec("run.checkpoint_every=2"), tmp_path)
+    assert (tmp_path / CHECKPOINT).is_file()
+
+    def look(row):
+        if row["round"] == 1:  # mid-run: the old summary would call these new files finished
+            assert not (tmp_path / "summary.json").exists()
+
+    simulate(tiny_spec(), tmp_path, progress=look)
+    assert not (tmp_path / CHECKPOINT).exists()
+    with pytest.raises(HetsimError, match="no checkpoint to resume from"):
+        simulate(tiny_spec(), tmp_path, resume=True)
 
 
 def test_decision_records_round_trip_any_integer_and_exact_weights():
