@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,20 @@ def test_decision_records_round_trip_any_integer_and_exact_weights():
     (d,) = Decisions(bytearray(path_bytes), [len(b"hetsim-decisions/2\n")])
     assert d == {"round": 7, "workers": [3, 9], "local_steps": [1, 70_000], "samples": [big, 0],
                  "biased_samples": [-1, 255], "weights": [0.1, 1 / 3], "time_budget_s": 0.25}
+
+
+def test_timeline_draws_a_row_for_each_sampled_device(tiny_spec, tmp_path, monkeypatch):
+    import hetsim.plots as plots
+
+    # 6 devices, 2 sampled evenly (0 and 5) plus the evaluator (the first gpu, 1): tracks 0, 1, 5
+    simulate(tiny_spec("cluster.devices.1.count=5", "trace.max_devices=2"), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert {e["tid"] for e in run.trace() if e["ph"] == "X"} == {0, 1, 5}
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out, name: figures.append(fig) or [])
+    plots.plot_timeline([run], tmp_path / "fig", rounds=(1, 1))
+    ax = figures[0].axes[0]
+    row_of = {t.get_text(): y for y, t in zip(ax.get_yticks(), ax.get_yticklabels())}
+    assert row_of == {"cpu0": 2, "gpu0": 1, "gpu4": 0}  # cpu0 on top
+    rows_with_bars = {round(float(np.mean(p.vertices[:, 1]))) for c in ax.collections for p in c.get_paths()}
+    assert rows_with_bars == {2, 1, 0}  # every sampled device's row has its bars (gpu4's too)
