@@ -182,7 +182,7 @@ class EvalSpec:
 @dataclass(frozen=True)
 class TraceSpec:
     """What goes to trace.json and decisions.bin (`[trace]`). The defaults keep both bounded at any
-    scale: the trace holds at most max_rounds x max_devices x 3 events (~3 MB), however long the run
+    scale: the trace holds about max_rounds x max_devices x 3 events (~1.5 MB), however long the run
     and large the cluster; the decisions are complete (a compressed record per round).
 
     max_rounds: keep trace events of the first N rounds only (0 = every round: grows with the run).

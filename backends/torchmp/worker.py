@@ -216,7 +216,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             for k, g in enumerate(gathered):
                 busy[k] += g["finish"] - g["start"]
             if writer:
-                _record_round(writer, spec, round_, gathered, barrier, comm_end, core.model_bytes)
+                _record_round(writer, round_, gathered, barrier, comm_end, core.model_bytes)
                 if spec.trace.decisions:
                     writer.add_decision(record)
                 test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
@@ -267,7 +267,7 @@ def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: R
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _record_round(writer: RunWriter, spec: Spec, round_: int, gathered: list[dict], barrier: float, comm_end: float,
+def _record_round(writer: RunWriter, round_: int, gathered: list[dict], barrier: float, comm_end: float,
                   model_bytes: int) -> None:
     for k in writer.trace_positions(round_, range(len(gathered))):  # the trace's sample of rounds and ranks
         g = gathered[k]
