@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from hetsim.errors import HetsimError
-from hetsim.results import METRIC_COLUMNS, RunResult, time_to_accuracy
+from hetsim.results import (RUN_SCHEMA, RunResult, read_decisions, read_metrics_columns, read_trace,
+                            time_to_accuracy)
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     metrics: dict[str, np.ndarray]
-    decisions: list[dict[str, Any]] = field(default_factory=list)
+    decisions: Sequence[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -59,28 +59,41 @@ class Run:
 
     def trace(self) -> list[dict[str, Any]]:
         path = self.path / "trace.json"
-        return json.loads(path.read_text())["traceEvents"] if path.is_file() else []
+        return read_trace(path) if path.is_file() else []
 
 
 def read_metrics(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in METRIC_COLUMNS if rows and c not in rows[0]]
-    if missing:
-        raise HetsimError(f"{path}: missing columns {missing}")
-    return {c: np.array([float(r[c]) if r[c] != "" else math.nan for r in rows]) for c in METRIC_COLUMNS}
+    """metrics.csv as arrays; values not computed (empty cells) are NaN, as are computed NaNs (`nan`)."""
+    return {c: np.array(v, dtype=float) for c, v in read_metrics_columns(path).items()}
 
 
 def load_run(path: str | Path) -> Run:
+    """A finished run directory of this schema (RUN_SCHEMA) or schema 1 (before summary.json carried
+    `schema_version`: decisions.jsonl and a `{"traceEvents": ...}` trace); a newer one is refused."""
     path = Path(path)
     needed = ["config.toml", "metrics.csv", "summary.json"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise HetsimError(f"{path}: not a finished run directory (missing {', '.join(missing)})")
-    decisions_path = path / "decisions.jsonl"
-    decisions = [json.loads(line) for line in decisions_path.read_text().splitlines()] if decisions_path.is_file() else []
-    return Run(path, tomllib.loads((path / "config.toml").read_text()),
-               json.loads((path / "summary.json").read_text()), read_metrics(path / "metrics.csv"), decisions)
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HetsimError(f"{path / 'summary.json'}: not valid JSON ({e})") from None
+    schema = summary.get("schema_version", 1)
+    if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+        raise HetsimError(f"{path / 'summary.json'}: schema_version: expected an integer >= 1, got {schema!r}")
+    if schema > RUN_SCHEMA:
+        raise HetsimError(f"{path}: written in run schema {schema}, newer than this hetsim reads (up to "
+                          f"{RUN_SCHEMA}); upgrade hetsim")
+    if schema == 1:
+        legacy = path / "decisions.jsonl"
+        decisions: Sequence[dict[str, Any]] = \
+            [json.loads(line) for line in legacy.read_text().splitlines()] if legacy.is_file() else []
+    else:
+        current = path / "decisions.bin"
+        decisions = read_decisions(current) if current.is_file() else []
+    return Run(path, tomllib.loads((path / "config.toml").read_text()), summary,
+               read_metrics(path / "metrics.csv"), decisions)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:

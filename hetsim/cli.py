@@ -224,16 +224,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
     from hetsim.analysis import compare_runs, load_run
     from hetsim.plots import plot_compare
-    from hetsim.results import atomic_write
+    from hetsim.results import write_json
 
     predicted, measured = load_run(args.predicted), load_run(args.measured)
     report = compare_runs(predicted, measured)
     out = Path(args.out) if args.out else Path(args.measured) / "compare"
-    atomic_write(out / "compare.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "compare.json", report)
     plot_compare(predicted, measured, out)
 
     def pct(v):
@@ -269,9 +267,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_surrogate(args: argparse.Namespace) -> int:
-    import json
-
     from hetsim.analysis import load_runs
+    from hetsim.results import strict_json
     from hetsim.surrogate import fit, holdout_error
 
     curve = fit(load_runs(args.runs))
@@ -281,7 +278,7 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
     if args.holdout:
         held = load_runs(args.holdout)
         target = args.target or float(held[0].summary.get("target_accuracy", 0.9))
-        print(json.dumps(holdout_error(curve, held, target), indent=2))
+        print(strict_json(holdout_error(curve, held, target), indent=2))
     print(args.out)
     return 0
 

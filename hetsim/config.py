@@ -189,14 +189,19 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class TraceSpec:
-    """What goes to trace.json and decisions.jsonl.
+    """What goes to trace.json and decisions.bin (`[trace]`). The defaults keep both bounded at any
+    scale: the trace holds about max_rounds x max_devices x 3 events (~1.5 MB), however long the run
+    and large the cluster; the decisions are complete (a compressed record per round).
 
-    max_rounds: keep trace events of the first N rounds only (0 = all).
-    decisions: write the per-worker decisions log (off for very large clusters: it holds
-        4 numbers per worker per round).
+    max_rounds: keep trace events of the first N rounds only (0 = every round: grows with the run).
+    max_devices: keep trace events of at most N devices, spread evenly over the cluster, plus the
+        device that evaluates (0 = every device: grows with the cluster).
+    decisions: write the per-worker decisions log (every round's workers, local steps, samples,
+        biased samples, weights); parity checks and replays need it.
     """
 
-    max_rounds: int = 0
+    max_rounds: int = 100
+    max_devices: int = 32
     decisions: bool = True
 
 
@@ -459,6 +464,7 @@ def _validate(spec: Spec) -> None:
     _require(e.every_rounds > 0 or e.every_epochs > 0, "eval",
              "every_rounds > 0 or every_epochs > 0", dataclasses.asdict(e))
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
+    _require(spec.trace.max_devices >= 0, "trace.max_devices", "an integer >= 0", spec.trace.max_devices)
     _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
     _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
 

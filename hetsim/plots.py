@@ -132,11 +132,11 @@ def plot_timeline(runs: Sequence[Run], out: Path, rounds: tuple[int, int] = (1, 
             events = [e for e in run.trace() if e.get("ph") == "X" and rounds[0] <= e["args"].get("round", -1) <= rounds[1]]
             t0 = min((e["ts"] for e in events), default=0.0)
             for kind, colour in KIND_COLOURS.items():
-                for tid in range(len(names)):
+                for row, tid in enumerate(names):  # the trace may keep a sample of the devices
                     spans = [((e["ts"] - t0) / 1e3, e["dur"] / 1e3) for e in events if e["tid"] == tid and e["name"] == kind]
                     if spans:
-                        ax.broken_barh(spans, (len(names) - 1 - tid - 0.4, 0.8), facecolors=colour, edgecolor="none")
-            ax.set_yticks(range(len(names))[::-1], names)
+                        ax.broken_barh(spans, (len(names) - 1 - row - 0.4, 0.8), facecolors=colour, edgecolor="none")
+            ax.set_yticks(range(len(names))[::-1], list(names.values()))
             ax.set_ylim(-0.6, len(names) - 0.4)
             ax.set_title(f"{run.label}: rounds {rounds[0]}-{rounds[1]}", loc="left")
             ax.grid(axis="y", visible=False)
@@ -147,9 +147,10 @@ def plot_timeline(runs: Sequence[Run], out: Path, rounds: tuple[int, int] = (1, 
         return save_figure(fig, out, "timeline")
 
 
-def _thread_names(run: Run) -> list[str]:
+def _thread_names(run: Run) -> dict[int, str]:
+    """Track (tid) -> device name, in track order."""
     meta = {e["tid"]: e["args"]["name"] for e in run.trace() if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    return [meta[k] for k in sorted(meta)]
+    return {k: meta[k] for k in sorted(meta)}
 
 
 def plot_runs(runs: Sequence[Run], out: Path, target: float | None = None, baseline: str | None = None,

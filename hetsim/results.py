@@ -1,13 +1,31 @@
 """The run directory, shared by every runner (simulator and real backends).
 
-    config.toml      the fully resolved spec (re-run it with `hetsim simulate config.toml`)
-    metrics.csv      one row per round: round, time_s, epoch, samples, lr, train_loss, test_loss, test_acc
-                     (round 0 is the initial model; test columns are empty where no evaluation ran)
-    decisions.jsonl  one JSON object per round: local_steps, samples, biased_samples, weights per worker
-    trace.json       Chrome / Perfetto trace events: compute, comm, idle, eval per device
-    summary.json     time_to_accuracy_s, final/best accuracy, utilisation per device, seed, versions, ...
+    config.toml     the fully resolved spec (re-run it with `hetsim simulate config.toml`)
+    metrics.csv     one row per round: round, time_s, epoch, samples, lr, train_loss, test_loss, test_acc
+                    (round 0 is the initial model). An empty cell was not computed (no evaluation that
+                    round); a computed non-finite value is written `nan`, `inf` or `-inf`.
+    decisions.bin   every round's decisions, complete: workers, local_steps, samples, biased_samples,
+                    weights per worker and the round's time budget, one compressed columnar record per
+                    round (read it with `hetsim.results.read_decisions`; format below).
+    trace.json      Chrome / Perfetto trace events (compute, comm, idle, eval per device) in the JSON
+                    array format, one event per line; sampled by `[trace]` (first rounds, some devices).
+    summary.json    time_to_accuracy_s, final/best accuracy, utilisation per device, seed, versions,
+                    schema_version (RUN_SCHEMA), ...
 
-Every file is written atomically (temporary file + rename), so a crashed run leaves complete files.
+The three per-round files are append-only: every finished round is handed to the OS before the next
+starts (a SIGKILL loses no finished round), whole lines or whole records, and readers drop a partial last
+line or record. Checkpoints store the files' lengths, and `--resume` cuts the files back to them.
+config.toml and summary.json are written atomically (temporary file + rename). Every JSON file goes
+through `strict_json`: NaN and infinities become null, so strict JSON readers accept them.
+
+Schema 1 (no `schema_version` in summary.json) wrote decisions.jsonl and a `{"traceEvents": [...]}`
+trace; `hetsim.analysis.load_run` still reads it.
+
+decisions.bin: the line `hetsim-decisions/2\\n`, then per round a header (little-endian u64 payload
+length, i64 round, i64 number of workers n, f64 time budget in s or NaN for none, u32 CRC-32 of the
+payload, 4 bytes: the struct type code of each integer column, B/H/I/q) and a zlib-compressed payload
+of five arrays of n values each: workers, local_steps, samples, biased_samples (integers, each in the
+narrowest of those types that holds its values) and weights (float64, exact).
 """
 
 from __future__ import annotations
@@ -21,19 +39,34 @@ import math
 import os
 import platform
 import re
+import struct
 import tempfile
-import time
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from hetsim.config import Spec, spec_to_dict, to_toml
+import numpy as np
+
+from hetsim.config import Spec, TraceSpec, spec_to_dict, to_toml
 from hetsim.errors import HetsimError
+
+if TYPE_CHECKING:
+    from hetsim.training import RoundRecord
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+RUN_SCHEMA = 2  # summary.json's schema_version; bump when a run file changes meaning
 METRIC_COLUMNS = ("round", "time_s", "epoch", "samples", "lr", "train_loss", "test_loss", "test_acc")
+_INT_COLUMNS = ("round", "samples")
+DECISIONS_MAGIC = b"hetsim-decisions/2\n"
+_RECORD = struct.Struct("<QqqdI4s")
+_INT_TYPES = (b"B", b"H", b"I")  # narrowest first; b"q" (int64) otherwise
+_DECISION_INTS = ("workers", "local_steps", "samples", "biased_samples")
+# closes trace.json's JSON array at the end of a run (a cut file without it is still a valid Chrome trace)
+_TRACE_END = {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "hetsim"}}
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -49,6 +82,26 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that strict readers accept: NaN and +-inf become null (json.dumps would write bare NaN)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """The one way hetsim writes a JSON file: strict, atomic, newline-terminated."""
+    atomic_write(Path(path), strict_json(obj, indent) + "\n")
+
+
 def versions() -> dict[str, str]:
     import numpy
     import simpy
@@ -60,72 +113,430 @@ def versions() -> dict[str, str]:
             "numpy": numpy.__version__, "simpy": simpy.__version__}
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float) and math.isnan(v):
+def _cell(v: Any) -> str:
+    """A metrics.csv cell: None (not computed) is empty, a computed NaN is `nan`, infinities `inf`/`-inf`."""
+    if v is None:
         return ""
-    return repr(v) if isinstance(v, float) else str(v)
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return str(v)
 
 
-def metrics_csv(rows: list[dict[str, Any]]) -> str:
+def metrics_line(row: dict[str, Any]) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(METRIC_COLUMNS)
-    for r in rows:
-        w.writerow([_fmt(r[c]) for c in METRIC_COLUMNS])
+    csv.writer(buf, lineterminator="\n").writerow([_cell(row[c]) for c in METRIC_COLUMNS])
     return buf.getvalue()
+
+
+def metrics_csv(rows: Iterable[dict[str, Any]]) -> str:
+    return ",".join(METRIC_COLUMNS) + "\n" + "".join(metrics_line(r) for r in rows)
+
+
+def _whole_lines(data: bytes) -> list[str]:
+    """The complete lines of an append-only file; a last line without its newline was cut by a kill."""
+    return data.decode().split("\n")[:-1]
+
+
+def read_metrics_columns(path: Path) -> dict[str, list[float]]:
+    """metrics.csv as columns of floats (empty cells NaN); a partial last line is dropped."""
+    from hetsim.errors import HetsimError
+
+    lines = _whole_lines(Path(path).read_bytes())
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    missing = [c for c in METRIC_COLUMNS if header is None or c not in header]
+    if missing:
+        raise HetsimError(f"{path}: missing columns {missing}")
+    pos = [header.index(c) for c in METRIC_COLUMNS]
+    cols: dict[str, list[float]] = {c: [] for c in METRIC_COLUMNS}
+    for n, cells in enumerate(reader, start=2):
+        try:
+            for c, i in zip(METRIC_COLUMNS, pos):
+                cols[c].append(float(cells[i]) if cells[i] != "" else math.nan)
+        except (ValueError, IndexError):
+            raise HetsimError(f"{path}: line {n} is not a metrics row: {','.join(cells)!r}") from None
+    return cols
+
+
+class MetricRows(Sequence):
+    """The metrics rows of a run as compact columns (8 numbers a round); rows[i] is a dict, and values
+    that were not computed are NaN."""
+
+    def __init__(self) -> None:
+        self.columns = {c: array("q" if c in _INT_COLUMNS else "d") for c in METRIC_COLUMNS}
+
+    def append(self, row: dict[str, Any]) -> None:
+        for c, col in self.columns.items():
+            v = row[c]
+            col.append(int(v) if c in _INT_COLUMNS else (math.nan if v is None else float(v)))
+
+    def __len__(self) -> int:
+        return len(self.columns["round"])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {c: col[i] for c, col in self.columns.items()}
+
+    def as_lists(self) -> dict[str, list[Any]]:
+        return {c: col.tolist() for c, col in self.columns.items()}
+
+
+# -- decisions --------------------------------------------------------------------------------------
+
+def _narrow(values: Sequence[int]) -> tuple[bytes, np.ndarray]:
+    """(type code, array) in the narrowest integer type that holds the values: a 10^4-device round's
+    columns shrink 4-8x before compression, which is most of its cost."""
+    a = np.asarray(values, dtype=np.int64)
+    if len(a) and a.min() >= 0:
+        top = int(a.max())
+        for code in _INT_TYPES:
+            if top < 1 << (8 * struct.calcsize(code.decode())):
+                return code, a.astype("<" + code.decode())
+    return b"q", a.astype("<i8")
+
+
+def encode_decision(record: RoundRecord) -> bytes:
+    """One round's decisions as a decisions.bin record."""
+    codes, cols = zip(*(_narrow(c) for c in (record.workers, record.local_steps, record.samples,
+                                             record.biased_samples)))
+    n = len(cols[0])
+    if any(len(c) != n for c in cols) or len(record.weights) != n:
+        raise ValueError(f"round {record.round}: decision columns of unequal lengths")
+    raw = b"".join(c.tobytes() for c in cols) + np.asarray(record.weights, dtype="<f8").tobytes()
+    payload = zlib.compress(raw, 1)
+    budget = math.nan if record.time_budget_s is None else float(record.time_budget_s)
+    return _RECORD.pack(len(payload), int(record.round), n, budget, zlib.crc32(payload), b"".join(codes)) + payload
+
+
+def _decode(header: bytes, payload: bytes, where: str) -> dict[str, Any]:
+    from hetsim.errors import HetsimError
+
+    _, round_, n, budget, crc, codes = _RECORD.unpack(header)
+    if zlib.crc32(payload) != crc:
+        raise HetsimError(f"{where}: the record of round {round_} is corrupt (CRC mismatch)")
+    raw = zlib.decompress(payload)
+    out: dict[str, Any] = {"round": round_}
+    pos = 0
+    for key, code in zip(_DECISION_INTS, codes):
+        dtype = np.dtype("<" + chr(code))
+        out[key] = np.frombuffer(raw, dtype=dtype, offset=pos, count=n).tolist()
+        pos += n * dtype.itemsize
+    out["weights"] = np.frombuffer(raw, dtype="<f8", offset=pos, count=n).tolist()
+    out["time_budget_s"] = None if math.isnan(budget) else budget
+    return out
+
+
+def _scan_records(f: Any, size: int, where: str) -> list[int]:
+    """Offsets of the complete records in a decisions stream of `size` bytes (a cut last one is dropped)."""
+    from hetsim.errors import HetsimError
+
+    f.seek(0)
+    if f.read(len(DECISIONS_MAGIC)) != DECISIONS_MAGIC:
+        raise HetsimError(f"{where}: not a hetsim decisions file (expected it to start with {DECISIONS_MAGIC!r})")
+    offsets, pos = [], len(DECISIONS_MAGIC)
+    while pos + _RECORD.size <= size:
+        f.seek(pos)
+        length = _RECORD.unpack(f.read(_RECORD.size))[0]
+        if pos + _RECORD.size + length > size:
+            break
+        offsets.append(pos)
+        pos += _RECORD.size + length
+    return offsets
+
+
+class _BufferReader:
+    """seek/read over an in-memory decisions stream, without copying it."""
+
+    def __init__(self, buf: bytearray):
+        self.buf, self.pos = buf, 0
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int) -> bytes:
+        self.pos += n
+        return bytes(self.buf[self.pos - n:self.pos])
+
+    def __enter__(self) -> "_BufferReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class Decisions(Sequence):
+    """Every round's decisions, decoded on demand: decisions[i] is a dict with keys round, workers,
+    local_steps, samples, biased_samples, weights, time_budget_s (what RoundRecord.as_json() gives).
+    Backed by a decisions.bin file, or by the same bytes in memory (`hetsim.simulate` without `out`)."""
+
+    def __init__(self, source: Path | bytearray, offsets: list[int]):
+        self._source, self._offsets = source, offsets
+        self._where = str(source) if isinstance(source, Path) else "decisions"
+
+    def _reader(self) -> Any:
+        return open(self._source, "rb") if isinstance(self._source, Path) else _BufferReader(self._source)
+
+    def _at(self, f: Any, pos: int) -> dict[str, Any]:
+        f.seek(pos)
+        header = f.read(_RECORD.size)
+        return _decode(header, f.read(_RECORD.unpack(header)[0]), self._where)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            with self._reader() as f:
+                return [self._at(f, self._offsets[j]) for j in range(*i.indices(len(self)))]
+        with self._reader() as f:
+            return self._at(f, self._offsets[i])
+
+    def __iter__(self):
+        with self._reader() as f:
+            for pos in self._offsets:
+                yield self._at(f, pos)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Decisions({len(self)} rounds from {self._where})"
+
+
+def read_decisions(path: Path) -> Decisions:
+    """A run's decisions.bin; a record cut by a kill at the end is dropped."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        offsets = _scan_records(f, path.stat().st_size, str(path))
+    return Decisions(path, offsets)
+
+
+# -- trace ------------------------------------------------------------------------------------------
+
+def read_trace(path: Path) -> list[dict[str, Any]]:
+    """trace.json's events: the JSON array format, one event a line (a cut last line is dropped), or
+    schema 1's `{"traceEvents": [...]}`."""
+    from hetsim.errors import HetsimError
+
+    data = Path(path).read_bytes()
+    if data.lstrip().startswith(b"{"):
+        return json.loads(data)["traceEvents"]
+    events = []
+    for n, line in enumerate(_whole_lines(data), start=1):
+        line = line.strip().rstrip(",]")
+        if line in ("", "["):
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise HetsimError(f"{path}: line {n} is not a trace event") from None
+    return events
+
+
+class TraceSample:
+    """Which trace events a run keeps (`[trace]`): the first max_rounds rounds, on at most max_devices
+    devices spread evenly over the cluster (groups are contiguous, so every large group is seen), plus
+    the devices named in `always` (the evaluator). 0 = no limit."""
+
+    def __init__(self, spec: TraceSpec, n_workers: int, always: Iterable[int] = ()):
+        self.max_rounds = spec.max_rounds
+        if spec.max_devices and spec.max_devices < n_workers:
+            picked = np.unique(np.linspace(0, n_workers - 1, spec.max_devices).round().astype(np.int64))
+            self.mask: np.ndarray | None = np.zeros(n_workers, dtype=bool)
+            self.mask[picked] = True
+            self.mask[list(always)] = True
+        else:
+            self.mask = None
+
+    def keeps(self, worker: int) -> bool:
+        return self.mask is None or bool(self.mask[worker])
+
+    def positions(self, round_: int, workers: Sequence[int]) -> list[int]:
+        """Indices i of `workers` whose events of this round are kept."""
+        if self.max_rounds and round_ > self.max_rounds:
+            return []
+        if self.mask is None:
+            return list(range(len(workers)))
+        return np.flatnonzero(self.mask[np.asarray(workers, dtype=np.int64)]).tolist()
+
+
+class _LazyTrace(Sequence):
+    """trace.json's events, read on first use (a run may keep more events than it needs in memory)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._events: list[dict[str, Any]] | None = None
+
+    def _all(self) -> list[dict[str, Any]]:
+        if self._events is None:
+            self._events = read_trace(self._path)
+        return self._events
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
 
 
 @dataclass
 class RunResult:
-    """What a run produced, in memory. `metrics` is a dict of equal-length columns, so
-    `pandas.DataFrame(result.metrics)` gives the table; missing test values are NaN."""
+    """What a run produced. `metrics` is a dict of equal-length columns, so
+    `pandas.DataFrame(result.metrics)` gives the table; values not computed are NaN. `decisions` is a
+    sequence of per-round dicts (decoded on demand), `trace` the trace events the run kept."""
 
     spec: Spec
     metrics: dict[str, list[Any]]
-    decisions: list[dict[str, Any]]
+    decisions: Sequence[dict[str, Any]]
     summary: dict[str, Any]
     run_dir: Path | None = None
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: Sequence[dict[str, Any]] = field(default_factory=list)
+
+
+_FILES = (("metrics.csv", "metrics_bytes"), ("decisions.bin", "decisions_bytes"), ("trace.json", "trace_bytes"))
 
 
 class RunWriter:
-    """Collects a run's rows, decisions and trace events and writes the run directory.
+    """Writes a run's rows, decisions and trace events as they happen (see the module docstring).
 
-    `flush` rewrites the files atomically; runners call it every few seconds and at the end, so an
-    interrupted run keeps what it had.
+    Memory stays flat as rounds grow: rows are 8 numbers a round, decisions go to disk (or to one
+    compressed buffer without a run directory) and only the sampled trace events are kept.
+
+    names: the workers' names (trace tracks); always_traced: workers whose events the trace sample keeps
+    whatever its size (the evaluator); resume: the files exist and `load_state_dict` will cut them back to
+    a checkpoint (otherwise they are started afresh).
     """
 
-    def __init__(self, run_dir: Path | None, spec: Spec, flush_every_s: float = 5.0):
+    def __init__(self, run_dir: Path | None, spec: Spec, names: Sequence[str], always_traced: Iterable[int] = (),
+                 resume: bool = False):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.spec = spec
-        self.rows: list[dict[str, Any]] = []
-        self.decisions: list[dict[str, Any]] = []
-        self.trace: list[dict[str, Any]] = []
-        self.flush_every_s = flush_every_s
-        self._last_flush = time.monotonic()
-        if self.run_dir is not None:
+        self.rows = MetricRows()
+        self.sample = TraceSample(spec.trace, len(names), always_traced)
+        self._events: list[dict[str, Any]] = []   # kept trace events, without a run directory
+        self._pending: list[str] = []             # trace lines of the round in progress
+        self._offsets: list[int] = []             # where each round's decisions record starts
+        self._files: dict[str, Any] = {}
+        self._size: dict[str, int] = {}
+        if self.run_dir is None:
+            self._buffer = bytearray(DECISIONS_MAGIC)
+            self.decisions = Decisions(self._buffer, self._offsets)
+        else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.toml", to_toml(spec_to_dict(spec)))
+            self.decisions = Decisions(self.run_dir / "decisions.bin", self._offsets)
+        if self.run_dir is not None and resume:
+            return  # load_state_dict opens the files where the checkpoint left them
+        if self.run_dir is not None:
+            # a run started afresh replaces the folder's files: what described the old ones goes first (its
+            # summary would mark the new files finished; its checkpoint would resume into them)
+            for stale in ("summary.json", CHECKPOINT, "decisions.jsonl"):
+                (self.run_dir / stale).unlink(missing_ok=True)
+            # unbuffered: every write below reaches the OS at once, so a kill loses no finished round
+            self._files = {name: open(self.run_dir / name, "wb", buffering=0) for name, _ in _FILES}
+            self._size = dict.fromkeys(self._files, 0)
+            self._write("metrics.csv", (",".join(METRIC_COLUMNS) + "\n").encode())
+            self._write("decisions.bin", DECISIONS_MAGIC)
+            self._write("trace.json", b"[\n")
+        for event in trace_thread_names(list(names)):
+            self.add_trace(event)
+        self.flush()
+
+    def _write(self, name: str, data: bytes) -> None:
+        self._files[name].write(data)
+        self._size[name] += len(data)
+
+    def add_trace(self, event: dict[str, Any]) -> None:
+        """Keep `event` if the trace sample does (its device and, for timed events, its round)."""
+        r = event.get("args", {}).get("round")
+        if not self.sample.keeps(event["tid"]) or (r is not None and self.sample.max_rounds and r > self.sample.max_rounds):
+            return
+        if self.run_dir is None:
+            self._events.append(event)
+        else:
+            self._pending.append(strict_json(event) + ",\n")
+
+    def trace_positions(self, round_: int, workers: Sequence[int]) -> list[int]:
+        """Indices of `workers` whose events of round `round_` the trace keeps (to skip building the rest)."""
+        return self.sample.positions(round_, workers)
+
+    def add_decision(self, decision: RoundRecord) -> None:
+        """One round's decisions; every round is kept."""
+        record = encode_decision(decision)
+        if self.run_dir is None:
+            self._offsets.append(len(self._buffer))
+            self._buffer += record
+        else:
+            self._offsets.append(self._size["decisions.bin"])
+            self._write("decisions.bin", record)
 
     def add_row(self, row: dict[str, Any]) -> None:
+        """The round's metrics row (None = not computed); it ends the round: its trace lines, then the row,
+        are handed to the OS now."""
         self.rows.append(row)
-        if self.run_dir is not None and time.monotonic() - self._last_flush > self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.run_dir is None:
-            return
-        atomic_write(self.run_dir / "metrics.csv", metrics_csv(self.rows))
-        atomic_write(self.run_dir / "decisions.jsonl", "".join(json.dumps(d) + "\n" for d in self.decisions))
-        atomic_write(self.run_dir / "trace.json", json.dumps({"traceEvents": self.trace, "displayTimeUnit": "ms"}))
-        self._last_flush = time.monotonic()
-
-    def finish(self, summary: dict[str, Any]) -> RunResult:
         self.flush()
         if self.run_dir is not None:
-            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        columns = {c: [r[c] for r in self.rows] for c in METRIC_COLUMNS}
-        return RunResult(self.spec, columns, self.decisions, summary, self.run_dir, self.trace)
+            self._write("metrics.csv", metrics_line(row).encode())
+
+    def flush(self) -> None:
+        """Write the trace lines held for the round in progress."""
+        if self._pending and self.run_dir is not None:
+            self._write("trace.json", "".join(self._pending).encode())
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to cut the files back to this point: their lengths, not their contents."""
+        self.flush()
+        return {"run_schema": RUN_SCHEMA, "rows": len(self.rows), **{key: self._size[name] for name, key in _FILES}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Cut the run directory's files back to a checkpoint's lengths and continue appending there."""
+        from hetsim.errors import HetsimError
+
+        assert self.run_dir is not None, "resuming needs a run directory"
+        if state.get("run_schema") != RUN_SCHEMA:
+            raise HetsimError(f"{self.run_dir}: the checkpoint was written by another hetsim version (run schema "
+                              f"{state.get('run_schema', 1)}, this one writes {RUN_SCHEMA}); start the run again")
+        for name, key in _FILES:
+            path = self.run_dir / name
+            size = path.stat().st_size if path.is_file() else 0
+            if size < state[key]:
+                raise HetsimError(f"{path}: {size} bytes, shorter than the {state[key]} its checkpoint recorded "
+                                  "(changed since); start the run again")
+            os.truncate(path, state[key])
+        self._files = {name: open(self.run_dir / name, "ab", buffering=0) for name, _ in _FILES}
+        self._size = {name: state[key] for name, key in _FILES}
+        cols = read_metrics_columns(self.run_dir / "metrics.csv")
+        if len(cols["round"]) != state["rows"]:
+            raise HetsimError(f"{self.run_dir / 'metrics.csv'}: {len(cols['round'])} rows where its checkpoint "
+                              f"recorded {state['rows']}; start the run again")
+        self.rows = MetricRows()
+        for c, values in cols.items():
+            self.rows.columns[c].extend([int(v) for v in values] if c in _INT_COLUMNS else values)
+        with open(self.run_dir / "decisions.bin", "rb") as f:
+            self._offsets[:] = _scan_records(f, state["decisions_bytes"], str(self.run_dir / "decisions.bin"))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def finish(self, summary: dict[str, Any]) -> RunResult:
+        """Close the files and write summary.json (with the schema version)."""
+        summary = {"schema_version": RUN_SCHEMA, **summary}
+        trace: Sequence[dict[str, Any]] = self._events
+        if self.run_dir is not None:
+            self.flush()
+            self._write("trace.json", (strict_json(_TRACE_END) + "]\n").encode())
+            self.close()
+            write_json(self.run_dir / "summary.json", summary)
+            trace = _LazyTrace(self.run_dir / "trace.json")
+        return RunResult(self.spec, self.rows.as_lists(), self.decisions, summary, self.run_dir, trace)
 
 
 def trace_event(name: str, worker: int, start_s: float, end_s: float, **args: Any) -> dict[str, Any]:
@@ -277,6 +688,9 @@ def load_checkpoint(path: Path, engine: str, spec: Spec, force: bool = False) ->
                           + (f" (it refers to {found.group(1)})" if found else "")) from None
     except Exception as e:  # noqa: BLE001 - whatever else torch.load trips on, the file is unusable
         raise HetsimError(f"{path}: the checkpoint is corrupt ({_one_line(e)})") from None
+    if isinstance(data, dict) and "hetsim_checkpoint" not in data and "round" in data:
+        raise HetsimError(f"{path}: the checkpoint was written by an older hetsim (before run schema {RUN_SCHEMA}); "
+                          "start the run again")
     if not isinstance(data, dict) or "hetsim_checkpoint" not in data or not isinstance(data.get("state"), dict):
         raise HetsimError(f"{path}: not a hetsim checkpoint")
     if data["hetsim_checkpoint"] != CHECKPOINT_FORMAT:

@@ -31,7 +31,7 @@ import numpy as np
 
 from hetsim.analysis import Run
 from hetsim.errors import HetsimError, HetsimWarning, SpecError
-from hetsim.results import atomic_write, time_to_accuracy
+from hetsim.results import time_to_accuracy, write_json
 
 if TYPE_CHECKING:
     from hetsim.config import Spec
@@ -107,7 +107,7 @@ class LearningCurve:
         return float(acc) if acc.ndim == 0 else acc
 
     def save(self, path: str | Path) -> None:
-        atomic_write(Path(path), json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n")
+        write_json(Path(path), {"format": FORMAT, **asdict(self)})
 
     @classmethod
     def load(cls, path: str | Path) -> "LearningCurve":

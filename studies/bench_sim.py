@@ -9,6 +9,9 @@ Prints:
   3. time-only events/s / a bare SimPy loop with the same number of events       (target >= 0.5)
   4. time-only wall time for 10 ... 10,000 devices x 1,000 rounds, and the growth exponent
   5. the quickstart's wall time
+  6. time-only 10,000 devices x 1,000 rounds with default settings (`hetsim simulate`, run files written):
+     wall time (target < 60 s), peak RSS (target < 2 GB) and peak RSS against 100 rounds (target <= 1.1);
+     a miss makes the script exit 1
 """
 
 from __future__ import annotations
@@ -106,6 +109,46 @@ def time_only_spec(devices: int, rounds: int):
     })
 
 
+_DEFAULT_SCALE_CHILD = """
+import resource, sys, time
+from hetsim.cli import main
+t0 = time.perf_counter()
+rc = main(["simulate", sys.argv[1], "--out", sys.argv[2], "--quiet"])
+print(rc, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
+"""
+
+
+def default_settings_scale(devices: int, rounds: int) -> bool:
+    """Item 6: `hetsim simulate` of a time-only cluster with every `[trace]` setting at its default, at
+    rounds/10 and at rounds, each in a fresh process (peak RSS is per process). Prints PASS/FAIL per
+    target; returns whether all passed."""
+    from hetsim.config import spec_to_dict, to_toml
+
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (rounds // 10, rounds):
+            spec = spec_to_dict(time_only_spec(devices, n))
+            del spec["trace"]  # the defaults
+            cfg = Path(tmp) / f"scale{n}.toml"
+            cfg.write_text(to_toml(spec))
+            proc = subprocess.run([sys.executable, "-c", _DEFAULT_SCALE_CHILD, str(cfg), str(Path(tmp) / f"run{n}")],
+                                  capture_output=True, text=True, check=True)
+            rc, wall, rss_kb = proc.stdout.split()[-3:]
+            if int(rc) != 0:
+                raise SystemExit(f"hetsim simulate failed: {proc.stderr[-2000:]}")
+            files = sum(f.stat().st_size for f in (Path(tmp) / f"run{n}").iterdir())
+            measured[n] = (float(wall), int(rss_kb) / 2**20, files / 2**20)
+    (w0, rss0, mb0), (w1, rss1, mb1) = measured[rounds // 10], measured[rounds]
+    checks = [(f"wall time {w1:.1f}s", w1 < 60, "< 60 s"), (f"peak RSS {rss1:.2f} GB", rss1 < 2, "< 2 GB"),
+              (f"peak RSS {rounds} / {rounds // 10} rounds {rss1 / rss0:.3f} ({rss1:.2f} vs {rss0:.2f} GB)",
+               rss1 <= 1.1 * rss0, "<= 1.1")]
+    print(f"6. time-only {devices:,} devices x {rounds:,} rounds, default settings: run files {mb1:.0f} MB "
+          f"({mb0:.0f} MB at {rounds // 10} rounds)")
+    for what, ok, target in checks:
+        print(f"   {'PASS' if ok else 'FAIL'}  {what}   (target {target})")
+    return all(ok for _, ok, _ in checks)
+
+
 def bare_simpy(devices: int, rounds: int) -> tuple[float, float]:
     """(sequential, concurrent) seconds for devices x rounds timeouts in a bare SimPy loop: one process
     yielding them one by one, and the time-only pattern (a round's timeouts scheduled at once). Both
@@ -183,6 +226,9 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True)
         print(f"5. quickstart ({'1 seed' if args.quick else '3 seeds'} x 5 policies): {time.perf_counter() - t0:.1f}s "
               f"wall (target < 180 s)")
+
+    if not default_settings_scale(devices, scale_rounds):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

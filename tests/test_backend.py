@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hetsim.analysis import compare_runs, load_run
+from hetsim.results import read_decisions, read_trace
 from hetsim.config import spec_to_dict, to_toml
 from hetsim.errors import HetsimError
 from hetsim.sim import simulate
@@ -44,8 +45,7 @@ def test_backend_makes_the_simulators_decisions_and_accuracy(tiny_spec, tmp_path
     assert s["device_sources"]["cpu0"].startswith("emulated")
     report = compare_runs(load_run(tmp_path / "sim"), load_run(tmp_path / "real"))
     assert report["same_decisions"] is True and report["accuracy_abs_diff_max"] <= 1e-6
-    kinds = {e["name"] for e in json.loads((tmp_path / "real" / "trace.json").read_text())["traceEvents"]
-             if e["ph"] == "X"}
+    kinds = {e["name"] for e in read_trace(tmp_path / "real" / "trace.json") if e["ph"] == "X"}
     assert {"compute", "comm", "eval"} <= kinds
     assert not (tmp_path / "real" / "logs").exists()  # the workers' logs stayed empty and were removed
 
@@ -240,6 +240,17 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_refused_under_torchrun_too(tiny_sp
     err = capsys.readouterr().err
     assert err.startswith("hetsim: error: cluster.devices[1].device = 'cuda:0': this torch") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hang_keeps_every_finished_round_on_disk(tiny_spec, tmp_path, monkeypatch):
+    # rank 1 hangs in round 3; rank 0 waits at the barrier until the launcher kills it: no flush at exit
+    # runs, so rounds 0-2 are there only if each was written when it finished
+    monkeypatch.setenv(FAULT_ENV, "hang:1:3")
+    with pytest.raises(HetsimError, match="made no progress"):
+        run(tiny_spec(*TWO, "run.fault_timeout_s=3"), tmp_path)
+    rounds = [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert rounds == ["0", "1", "2"]
+    assert [d["round"] for d in read_decisions(tmp_path / "decisions.bin")] == [1, 2]
 
 
 def test_simulator_only_conditions_are_refused(tiny_spec, tmp_path):

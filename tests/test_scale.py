@@ -209,7 +209,7 @@ def test_resumed_simulation_equals_an_uninterrupted_one(tiny_spec, tmp_path, fid
     with pytest.raises(Interrupt):
         simulate(tiny_spec(*args), tmp_path / "cut", progress=crash_at_round_6)
     simulate(tiny_spec(*args), tmp_path / "cut", resume=True)  # continues from round 4
-    for name in ("metrics.csv", "decisions.jsonl", "trace.json"):
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hetsim.config import load_spec
+from hetsim.results import read_decisions, read_trace
 from hetsim.seeding import derive
 from hetsim.sim import simulate
 from hetsim.training import TrainingCore, lr_at
@@ -89,7 +90,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tiny_spec, tm
     simulate(spec, tmp_path / "b")
     simulate(tiny_spec("seed=1", "sampler={name='loss_topk', params={kinds=['*']}}", "aggregator={name='biased'}",
                        "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}"), tmp_path / "c")
-    for name in ("metrics.csv", "decisions.jsonl", "trace.json"):
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "metrics.csv").read_bytes() != (tmp_path / "c" / "metrics.csv").read_bytes()
 
@@ -97,18 +98,18 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tiny_spec, tm
 def test_run_directory_contents(tiny_spec, tmp_path):
     spec = tiny_spec("sampler={name='loss_topk', params={sample_ratio=2, kinds=['cpu']}}")
     result = simulate(spec, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"config.toml", "metrics.csv", "decisions.jsonl",
+    assert {p.name for p in tmp_path.iterdir()} == {"config.toml", "metrics.csv", "decisions.bin",
                                                     "trace.json", "summary.json"}
     assert load_spec(tmp_path / "config.toml") == spec
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert header == "round,time_s,epoch,samples,lr,train_loss,test_loss,test_acc"
-    decisions = [json.loads(l) for l in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    decisions = list(read_decisions(tmp_path / "decisions.bin"))
     assert len(decisions) == 4
     assert decisions[0]["local_steps"] == [1, 5, 5]
     assert decisions[0]["samples"] == [8, 40, 40]
     assert decisions[0]["biased_samples"] == [8, 0, 0]  # only the cpu samples biased
     assert decisions[0]["weights"] == pytest.approx([1 / 3] * 3)
-    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    trace = read_trace(tmp_path / "trace.json")
     kinds = {e["name"] for e in trace if e["ph"] == "X"}
     assert kinds == {"compute", "comm", "idle"}
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -35,7 +35,7 @@ import torch
 from hetsim.cluster import PROFILE_FORMAT
 from hetsim.config import PolicySpec, Spec, spec_from_dict
 from hetsim.errors import HetsimError, SpecError
-from hetsim.results import atomic_write, versions
+from hetsim.results import versions, write_json
 from hetsim.training import TrainingCore, evaluate
 
 
@@ -263,7 +263,7 @@ def write_profile(path: str | Path, device_kind: str, measured: dict[str, Any]) 
                 measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=versions())
     if measured.get("link"):
         data["link"] = measured["link"]
-    atomic_write(path, json.dumps(data, indent=1) + "\n")
+    write_json(path, data, indent=1)
     return data
 
 

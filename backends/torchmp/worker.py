@@ -16,7 +16,6 @@ pads each step with a sleep of (k - 1) x its measured time.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -33,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from hetsim.config import Spec
+from hetsim.errors import HetsimError
 from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
-                            trace_event, trace_thread_names, worker_names)
+                            strict_json, trace_event, worker_names)
 from hetsim.sim.engine import build_devices
 from hetsim.training import RoundTally, RunSchedule, TrainingCore
 
@@ -97,7 +97,7 @@ def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_met
             path = error_path(out, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
             round_ = int(heartbeat[3 * rank]) if heartbeat is not None else -1
-            path.write_text(json.dumps({"rank": rank, "time": time.time(), "round": round_,
+            path.write_text(strict_json({"rank": rank, "time": time.time(), "round": round_,
                                         "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}))
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -172,9 +172,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
     names = worker_names(spec.worker_kinds())
     schedule = RunSchedule(spec)
-    writer = RunWriter(out, spec) if rank == 0 else None
-    if writer:
-        writer.trace.extend(trace_thread_names(names))
+    writer = RunWriter(out, spec, names, resume=resume) if rank == 0 else None
     ks = list(range(world))
     busy = np.zeros(world)
 
@@ -186,6 +184,9 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             raise ValueError("resume needs the run directory")
         loaded = load_checkpoint(out / CHECKPOINT, "torchmp", spec, force)
         runner, config_changes = loaded.state, loaded.config_changes
+        if "writer" not in runner:
+            raise HetsimError(f"{out}: the checkpoint was written by an older hetsim (run schema 1, files embedded "
+                              "in it); start the run again")
         with restoring(out / CHECKPOINT):
             round_, elapsed = runner["round"], runner["time_s"]
             rank_path = _rank_checkpoint(out, round_, rank)
@@ -195,14 +196,14 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
         with restoring(rank_path):
             core.load_state_dict(rank_state)
         if writer:
-            writer.rows, writer.decisions, writer.trace = runner["rows"], runner["decisions"], runner["trace"]
+            writer.load_state_dict(runner["writer"])
             rows_acc = writer.rows[-1]["test_acc"]
 
     if writer and not resume:
         # the initial model's accuracy anchors the curves; as in the simulator it is not on the clock
         test_loss, rows_acc = core.evaluate()
         writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
-                        "train_loss": math.nan, "test_loss": test_loss, "test_acc": rows_acc})
+                        "train_loss": None, "test_loss": test_loss, "test_acc": rows_acc})
     t0 = torch.tensor([time.time() - elapsed], dtype=torch.float64)
     dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start (of the first attempt)
     wall0 = time.perf_counter()
@@ -268,17 +269,18 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             for k, g in enumerate(gathered):
                 busy[k] += g["finish"] - g["start"]
             if writer:
-                _record_round(writer, spec, round_, gathered, barrier, comm_end, core.model_bytes)
+                _record_round(writer, round_, gathered, barrier, comm_end, core.model_bytes)
                 if spec.trace.decisions:
-                    writer.decisions.append(record.as_json())
-                test_loss = rows_acc = math.nan
+                    writer.add_decision(record)
+                test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
                 last = bool(schedule.stop_reason(round_, now(), core.epochs, False))
                 if schedule.eval_due(round_, core.epochs) or last:
                     eval_start = now()
-                    test_loss, rows_acc = core.evaluate()
-                    writer.trace.append(trace_event("eval", 0, eval_start, now(), round=round_))
+                    test_loss, test_acc = core.evaluate()
+                    writer.add_trace(trace_event("eval", 0, eval_start, now(), round=round_))
+                rows_acc = math.nan if test_acc is None else test_acc
                 writer.add_row({"round": round_, "time_s": now(), "epoch": core.epochs, "samples": core.samples_total,
-                                "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": rows_acc})
+                                "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": test_acc})
             every = spec.run.checkpoint_every
             if out is not None and every and round_ % every == 0:
                 _checkpoint(out, rank, round_, core, writer, busy, schedule, now(), spec, config_changes)
@@ -310,23 +312,20 @@ def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: R
     save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict(), "torchmp", spec)
     dist.barrier()
     if writer is not None:
-        writer.flush()
+        # the files' lengths, not their contents: a checkpoint stays the same size however long the run
         save_checkpoint(out / CHECKPOINT, {"round": round_, "time_s": time_s, "busy_s": busy.copy(),
-                                           "schedule": schedule.state_dict(), "rows": writer.rows,
-                                           "decisions": writer.decisions, "trace": writer.trace},
+                                           "schedule": schedule.state_dict(), "writer": writer.state_dict()},
                         "torchmp", spec, config_changes)
         for old in (out / "checkpoints").iterdir():
             if old.name != f"round{round_}":
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _record_round(writer: RunWriter, spec: Spec, round_: int, gathered: list[dict], barrier: float, comm_end: float,
+def _record_round(writer: RunWriter, round_: int, gathered: list[dict], barrier: float, comm_end: float,
                   model_bytes: int) -> None:
-    limit = spec.trace.max_rounds
-    if limit and round_ > limit:
-        return
-    for k, g in enumerate(gathered):
-        writer.trace.append(trace_event("compute", k, g["start"], g["finish"], round=round_, steps=g["steps"]))
+    for k in writer.trace_positions(round_, range(len(gathered))):  # the trace's sample of rounds and ranks
+        g = gathered[k]
+        writer.add_trace(trace_event("compute", k, g["start"], g["finish"], round=round_, steps=g["steps"]))
         if barrier > g["finish"]:
-            writer.trace.append(trace_event("idle", k, g["finish"], barrier, round=round_))
-        writer.trace.append(trace_event("comm", k, barrier, comm_end, round=round_, bytes=model_bytes))
+            writer.add_trace(trace_event("idle", k, g["finish"], barrier, round=round_))
+        writer.add_trace(trace_event("comm", k, barrier, comm_end, round=round_, bytes=model_bytes))

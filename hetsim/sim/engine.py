@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,7 @@ from hetsim.config import Spec
 from hetsim.policies import RoundPlan
 from hetsim.errors import HetsimError
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
-                            save_checkpoint, trace_event, trace_thread_names, worker_names)
+                            save_checkpoint, trace_event, worker_names)
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, RunSchedule, TrainingCore
@@ -100,9 +99,7 @@ class Simulation:
         self.clock_rngs = [numpy_rng(spec.seed, "clock", k) for k in range(self.n)] if not self.time_only else []
         self.evaluator = int(np.argmin(mean_times))
         self.names = worker_names(spec.worker_kinds())
-        self.writer = RunWriter(run_dir, spec)
-        self.trace_on = True
-        self.writer.trace.extend(trace_thread_names(self.names))
+        self.writer = RunWriter(run_dir, spec, self.names, always_traced=[self.evaluator], resume=resume)
         self.progress = progress
         self.env = simpy.Environment()
         self.busy_s = np.zeros(self.n)
@@ -125,10 +122,9 @@ class Simulation:
         every = self.spec.run.checkpoint_every
         if self.writer.run_dir is None or not every or self.round % every:
             return
-        self.writer.flush()
+        # the files' lengths, not their contents: a checkpoint stays the same size however long the run
         save_checkpoint(self.writer.run_dir / CHECKPOINT, {
-            "round": self.round, "now": self.env.now, "core": self.core.state_dict(),
-            "rows": self.writer.rows, "decisions": self.writer.decisions, "trace": self.writer.trace,
+            "round": self.round, "now": self.env.now, "core": self.core.state_dict(), "writer": self.writer.state_dict(),
             "busy_s": self.busy_s, "participation": self.participation, "exchange_total_s": self.exchange_total_s,
             "schedule": self.schedule.state_dict(),
             "clock_rngs": [r.bit_generator.state for r in self.clock_rngs],
@@ -136,10 +132,13 @@ class Simulation:
             "sim", self.spec, self.config_changes)
 
     def _restore(self, state: dict) -> None:
+        if "writer" not in state:
+            raise HetsimError(f"{self.writer.run_dir}: the checkpoint was written by an older hetsim (run schema 1, "
+                              "files embedded in it); start the run again")
+        self.writer.load_state_dict(state["writer"])
         self.round = state["round"]
         self.env = simpy.Environment(initial_time=state["now"])
         self.core.load_state_dict(state["core"])
-        self.writer.rows, self.writer.decisions, self.writer.trace = state["rows"], state["decisions"], state["trace"]
         self.busy_s, self.participation = state["busy_s"], state["participation"]
         self.exchange_total_s = state["exchange_total_s"]
         self.schedule.load_state_dict(state["schedule"])
@@ -160,8 +159,8 @@ class Simulation:
         steps_done[k] = steps
 
     def _trace(self, kind: str, k: int, start: float, end: float, **args) -> None:
-        if self.trace_on and end > start:
-            self.writer.trace.append(trace_event(kind, k, start, end, round=self.round, **args))
+        if end > start:
+            self.writer.add_trace(trace_event(kind, k, start, end, round=self.round, **args))
 
     def _evaluate(self):
         """Evaluate the global model on the fastest device; the others wait for the next round."""
@@ -169,7 +168,7 @@ class Simulation:
         eval_s = self.devices[self.evaluator].eval_time_s
         if eval_s > 0:
             yield self.env.timeout(eval_s)
-            for k in range(self.n):
+            for k in self.writer.trace_positions(self.round, range(self.n)):
                 self._trace("eval" if k == self.evaluator else "idle", k, start, self.env.now)
         return self.core.evaluate()
 
@@ -203,8 +202,7 @@ class Simulation:
         if not self.resumed:
             # the initial model's accuracy anchors the curves; it is not charged to the clock
             test_loss, test_acc = self.core.evaluate()
-            self._row(math.nan, test_loss, test_acc, self.core.set_lr(0.0))
-        limit = self.spec.trace.max_rounds
+            self._row(None, test_loss, test_acc, self.core.set_lr(0.0))  # None: no training loss yet
         while True:
             reached = self.writer.rows[-1]["test_acc"] >= self.spec.stop.target_accuracy  # NaN: False
             self.stopped_by = self.schedule.stop_reason(self.round, self.env.now, self.core.epochs, reached)
@@ -216,7 +214,6 @@ class Simulation:
                 continue
             lr = self.core.set_lr(self.schedule.progress(self.round, self.env.now, self.core.epochs))
             self.round += 1
-            self.trace_on = not limit or self.round <= limit
             plan = self.core.plan(self.round, ks)
             start = self.env.now
             steps, finish = yield from self._local_work(ks, plan, start)
@@ -225,10 +222,10 @@ class Simulation:
             self.busy_s[ks] += busy
             self.participation[ks] += 1
             self.core.observe_step_times(ks, (busy / np.array(steps)).tolist())
-            if self.trace_on:
-                for k, done, n in zip(ks, finish.tolist(), steps):
-                    self._trace("compute", k, start, done, steps=n)
-                    self._trace("idle", k, done, barrier)  # fast devices wait for the slowest
+            traced = self.writer.trace_positions(self.round, ks)  # the trace's sample, not all 10^4 devices
+            for i in traced:
+                self._trace("compute", ks[i], start, float(finish[i]), steps=steps[i])
+                self._trace("idle", ks[i], float(finish[i]), barrier)  # fast devices wait for the slowest
             self.core.run_local_steps(ks, steps)  # the real math (time-only: tallies of the work)
             groups = self.group_models if self._always_online else \
                 [self.group_models[g] for g in np.unique(self.group_of[ks])]
@@ -236,14 +233,13 @@ class Simulation:
             if exchange_s > 0:
                 yield self.env.timeout(exchange_s)
                 self.exchange_total_s += exchange_s
-                if self.trace_on:
-                    for k in ks:
-                        self._trace("comm", k, barrier, self.env.now, bytes=self.core.model_bytes)
+                for i in traced:
+                    self._trace("comm", ks[i], barrier, self.env.now, bytes=self.core.model_bytes)
             record = self.core.aggregate(self.round, ks, plan.time_budget_s)
             self.schedule.check_divergence(record)
             if self.spec.trace.decisions:
-                self.writer.decisions.append(record.as_json())
-            test_loss = test_acc = math.nan
+                self.writer.add_decision(record)
+            test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
             last = bool(self.schedule.stop_reason(self.round, self.env.now, self.core.epochs, False))
             if self.schedule.eval_due(self.round, self.core.epochs) or last:
                 test_loss, test_acc = yield from self._evaluate()
@@ -256,7 +252,7 @@ class Simulation:
                "test_loss": test_loss, "test_acc": test_acc}
         self.writer.add_row(row)
         if self.progress:
-            self.progress(row)
+            self.progress(self.writer.rows[-1])  # as stored: what was not computed is NaN
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -264,7 +260,11 @@ class Simulation:
         wall0 = time.perf_counter()
         self.env.process(self.coordinator())
         with _fewer_gc_passes():
-            self.env.run()
+            try:
+                self.env.run()
+            except BaseException:
+                self.writer.close()  # every finished round is already on disk
+                raise
         return self.writer.finish(self.summary(time.perf_counter() - wall0))
 
     def summary(self, wall_s: float) -> dict:

@@ -72,15 +72,16 @@ class TimeOnlyCore(DecisionCore):
         return RoundRecord(round, tuple(participants), tuple(self._steps), tuple(samples), tuple(self._biased),
                            tuple(weights.tolist()), STAND_IN_LOSS, time_budget_s)
 
-    def evaluate(self) -> tuple[float, float]:
-        """No loss; the surrogate learning curve's accuracy at the epochs done, if one is configured
-        (NaN outside its fitted range, and the first such epoch is remembered for the summary)."""
+    def evaluate(self) -> tuple[None, float | None]:
+        """No loss; the surrogate learning curve's accuracy at the epochs done, if one is configured.
+        None = not computed (an empty metrics cell): always for the loss, and for the accuracy without a
+        curve or outside its fitted range (the first such epoch is remembered for the summary)."""
         if self.curve is None:
-            return math.nan, math.nan
+            return None, None
         acc = self.curve.predict(self.epochs)
         if math.isnan(acc) and self.epochs > self.curve.epochs_max and self.refused_after is None:
             self.refused_after = self.epochs
-        return math.nan, acc
+        return None, None if math.isnan(acc) else acc
 
     def state_dict(self) -> dict:
         return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total}
