@@ -179,7 +179,7 @@ def check_workers(workers: int) -> None:
 
 
 def sweep(config: str | Path, grid_items: Sequence[str], seeds: int, out: str | Path, workers: int = 0,
-          engine: str = "sim", overrides: Sequence[str] = (), stream=sys.stderr, ray_address: str = "") -> Path:
+          engine: str = "sim", overrides: Sequence[str] = (), stream=None, ray_address: str = "") -> Path:
     """Run the sweep (see the module docstring); returns the path of sweep.csv. ray_address: run the
     pending runs as Ray tasks on that cluster ('local' starts a Ray instance on this machine)."""
     if engine not in ("sim", "real"):
@@ -192,7 +192,7 @@ def sweep(config: str | Path, grid_items: Sequence[str], seeds: int, out: str | 
     return run_all(expand(base, parse_grid(grid_items), seeds, out), out, workers, engine, stream, ray_address)
 
 
-def run_all(runs: Sequence[SweepRun], out: str | Path, workers: int = 0, engine: str = "sim", stream=sys.stderr,
+def run_all(runs: Sequence[SweepRun], out: str | Path, workers: int = 0, engine: str = "sim", stream=None,
             ray_address: str = "") -> Path:
     """Run the runs that are not cached (in parallel processes, or on Ray), then merge every finished
     one into out/sweep.csv (see write_table); returns its path.
@@ -201,6 +201,7 @@ def run_all(runs: Sequence[SweepRun], out: str | Path, workers: int = 0, engine:
     checkpoint resumes from it next time, one without is redone), the finished ones are written to
     sweep.csv, and KeyboardInterrupt is raised again with a one-line account of what finished."""
     check_workers(workers)
+    stream = stream or sys.stderr  # looked up now: a redirected stderr (tests, notebooks) gets the lines
     out = Path(out)
     pending = [r for r in runs if not r.cached]
     workers = 1 if engine == "real" else (workers or default_workers())
