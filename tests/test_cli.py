@@ -99,7 +99,7 @@ def test_ablation_plot(tmp_path):
 
 def test_quickstart_is_cached_and_resumable(tmp_path, capsys):
     """An interrupted quickstart loses nothing: the next call runs only the missing runs."""
-    args = ["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02", "--workers", "2"]
+    args = ["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02"]
     assert main(args) == 0
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/summary.json")}
     assert len(stamps) == 5
@@ -111,7 +111,7 @@ def test_quickstart_is_cached_and_resumable(tmp_path, capsys):
     after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/summary.json")}
     assert victim in after and all(after[p] == t for p, t in stamps.items() if p != victim)
     # another config runs anew, and the figures count only its runs (one seed per policy)
-    assert main([*args[:-2], "--set", "optim.lr=0.04"]) == 0
+    assert main([*args, "--set", "optim.lr=0.04"]) == 0
     assert len(list(tmp_path.glob("runs/*/summary.json"))) == 10
     assert "| sync-sgd | 0/1 |" in (tmp_path / "figures" / "speedups.md").read_text()  # one run, not two
 
