@@ -204,8 +204,8 @@ def quickstart_under_load(seeds: int) -> tuple[float | None, str]:
     try:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "hetsim.cli", "quickstart", "--out", out, "--seeds", str(seeds)],
-                                  capture_output=True, text=True, env=env, cwd=ROOT)
+            cmd = [sys.executable, "-m", "hetsim.cli", "quickstart", "--out", out, "--seeds", str(seeds)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             wall = time.perf_counter() - t0
     finally:
         busy.kill()

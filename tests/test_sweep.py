@@ -100,7 +100,8 @@ def test_two_sweeps_into_one_folder_keep_each_others_runs(base, tmp_path):
     rows = read(out / "sweep.csv")
     assert sorted(r["name"] for r in rows) == ["tiny[optim.lr=0.05]", "tiny[optim.momentum=0.5]"]
     by_name = {r["name"]: r for r in rows}
-    assert by_name["tiny[optim.lr=0.05]"]["optim.lr"] == "0.05" and by_name["tiny[optim.lr=0.05]"]["optim.momentum"] == ""
+    lr = by_name["tiny[optim.lr=0.05]"]
+    assert (lr["optim.lr"], lr["optim.momentum"]) == ("0.05", "")
     assert by_name["tiny[optim.momentum=0.5]"]["optim.momentum"] == "0.5"
     # the same label re-run with another config replaces its rows; the other label's row stays
     sweep(base, ["optim.lr=0.05"], 1, out, workers=1, overrides=["optim.weight_decay=0.0"])
