@@ -286,21 +286,17 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
-    from hetsim.quickstart import BASELINE, quickstart_specs
-    from hetsim.sim import simulate
+    from hetsim.quickstart import BASELINE, quickstart_runs
+    from hetsim.sweep import check_workers, run_all, table_runs
 
+    check_workers(args.workers)
     out = Path(args.out)
-    specs = quickstart_specs(args.seeds, args.set)
-    progress = Progress()
+    runs = quickstart_runs(out, args.seeds, args.set)
     t0 = time.perf_counter()
-    for i, (name, spec) in enumerate(specs):
-        progress.start(f"[{i + 1}/{len(specs)} {name}]")
-        result = simulate(spec, out / "runs" / name, progress)
-        progress.done(result.summary)
-    runs = load_runs([out / "runs" / name for name, _ in specs])
-    paths = plot_runs(runs, out / "figures", baseline=BASELINE)
+    table = run_all(runs, out, args.workers)
+    paths = plot_runs(load_runs(table_runs(table)), out / "figures", baseline=BASELINE)
     print((out / "figures" / "speedups.md").read_text())
-    print(f"{len(specs)} runs in {time.perf_counter() - t0:.0f}s; figures:")
+    print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f}s; figures:")
     for p in paths:
         print(f"  {p}")
     return 0
@@ -329,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="hetsim-quickstart", help="output folder (runs/ and figures/)")
     q.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base spec")
+    q.add_argument("--workers", type=int, default=0, help="parallel runs (default: the cores)")
     q.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("simulate", help="run one config in the simulator")
@@ -425,8 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HetsimError as e:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("hetsim: interrupted; completed files are kept in the run directory", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a sweep says what finished; a plain Ctrl+C carries no text
+        print(f"hetsim: interrupted; {e or 'completed files are kept in the run directory'}", file=sys.stderr)
         return 130
 
 

@@ -217,11 +217,15 @@ class SimSpec:
         round-off. Models with BatchNorm fall back to the loop.
     surrogate: a learning curve (`hetsim surrogate`, hetsim/surrogate.py) that gives a time-only run an
         accuracy at each evaluation, within the epochs it was fitted on (NaN beyond: no extrapolation).
+    threads: torch threads of a simulated run (0 = one). The models are tiny: more threads than one
+        oversubscribe the cores and spin (measured: the quickstart took 143-353 s on 2 cores beside one
+        other busy process with torch's default, 33 s with one thread), and a sweep runs one per core.
     """
 
     fidelity: str = "emulated"
     batched: bool = False
     surrogate: str = ""
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -425,6 +429,7 @@ def _validate(spec: Spec) -> None:
     _check_schedule(net.bandwidth_schedule, "cluster.network.bandwidth_schedule", "bandwidth in GB/s")
     _require(spec.sim.fidelity in ("emulated", "time_only"), "sim.fidelity", "'emulated' or 'time_only'",
              spec.sim.fidelity)
+    _require(spec.sim.threads >= 0, "sim.threads", "an integer >= 0 (0 = one per simulated run)", spec.sim.threads)
     if spec.sim.surrogate:
         _require(spec.sim.fidelity == "time_only", "sim.surrogate", "fidelity 'time_only' (emulated runs have "
                  "real accuracy)", spec.sim.fidelity)

@@ -2,6 +2,8 @@
 
 The base spec is `hetsim/quickstart.toml` (digits + MLP, 2 CPUs + 8 GPUs with assumed speeds);
 each policy below replaces its scheduler, sampler and aggregator — nothing else differs.
+The runs go through the sweep machinery (hetsim/sweep.py): parallel processes, cached by config, so
+re-running after an interrupt runs only what is missing; OUT/sweep.csv lists them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hetsim.config import Spec, load_spec, replace
+from hetsim.errors import SpecError
+from hetsim.sweep import SweepRun, config_hash
 
 BASE = Path(__file__).parent / "quickstart.toml"
 
@@ -41,9 +45,18 @@ BASELINE = "sync-sgd"
 
 def quickstart_specs(seeds: int = 3, overrides: list[str] | None = None) -> list[tuple[str, Spec]]:
     """(run directory name, spec) for every policy and seed."""
+    if seeds < 1:
+        raise SpecError(f"--seeds {seeds}: expected at least 1")
     base = load_spec(BASE, overrides or [])
     out = []
     for label, policy in POLICIES.items():
         for seed in range(seeds):
             out.append((f"{label}-s{seed}", replace(base, [*policy, f'name="{label}"', f"seed={seed}"])))
     return out
+
+
+def quickstart_runs(out: str | Path, seeds: int = 3, overrides: list[str] | None = None) -> list[SweepRun]:
+    """The quickstart's runs for hetsim.sweep.run_all: OUT/runs/<policy>-s<seed>-<config hash>. The hash
+    keeps a run of a changed config (another --set) from resuming or reusing one of the old config."""
+    return [SweepRun({}, spec.seed, spec, Path(out) / "runs" / f"{name}-{config_hash(spec)}")
+            for name, spec in quickstart_specs(seeds, overrides)]

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import fcntl
 import hashlib
 import io
 import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +34,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hetsim.config import Spec, load_spec, replace, spec_to_dict, to_toml
-from hetsim.errors import SpecError
+from hetsim.errors import HetsimError, SpecError
 from hetsim.results import CHECKPOINT, atomic_write
 
 SUMMARY_COLUMNS = ("time_to_accuracy_s", "final_test_acc", "best_test_acc", "rounds", "time_s", "epochs",
-                   "stopped_by", "wall_time_s")
+                   "stopped_by", "diverged_at_round", "wall_time_s")
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _sweep_ray(pending: Sequence[SweepRun], address: str, workers: int, engine: 
                 r.run_dir.mkdir(parents=True, exist_ok=True)
                 for name, data in sorted(files.items(), key=lambda kv: kv[0] == "summary.json"):
                     (r.run_dir / name).write_bytes(data)  # summary.json last: it marks the run finished
-                status = "done"
+                status = _status(json.loads(files["summary.json"]))
             except Exception as e:  # noqa: BLE001
                 failures.append((r, e))
                 status = f"FAILED: {e}"
@@ -126,72 +128,198 @@ def _sweep_ray(pending: Sequence[SweepRun], address: str, workers: int, engine: 
     return failures
 
 
+class _Stopped(BaseException):
+    """Raised in a pool worker by SIGTERM: the driver stops the sweep (Ctrl+C)."""
+
+
+_RUNNING = False  # whether this pool worker is inside a run (see _on_terminate)
+
+
+def _worker_init() -> None:
+    # Ctrl+C reaches every process of the terminal's group; the driver alone decides what stops, so a
+    # worker must not turn it into a failed run and go on to the next queued one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_terminate)
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    if not _RUNNING:
+        os._exit(128 + signum)
+    raise _Stopped  # unwind the run first: the real backend's finally stops its device processes
+
+
 def _run_one(spec: Spec, run_dir: str, engine: str, resume: bool) -> dict[str, Any]:
-    if engine == "real":
-        from backends.torchmp import run
+    global _RUNNING
+    try:
+        _RUNNING = True
+        if engine == "real":
+            from backends.torchmp import run
 
-        return run(spec, run_dir, resume=resume).summary
-    import torch
+            return run(spec, run_dir, resume=resume).summary
+        from hetsim.sim import simulate  # one torch thread per run unless sim.threads says otherwise
 
-    torch.set_num_threads(1)  # one run per core
-    from hetsim.sim import simulate
+        return simulate(spec, run_dir, resume=resume).summary
+    except _Stopped:
+        os._exit(128 + signal.SIGTERM)  # end the worker: it must not start a queued run
+    finally:
+        _RUNNING = False
 
-    return simulate(spec, run_dir, resume=resume).summary
+
+def default_workers() -> int:
+    """The cores this process may use (its CPU affinity, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_workers(workers: int) -> None:
+    if workers < 0:
+        raise SpecError(f"--workers {workers}: expected 0 (one per core) or a positive number of parallel runs")
 
 
 def sweep(config: str | Path, grid_items: Sequence[str], seeds: int, out: str | Path, workers: int = 0,
-          engine: str = "sim", overrides: Sequence[str] = (), stream=sys.stderr, ray_address: str = "") -> Path:
+          engine: str = "sim", overrides: Sequence[str] = (), stream=None, ray_address: str = "") -> Path:
     """Run the sweep (see the module docstring); returns the path of sweep.csv. ray_address: run the
     pending runs as Ray tasks on that cluster ('local' starts a Ray instance on this machine)."""
     if engine not in ("sim", "real"):
         raise SpecError(f"--engine {engine!r}: expected 'sim' or 'real'")
     if seeds < 1:
         raise SpecError(f"--seeds {seeds}: expected at least 1")
+    check_workers(workers)
     out = Path(out)
     base = load_spec(config, overrides)
-    runs = expand(base, parse_grid(grid_items), seeds, out)
+    return run_all(expand(base, parse_grid(grid_items), seeds, out), out, workers, engine, stream, ray_address)
+
+
+def run_all(runs: Sequence[SweepRun], out: str | Path, workers: int = 0, engine: str = "sim", stream=None,
+            ray_address: str = "") -> Path:
+    """Run the runs that are not cached (in parallel processes, or on Ray), then merge every finished
+    one into out/sweep.csv (see write_table); returns its path.
+
+    Ctrl+C stops promptly: queued runs are cancelled, running ones are stopped (a run with a
+    checkpoint resumes from it next time, one without is redone), the finished ones are written to
+    sweep.csv, and KeyboardInterrupt is raised again with a one-line account of what finished."""
+    check_workers(workers)
+    stream = stream or sys.stderr  # looked up now: a redirected stderr (tests, notebooks) gets the lines
+    out = Path(out)
     pending = [r for r in runs if not r.cached]
-    workers = 1 if engine == "real" else (workers or os.cpu_count() or 1)
+    workers = 1 if engine == "real" else (workers or default_workers())
     print(f"sweep: {len(runs)} runs ({len(runs) - len(pending)} cached), {min(workers, max(1, len(pending)))} "
           f"at a time", file=stream)
     t0 = time.perf_counter()
-    failures = []
-    if pending and ray_address:
-        failures = _sweep_ray(pending, ray_address, workers, engine, stream, t0)
-    elif pending:
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, r.spec, str(r.run_dir), engine, (r.run_dir / CHECKPOINT).is_file()): r
-                       for r in pending}
-            for i, fut in enumerate(cf.as_completed(futures), 1):
-                r = futures[fut]
-                try:
-                    s = fut.result()
-                    tta = s["time_to_accuracy_s"]
-                    status = f"final acc {s['final_test_acc']:.3f}, tta {'-' if tta is None else f'{tta:.4g}s'}"
-                except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-                    failures.append((r, e))
-                    status = f"FAILED: {e}"
-                print(f"[{i}/{len(pending)} {time.perf_counter() - t0:.0f}s] {r.spec.name} seed {r.seed}: {status}",
-                      file=stream, flush=True)
+    failures: list[tuple[SweepRun, BaseException]] = []
+    try:
+        if pending and ray_address:
+            failures = _sweep_ray(pending, ray_address, workers, engine, stream, t0)
+        elif pending:
+            failures = _sweep_pool(pending, workers, engine, stream, t0)
+    except KeyboardInterrupt:
+        table = write_table(runs, out)
+        done = sum(r.cached for r in runs)
+        raise KeyboardInterrupt(f"{done} of {len(runs)} runs finished and are listed in {table}; the same "
+                                f"command runs the rest") from None
     table = write_table(runs, out)
     if failures:
         r, e = failures[0]
-        raise SpecError(f"{len(failures)} of {len(pending)} runs failed; first: {r.run_dir}: {e}")
+        raise HetsimError(f"{len(failures)} of {len(pending)} runs failed; first: {r.run_dir}: {e}")
     return table
 
 
+def _status(s: dict[str, Any]) -> str:
+    """One run's outcome for the progress line; a diverged run is a result, not a failure."""
+    if s.get("diverged_at_round") is not None:
+        return f"diverged at round {s['diverged_at_round']}"
+    acc, tta = s.get("final_test_acc"), s.get("time_to_accuracy_s")
+    return (f"final acc {'-' if acc is None else f'{acc:.3f}'}, "
+            f"tta {'-' if tta is None else f'{tta:.4g}s'}")
+
+
+def _sweep_pool(pending: Sequence[SweepRun], workers: int, engine: str, stream, t0: float
+                ) -> list[tuple[SweepRun, BaseException]]:
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+    failures: list[tuple[SweepRun, BaseException]] = []
+    try:
+        futures = {pool.submit(_run_one, r.spec, str(r.run_dir), engine, (r.run_dir / CHECKPOINT).is_file()): r
+                   for r in pending}
+        for i, fut in enumerate(cf.as_completed(futures), 1):
+            r = futures[fut]
+            try:
+                status = _status(fut.result())
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                failures.append((r, e))
+                status = f"FAILED: {e}"
+            print(f"[{i}/{len(pending)} {time.perf_counter() - t0:.0f}s] {r.spec.name} seed {r.seed}: {status}",
+                  file=stream, flush=True)
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown()
+    return failures
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 10.0) -> None:
+    """Cancel the queued runs and stop the running ones. The executor can only wait for running work
+    (shutdown runs every run already handed to a worker), so its processes are terminated: SIGTERM
+    unwinds a run (see _on_terminate), and a worker still alive after grace_s is killed."""
+    procs = list((pool._processes or {}).values())  # noqa: SLF001 - no public way to stop running work
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def write_table(runs: Sequence[SweepRun], out: Path) -> Path:
-    keys = list(runs[0].point) if runs else []
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run_dir", "name", "seed", *keys, *SUMMARY_COLUMNS])
-    for r in runs:
-        path = r.run_dir / "summary.json"
-        s = json.loads(path.read_text()) if path.is_file() else {}
-        w.writerow([r.run_dir.relative_to(out), r.spec.name, r.seed, *(r.point[k] for k in keys),
-                    *("" if s.get(c) is None else s[c] for c in SUMMARY_COLUMNS)])
-    atomic_write(out / "sweep.csv", buf.getvalue())
-    return out / "sweep.csv"
+    """Merge the finished runs of `runs` into out/sweep.csv: the rows of the labels (spec names) these
+    runs have are replaced by theirs, every other label's rows are kept. So two sweeps into one folder
+    keep each other's runs, and a label re-run with a changed config lists only its new runs (stale
+    ones stay in runs/ but out of the table). Read-merge-write holds an exclusive lock on
+    out/.sweep.lock, so concurrent sweeps cannot lose each other's rows; the file is replaced atomically.
+    A run that did not finish (no summary.json for its config) has no row."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "sweep.csv"
+    labels = {r.spec.name for r in runs}
+    with open(out / ".sweep.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        header, rows = _read_table(table)
+        keys = [c for c in header if c not in _FIXED_COLUMNS and c not in SUMMARY_COLUMNS]
+        rows = [row for row in rows if row.get("name") not in labels]
+        for r in runs:
+            if not r.cached:
+                continue
+            s = json.loads((r.run_dir / "summary.json").read_text())
+            keys += [k for k in r.point if k not in keys]
+            rows.append({"run_dir": str(r.run_dir.relative_to(out)), "name": r.spec.name, "seed": r.seed, **r.point,
+                         **{c: "" if s.get(c) is None else s[c] for c in SUMMARY_COLUMNS}})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, [*_FIXED_COLUMNS, *keys, *SUMMARY_COLUMNS], restval="", extrasaction="ignore",
+                           lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        atomic_write(table, buf.getvalue())
+    return table
+
+
+_FIXED_COLUMNS = ("run_dir", "name", "seed")
+
+
+def _read_table(table: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of an existing sweep.csv (none if there is no file)."""
+    if not table.is_file():
+        return [], []
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        if not {"run_dir", "name"} <= set(header):
+            raise HetsimError(f"{table}: not a sweep table (expected run_dir and name columns); move it away to "
+                              f"start a new one")
+        return header, [row for row in reader if row.get("run_dir")]
 
 
 def compare_methods(config: str | Path, methods: dict[str, tuple[str, str, str]], seeds: int, out: str | Path,

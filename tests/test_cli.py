@@ -177,3 +177,32 @@ def test_profiling_one_device_keeps_the_runs_sampler_naming_the_other_kinds():
 
     spec = _spec("synthetic", 8, "cpu", "", kind="gpu", sampler={"name": "loss_topk", "params": {"kinds": ["cpu"]}})
     assert (spec.cluster.devices[0].kind, spec.sampler.name, spec.sampler.params) == ("gpu", "loss_topk", {"kinds": ["cpu"]})
+
+
+def test_quickstart_is_cached_and_resumable(tmp_path, capsys):
+    """An interrupted quickstart loses nothing: the next call runs only the missing runs."""
+    args = ["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02"]
+    assert main(args) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/summary.json")}
+    assert len(stamps) == 5
+    victim = sorted(stamps)[0]
+    victim.unlink()  # as if the run was interrupted
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "5 runs (4 cached)" in capsys.readouterr().err
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/summary.json")}
+    assert victim in after and all(after[p] == t for p, t in stamps.items() if p != victim)
+    # another config runs anew, and the figures count only its runs (one seed per policy)
+    assert main([*args, "--set", "optim.lr=0.04"]) == 0
+    assert len(list(tmp_path.glob("runs/*/summary.json"))) == 10
+    assert "| sync-sgd | 0/1 |" in (tmp_path / "figures" / "speedups.md").read_text()  # one run, not two
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds 0: expected at least 1"),
+    (["--workers", "-1"], "--workers -1: expected 0 (one per core) or a positive number of parallel runs"),
+])
+def test_quickstart_bad_counts_are_one_line_errors(tmp_path, capsys, args, message):
+    assert main(["quickstart", "--out", str(tmp_path / "q"), *args]) == 2
+    assert capsys.readouterr().err == f"hetsim: error: {message}\n"
+    assert not (tmp_path / "q").exists()

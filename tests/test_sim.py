@@ -218,3 +218,23 @@ def test_on_divergence_is_validated(tiny_spec):
 
     with pytest.raises(SpecError, match=r"stop.on_divergence: expected 'stop' or 'continue', got 'halt'"):
         tiny_spec("stop.on_divergence='halt'")
+
+
+def test_a_simulated_run_uses_one_torch_thread_unless_sim_threads_says(tiny_spec, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's setting: not what a run should use, and restored after it
+    try:
+        assert simulate(tiny_spec("stop.max_rounds=1")).summary["torch_threads"] == 1
+        assert torch.get_num_threads() == 3
+        simulate(tiny_spec("stop.max_rounds=1", "sim.threads=2"), tmp_path / "r")
+        assert json.loads((tmp_path / "r" / "summary.json").read_text())["torch_threads"] == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_negative_sim_threads_is_rejected(tiny_spec):
+    from hetsim.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"sim.threads: expected an integer >= 0 \(0 = one per simulated run\), got -1"):
+        tiny_spec("sim.threads=-1")

@@ -301,5 +301,21 @@ def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = N
 
         result = simulate(load_spec("examples/digits.toml"), out="runs/digits")
         result.summary["time_to_accuracy_s"]
+
+    Torch runs with `spec.sim.threads` threads (0: one) for the run, recorded as summary.json's
+    torch_threads; the caller's setting is restored afterwards.
     """
-    return Simulation(spec, out, progress, resume=resume, force=force).run()
+    with _torch_threads(spec.sim.threads or 1):
+        return Simulation(spec, out, progress, resume=resume, force=force).run()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
