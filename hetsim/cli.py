@@ -10,10 +10,11 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from hetsim.errors import HetsimError, SpecError
+from hetsim.errors import HetsimError, HetsimWarning, SpecError
 
 
 class Progress:
@@ -58,28 +59,33 @@ class Progress:
         self.stream.flush()
 
 
-def _spec_and_out(args: argparse.Namespace, suffix: str):
-    """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml)."""
+def _spec_and_out(args: argparse.Namespace, engine: str):
+    """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml).
+    The default folder, runs/NAME-sSEED-IDENTITY, stays inside runs/ whatever the name holds and
+    differs between configs (hetsim.rundir.default_run_dir)."""
     from hetsim.config import load_spec
+    from hetsim.rundir import default_run_dir
 
     if args.resume:
         if args.config or args.set:
             raise SpecError("--resume RUN_DIR continues that run with its own config.toml; give no CONFIG or --set")
+        if args.overwrite:
+            raise SpecError("--resume RUN_DIR continues that run; it cannot be combined with --overwrite")
         return load_spec(Path(args.resume) / "config.toml"), Path(args.resume)
     if not args.config:
         raise SpecError("expected a CONFIG file (or --resume RUN_DIR)")
     spec = load_spec(args.config, args.set)
-    return spec, Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}{suffix}"
+    return spec, Path(args.out) if args.out else default_run_dir(spec, engine)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from hetsim.sim import simulate
 
-    spec, out = _spec_and_out(args, "")
+    spec, out = _spec_and_out(args, "sim")
     progress = None if args.quiet else Progress()
     if progress:
         progress.start(f"[{spec.name} seed {spec.seed}]")
-    result = simulate(spec, out, progress, resume=bool(args.resume))
+    result = simulate(spec, out, progress, resume=bool(args.resume), overwrite=args.overwrite)
     if progress:
         progress.done(result.summary)
     print(out)
@@ -90,20 +96,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The real backend: spawn one process per device, or be one rank under torchrun (env://)."""
     import os
 
-    spec, out = _spec_and_out(args, "-real")
+    spec, out = _spec_and_out(args, "torchmp")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         from backends.torchmp.worker import exit_now, worker_main
+        from hetsim.rundir import claim_run_dir
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
             raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
+        if rank == 0:  # the writer claims the folder; if it refuses, torchrun stops the other ranks
+            claim_run_dir(out, spec, "torchmp", overwrite=args.overwrite, resume=bool(args.resume))
         worker_main(rank, world, spec, str(out), "env://", resume=bool(args.resume))
         if rank == 0:
             print(out)
         exit_now(0)  # skip gloo's teardown at interpreter exit (see worker_main)
     from backends.torchmp import run
 
-    result = run(spec, out, resume=bool(args.resume))
+    result = run(spec, out, resume=bool(args.resume), overwrite=args.overwrite)
     s = result.summary
     tta = s["time_to_accuracy_s"]
     print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, final acc {s['final_test_acc']:.3f}, "
@@ -219,7 +228,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for i, (name, spec) in enumerate(specs):
         progress.start(f"[{i + 1}/{len(specs)} {name}]")
-        result = simulate(spec, out / "runs" / name, progress)
+        result = simulate(spec, out / "runs" / name, progress, overwrite=args.overwrite)
         progress.done(result.summary)
     runs = load_runs([out / "runs" / name for name, _ in specs])
     paths = plot_runs(runs, out / "figures", baseline=BASELINE)
@@ -231,18 +240,27 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hetsim.analysis import load_runs
+    from hetsim.analysis import check_target, load_runs
     from hetsim.plots import plot_runs
 
-    runs = load_runs(args.runs)
+    if args.target is not None:
+        check_target(args.target, "--target")
     a, _, b = args.rounds.partition(":")
     try:
         window = (int(a), int(b or a))
     except ValueError:
         raise SpecError(f"--rounds {args.rounds!r}: expected FIRST:LAST, e.g. 1:3") from None
-    for p in plot_runs(runs, Path(args.out), args.target, args.baseline, window):
+    if not 0 <= window[0] <= window[1]:
+        raise SpecError(f"--rounds {args.rounds!r}: expected 0 <= FIRST <= LAST, e.g. 1:3")
+    order = [x.strip() for x in args.order.split(",") if x.strip()] if args.order else None
+    runs = load_runs(args.runs)
+    for p in plot_runs(runs, Path(args.out), args.target, args.baseline, window, order=order):
         print(p)
     return 0
+
+
+OVERWRITE_HELP = ("write into a folder holding other files or a different run: hetsim's run files there are "
+                  "replaced, other files are kept")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="hetsim-quickstart", help="output folder (runs/ and figures/)")
     q.add_argument("--seeds", type=int, default=3, help="seeds per policy (default 3)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base spec")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("simulate", help="run one config in the simulator")
     s.add_argument("config", nargs="?", help="TOML spec (see examples/)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("--out", help="run directory (default runs/NAME-sSEED)")
+    s.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -267,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)")
     r.add_argument("config", nargs="?", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    r.add_argument("--out", help="run directory (default runs/NAME-sSEED-real)")
+    r.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY-real)")
+    r.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     r.set_defaults(func=cmd_run)
 
@@ -318,14 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", type=float, help="target accuracy (default: the runs' configured target)")
     pl.add_argument("--baseline", help="label of the baseline for speedups, e.g. sync-sgd")
     pl.add_argument("--rounds", default="1:3", help="round window of the timeline, FIRST:LAST")
+    pl.add_argument("--order", metavar="LABEL,LABEL,...",
+                    help="legend order and colours: a label's colour is fixed by its place in this list, so every "
+                         "figure of a study matches (default: the baseline, then the runs' order)")
     pl.set_defaults(func=cmd_plot)
     return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning) -> None:
+    """hetsim's own warnings as one line, like its errors; others as Python prints them."""
+    if issubclass(category, HetsimWarning):
+        print(f"hetsim: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", HetsimWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except SpecError as e:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 2

@@ -11,3 +11,8 @@ class SpecError(HetsimError):
 
 class DataError(HetsimError):
     """A data set is missing or malformed at the configured path."""
+
+
+class HetsimWarning(UserWarning):
+    """Something the user should know about a result that is still produced (the CLI prints it as one
+    line, `hetsim: warning: ...`)."""

@@ -280,13 +280,19 @@ class Simulation:
                 "surrogate_refused_after_epoch": self.core.refused_after}
 
 
-def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None,
-             resume: bool = False) -> RunResult:
-    """Run `spec` in the simulator; with `out`, write the run directory there.
+def simulate(spec: Spec, out: str | Path | None = None, progress: ProgressFn | None = None,
+             resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run `spec` in the simulator; with `out`, write the run directory there. `out` must be new, empty
+    or hold a run of the same config; overwrite: replace another run's files there (see
+    hetsim.rundir.claim_run_dir).
 
     Example::
 
         result = simulate(load_spec("examples/digits.toml"), out="runs/digits")
         result.summary["time_to_accuracy_s"]
     """
+    if out is not None:
+        from hetsim.rundir import claim_run_dir
+
+        claim_run_dir(out, spec, "sim", overwrite=overwrite, resume=resume)
     return Simulation(spec, out, progress, resume=resume).run()
