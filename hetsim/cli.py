@@ -219,7 +219,7 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
-    from hetsim.quickstart import BASELINE, quickstart_specs
+    from hetsim.quickstart import BASELINE, POLICIES, quickstart_specs
     from hetsim.sim import simulate
 
     out = Path(args.out)
@@ -231,7 +231,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         result = simulate(spec, out / "runs" / name, progress, overwrite=args.overwrite)
         progress.done(result.summary)
     runs = load_runs([out / "runs" / name for name, _ in specs])
-    paths = plot_runs(runs, out / "figures", baseline=BASELINE)
+    paths = plot_runs(runs, out / "figures", baseline=BASELINE, order=list(POLICIES))
     print((out / "figures" / "speedups.md").read_text())
     print(f"{len(specs)} runs in {time.perf_counter() - t0:.0f}s; figures:")
     for p in paths:

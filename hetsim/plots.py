@@ -15,6 +15,7 @@ labels wrap at separators and are shortened in the middle, never to the same tex
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -333,9 +334,24 @@ def plot_runs(runs: Sequence[Run], out: Path, target: float | None = None, basel
     return paths + [out / "speedups.csv", out / "speedups.md"]
 
 
+def log_ticks(lo: float, hi: float, most: int = 4) -> list[float]:
+    """At most `most` tick values in [lo, hi] for a log axis: 1-2-5 steps, else powers of ten (every
+    k-th on a wide range); where fewer than two fall inside (a narrow range), three geometric points
+    at 2 significant digits."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for subs in ((1, 2, 5), (1,)):
+        ticks = [float(f"{m * 10.0 ** d:g}") for d in decades for m in subs if lo <= m * 10.0 ** d <= hi]
+        if 2 <= len(ticks) <= most:
+            return ticks
+    if len(ticks) > most:
+        return ticks[::-(-len(ticks) // most)]
+    return [float(f"{v:.2g}") for v in np.geomspace(lo, hi, 5)[1:4]]
+
+
 def compare_figure(predicted: Run, measured: Run) -> plt.Figure:
     """The predicted-vs-measured figure (see plot_compare), returned open."""
-    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+    from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter
 
     n = min(len(predicted.metrics["round"]), len(measured.metrics["round"]))
     fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH_IN, 2.3))
@@ -352,9 +368,9 @@ def compare_figure(predicted: Run, measured: Run) -> plt.Figure:
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
     for axis in (axes[1].xaxis, axes[1].yaxis):
-        # at most 4 labelled ticks at 1-2-5 steps, plain numbers; unlabelled minor ticks (the default
-        # labels minor ticks of a narrow log range, and they overlap)
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=4))
+        # a few labelled ticks, plain numbers, unlabelled minor ticks (matplotlib labels the minor ticks
+        # of a narrow log range, '2x10^1 3x10^1 4x10^1', and they overlap)
+        axis.set_major_locator(FixedLocator(log_ticks(*lim)))
         axis.set_major_formatter(StrMethodFormatter("{x:g}"))
         axis.set_minor_formatter(NullFormatter())
     axes[0].set(xlabel="round", ylabel="elapsed time (s)")
