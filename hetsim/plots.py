@@ -43,7 +43,7 @@ LINESTYLES = ["-", "--", ":", "-."]
 COLUMN_WIDTH_IN = 3.4
 PAGE_WIDTH_IN = 7.0
 #: characters a line of a legend entry or tick label may hold, and lines a label may take
-LABEL_WIDTH = 28
+LABEL_WIDTH = 32
 LABEL_LINES = 2
 
 
@@ -68,9 +68,10 @@ def label_styles(labels: Sequence[str], order: Sequence[str] | None = None, base
 
 
 def _pack(text: str, width: int) -> list[str]:
-    """Greedy lines of at most `width` characters, broken after spaces, commas, brackets, slashes."""
+    """Greedy lines of at most `width` characters, broken after spaces, commas, brackets, slashes and
+    hyphens (not dots or '=': '0.' / '02' would misread)."""
     lines = [""]
-    for token in re.findall(r"[^ ,\[\]/|;]*[ ,\[\]/|;]*", text):
+    for token in re.findall(r"[^ ,\[\]/|;-]*[ ,\[\]/|;-]*", text):
         while token:
             if len(lines[-1]) + len(token.rstrip()) <= width:
                 lines[-1] += token
