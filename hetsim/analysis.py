@@ -158,6 +158,8 @@ def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
         flat = [{**flatten({k: v for k, v in g[0].config.items() if k not in IDENTITY_IGNORES}),
                  "engine": g[0].engine, "fidelity": g[0].fidelity} for g in same]
         keys = [k for k in dict.fromkeys(k for f in flat for k in f) if len({json.dumps(f.get(k)) for f in flat}) > 1]
+        if "sim.fidelity" in keys:  # the summary's fidelity says it again
+            keys.remove("fidelity")
         for g, f in zip(same, flat):
             labels[id(g)] = f"{name} [{', '.join(f'{k}={_value_text(f.get(k, MISSING))}' for k in keys)}]"
         warnings.warn(f"{len(same)} different configs share the label {name!r} (they differ in {', '.join(keys)}); "
@@ -207,7 +209,7 @@ def speedup_table(groups: dict[str, list[Run]], target: float, baseline: str | N
     rows = []
     for label, runs in groups.items():
         ttas = [t for t in (r.time_to_accuracy(target) for r in runs) if t is not None]
-        finals = [r.evaluated()[2][-1] for r in runs]
+        finals = [acc[-1] if len(acc) else math.nan for acc in (r.evaluated()[2] for r in runs)]
         rows.append(SpeedupRow(label, len(runs), len(ttas),
                                float(np.mean(ttas)) if ttas else None, float(np.std(ttas)) if ttas else None,
                                float(np.mean(finals)), float(np.std(finals)), None))

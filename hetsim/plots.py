@@ -129,12 +129,13 @@ def accuracy_figure(groups: dict[str, list[Run]], target: float | None = None, l
     """The accuracy figure (see plot_accuracy), returned open for inspection."""
     styles = styles or label_styles(list(groups))
     drawn = {k: v for k, v in groups.items() if any(len(r.evaluated()[2]) for r in v)}
+    if not drawn:
+        raise SpecError("no run has an evaluated accuracy (time-only runs without a surrogate?); nothing to draw "
+                        "in the accuracy figure")
     skipped = [k for k in groups if k not in drawn]
     if skipped:
         warnings.warn(f"no evaluated accuracy in the runs of {', '.join(map(repr, skipped))} (time-only runs "
                       "without a surrogate?); they are not drawn in the accuracy figure", HetsimWarning, stacklevel=3)
-    if not drawn:
-        raise SpecError("no run has an evaluated accuracy; nothing to draw in the accuracy figure")
     texts = display_labels(list(drawn))
     lines = max(t.count("\n") + 1 for t in texts.values())
     ncol = min(3, len(drawn) + 2)

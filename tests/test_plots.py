@@ -26,6 +26,7 @@ RUNS = {  # folder -> overrides of the tiny spec; 4 rounds each
     "base0": ["name='base'", "seed=0", "scheduler={name='sync'}"],
     "base1": ["name='base'", "seed=1", "scheduler={name='sync'}"],
     "slow0": ["name='slow'", "cluster.devices.0.step_time.mean_s=0.05", "eval.every_rounds=100"],
+    "timeonly0": ["name='time-only'", "sim.fidelity='time_only'"],  # no accuracy
 }
 
 
@@ -242,6 +243,13 @@ def test_accuracy_legend_names_the_band_and_the_target(runs, tmp_path, figures):
     plot_runs(load(runs, "base0", "base1", "slow0"), tmp_path, target=0.5)
     texts = [t.get_text() for t in figures["accuracy"].legends[0].get_texts()]
     assert texts == ["base (n=2)", "slow", "target 50%", "min–max over seeds"]
+
+
+def test_a_run_without_accuracy_has_no_accuracy_legend_entry(runs, tmp_path, figures):
+    with pytest.warns(HetsimWarning, match="no evaluated accuracy in the runs of 'time-only'"):
+        plot_runs(load(runs, "base0", "timeonly0"), tmp_path, target=0.5)
+    assert [t.get_text() for t in figures["accuracy"].legends[0].get_texts()] == ["base", "target 50%"]
+    assert [ax.get_title(loc="left") for ax in figures["timeline"].axes] == ["base: rounds 1-3", "time-only: rounds 1-3"]
 
 
 def test_log_ticks_are_few_and_inside_the_range():
