@@ -166,10 +166,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hetsim.analysis import compare_runs, load_run
     from hetsim.plots import plot_compare
     from hetsim.results import atomic_write
+    from hetsim.rundir import writable_dir
 
     predicted, measured = load_run(args.predicted), load_run(args.measured)
     report = compare_runs(predicted, measured)
-    out = Path(args.out) if args.out else Path(args.measured) / "compare"
+    out = writable_dir(Path(args.out) if args.out else Path(args.measured) / "compare")
     atomic_write(out / "compare.json", json.dumps(report, indent=2) + "\n")
     plot_compare(predicted, measured, out)
 

@@ -315,6 +315,7 @@ def plot_runs(runs: Sequence[Run], out: Path, target: float | None = None, basel
     """All figures and the speedup table for a set of runs (grouped by experiment; seeds averaged).
     order: the study's labels in legend order; fixes each label's colour across figures (module doc)."""
     from hetsim.analysis import check_target, group_by_label, speedup_table, write_speedup_table
+    from hetsim.rundir import writable_dir
 
     if target is not None:
         check_target(target)
@@ -324,6 +325,7 @@ def plot_runs(runs: Sequence[Run], out: Path, target: float | None = None, basel
     styles = label_styles(list(groups), order, baseline)
     target = target if target is not None else float(runs[0].summary.get("target_accuracy", 0.9))
     has_trace = _check_window(groups, rounds)
+    out = writable_dir(out, "figures folder")
     paths = plot_accuracy(groups, out, target, styles=styles)
     rows = speedup_table(groups, target, baseline)
     write_speedup_table(rows, out, target, baseline)

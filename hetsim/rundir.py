@@ -183,6 +183,16 @@ def claim_run_dir(path: str | Path, spec: Spec, engine: str, *, overwrite: bool 
                 _remove_run_files(path)
             except OSError as e:
                 raise SpecError(f"{path}: cannot replace the earlier run's files ({e.strerror})") from None
+    return writable_dir(path, "run folder")
+
+
+def writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create `path` (and its parents) and check that files can be made in it; one-line SpecError
+    for a file in the way, a read-only folder or a name too long, instead of a traceback mid-run."""
+    path = Path(path)
+    _check_name_lengths(path.absolute())
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"{path}: exists and is not a folder; the {what} must be a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".hetsim-probe-")
@@ -191,5 +201,5 @@ def claim_run_dir(path: str | Path, spec: Spec, engine: str, *, overwrite: bool 
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise SpecError(f"{path}: the path is too long for the file system; choose a shorter --out") from None
-        raise SpecError(f"{path}: cannot write the run folder ({e.strerror})") from None
+        raise SpecError(f"{path}: cannot write the {what} ({e.strerror})") from None
     return path

@@ -145,6 +145,15 @@ def test_a_sweep_run_still_running_is_left_out_with_a_warning(runs, tmp_path, ca
     assert "| base | " in (tmp_path / "fig" / "speedups.md").read_text()
 
 
+@pytest.mark.parametrize("command", ["plot", "compare"])
+def test_an_out_that_is_a_file_is_one_line(runs, tmp_path, capsys, command):
+    (tmp_path / "f").write_text("x")
+    inputs = [str(runs / "base0")] * (2 if command == "compare" else 1)
+    assert main([command, *inputs, "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.startswith(f"hetsim: error: {tmp_path / 'f'}: exists and is not a folder")
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_compare_refuses_runs_of_different_configs(runs, tmp_path, capsys):
     assert main(["compare", str(runs / "sgd-a0"), str(runs / "sgd-b0"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
