@@ -115,7 +115,8 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
             runs.extend(load_run(c) for c in children)
         else:
             raise HetsimError(f"{p}: no such run directory")
-    return runs
+    seen: set[Path] = set()  # a run named twice (a folder and a run inside it) is one run, not two seeds
+    return [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
 
 
 def _sweep_runs(table: Path) -> list[Run]:
@@ -170,6 +171,10 @@ def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
         while label in out:  # a name that happens to equal another's disambiguated label
             label += "'"
         out[label] = g
+        names = list(dict.fromkeys(r.label for r in g))
+        if len(names) > 1:
+            warnings.warn(f"runs named {', '.join(map(repr, names))} have the same config; drawn as one curve "
+                          f"{label!r}", HetsimWarning, stacklevel=2)
         seeds = [r.seed for r in g]
         if len(set(seeds)) < len(seeds):
             dup = sorted({s for s in seeds if seeds.count(s) > 1})

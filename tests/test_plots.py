@@ -67,6 +67,21 @@ def test_seeds_differing_in_run_and_trace_settings_are_one_curve(runs):
     assert {k: [r.seed for r in v] for k, v in groups.items()} == {"sgd": [0, 1]}
 
 
+def test_a_run_given_twice_is_one_run(runs):
+    assert [r.path for r in load_runs([runs / "base0", runs, runs / "base0"])][:2] == [runs / "base0", runs / "base1"]
+    assert sum(r.path == runs / "base0" for r in load_runs([runs / "base0", runs])) == 1
+
+
+def test_copies_of_one_run_and_renamed_copies_are_named_in_warnings(runs, tmp_path):
+    shutil.copytree(runs / "base0", tmp_path / "copy")
+    with pytest.warns(HetsimWarning, match=r"'base': runs with the same config and seed \[0\] are counted as separate"):
+        assert [len(v) for v in group_by_label(load_runs([runs / "base0", tmp_path / "copy"])).values()] == [2]
+    config = tomllib.loads((tmp_path / "copy" / "config.toml").read_text())
+    (tmp_path / "copy" / "config.toml").write_text(to_toml({**config, "name": "renamed", "seed": 5}))
+    with pytest.warns(HetsimWarning, match="runs named 'base', 'renamed' have the same config; drawn as one curve 'base'"):
+        assert list(group_by_label(load_runs([runs / "base0", tmp_path / "copy"]))) == ["base"]
+
+
 def test_a_simulated_and_a_measured_run_are_never_seeds_of_one_curve(runs, tmp_path):
     shutil.copytree(runs / "sgd-a0", tmp_path / "real")
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
