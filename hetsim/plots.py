@@ -230,12 +230,12 @@ def plot_time_to_accuracy(rows: Sequence[SpeedupRow], out: Path, target: float, 
         return save_figure(time_to_accuracy_figure(rows, target, baseline, censor_s, styles), out, "time_to_accuracy")
 
 
-def _window_events(run: Run, rounds: tuple[int, int]) -> list[dict]:
-    return [e for e in run.trace() if e.get("ph") == "X" and rounds[0] <= e["args"].get("round", -1) <= rounds[1]]
+def _window_events(trace: list[dict], rounds: tuple[int, int]) -> list[dict]:
+    return [e for e in trace if e.get("ph") == "X" and rounds[0] <= e["args"].get("round", -1) <= rounds[1]]
 
 
-def _traced_rounds(run: Run) -> tuple[int, int] | None:
-    r = [e["args"]["round"] for e in run.trace() if e.get("ph") == "X" and "round" in e.get("args", {})]
+def _traced_rounds(trace: list[dict]) -> tuple[int, int] | None:
+    r = [e["args"]["round"] for e in trace if e.get("ph") == "X" and "round" in e.get("args", {})]
     return (min(r), max(r)) if r else None
 
 
@@ -244,13 +244,14 @@ def timeline_figure(runs: Sequence[Run], rounds: tuple[int, int] = (1, 3), label
     """The timeline figure (see plot_timeline), returned open. The panels share one time axis, so
     their lengths compare; only the kinds of span drawn are in the legend."""
     labels = list(labels) if labels is not None else [r.label for r in runs]
-    heights = [0.16 * max(1, len(_thread_names(r))) + 0.5 for r in runs]
+    traces = [r.trace() for r in runs]  # read once: a trace can be large
+    windows = [_window_events(t, rounds) for t in traces]
+    heights = [0.16 * max(1, len(_thread_names(t))) + 0.5 for t in traces]
     fig, axes = plt.subplots(len(runs), 1, figsize=(PAGE_WIDTH_IN, sum(heights) + 0.3), sharex=True,
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     drawn: set[str] = set()
-    for ax, run, label in zip(axes[:, 0], runs, labels):
-        names = _thread_names(run)
-        events = _window_events(run, rounds)
+    for ax, trace, events, label in zip(axes[:, 0], traces, windows, labels):
+        names = _thread_names(trace)
         t0 = min((e["ts"] for e in events), default=0.0)
         for kind, colour in KIND_COLOURS.items():
             for tid in range(len(names)):
@@ -265,8 +266,7 @@ def timeline_figure(runs: Sequence[Run], rounds: tuple[int, int] = (1, 3), label
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.set_title(f"{wrap_label(label, 80, 1)}: rounds {rounds[0]}-{rounds[1]}", loc="left")
         ax.grid(axis="y", visible=False)
-    ends = [(max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3
-            for ev in (_window_events(r, rounds) for r in runs) if ev]
+    ends = [(max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)) / 1e3 for ev in windows if ev]
     if ends and max(ends) > 0:
         axes[0, 0].set_xlim(0, max(ends) * 1.02)
     axes[-1, 0].set_xlabel("simulated time since the window's start (ms)")
@@ -286,8 +286,8 @@ def plot_timeline(runs: Sequence[Run], out: Path, rounds: tuple[int, int] = (1, 
         return save_figure(timeline_figure(runs, rounds, labels), out, "timeline")
 
 
-def _thread_names(run: Run) -> list[str]:
-    meta = {e["tid"]: e["args"]["name"] for e in run.trace() if e.get("ph") == "M" and e.get("name") == "thread_name"}
+def _thread_names(trace: list[dict]) -> list[str]:
+    meta = {e["tid"]: e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "thread_name"}
     return [meta[k] for k in sorted(meta)]
 
 
@@ -296,8 +296,12 @@ def _check_window(groups: dict[str, list[Run]], rounds: tuple[int, int]) -> list
     have traces is the user's mistake: an error naming the rounds they hold, not an empty figure."""
     if not 0 <= rounds[0] <= rounds[1]:
         raise SpecError(f"rounds {rounds[0]}:{rounds[1]}: expected 0 <= FIRST <= LAST")
-    traced = {k: _traced_rounds(v[0]) for k, v in groups.items()}
-    inside = [k for k, v in groups.items() if _window_events(v[0], rounds)]
+    traced, inside = {}, []
+    for k, v in groups.items():  # one trace in memory at a time
+        trace = v[0].trace()
+        traced[k] = _traced_rounds(trace)
+        if _window_events(trace, rounds):
+            inside.append(k)
     if not inside and any(traced.values()):
         held = "; ".join(f"{k!r}: {a}-{b}" for k, (a, b) in ((k, t) for k, t in traced.items() if t))
         raise SpecError(f"--rounds {rounds[0]}:{rounds[1]}: no run has trace events in that window (their traces "
@@ -368,7 +372,7 @@ def compare_figure(predicted: Run, measured: Run) -> plt.Figure:
     axes[1].scatter(dm * 1e3, dp * 1e3, s=6, color=PALETTE[0])
     both = np.concatenate([dm, dp]) * 1e3
     lim = [both[both > 0].min() / 1.2, both.max() * 1.2]
-    axes[1].plot(lim, lim, color="0.5", lw=0.8, ls="--", label="equal")
+    axes[1].plot(lim, lim, color="0.5", lw=0.8, ls="--", label="predicted = measured")
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
     for axis in (axes[1].xaxis, axes[1].yaxis):
@@ -381,6 +385,7 @@ def compare_figure(predicted: Run, measured: Run) -> plt.Figure:
     axes[1].set(xlabel="measured round time (ms)", ylabel="predicted round time (ms)", xlim=lim, ylim=lim)
     axes[2].set(xlabel="time (s)", ylabel="test accuracy")
     axes[0].legend(frameon=False)
+    axes[1].legend(frameon=False, loc="upper left")
     fig.tight_layout()
     return fig
 
