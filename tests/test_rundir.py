@@ -195,3 +195,21 @@ def test_claim_accepts_new_empty_and_same_config_folders(tiny_spec, tmp_path):
     assert claim_run_dir(tmp_path / "a" / "b", spec, "sim").is_dir()
     (tmp_path / "empty").mkdir()
     assert claim_run_dir(tmp_path / "empty", spec, "sim") == tmp_path / "empty"
+
+
+def test_a_torchrun_rank_0_claims_the_folder_before_joining(tiny_file, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("mine\n")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the tiny cluster's 3 devices
+    assert main(["run", str(tiny_file()), "--out", str(mine)]) == 2
+    assert "not empty and holds no hetsim run" in one_line_error(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.csv"]
+
+
+def test_default_folders_of_a_simulation_and_a_real_run_differ(tiny_spec, tmp_path):
+    spec = tiny_spec("name='x'")
+    sim, real = default_run_dir(spec, "sim", tmp_path), default_run_dir(spec, "torchmp", tmp_path)
+    assert sim.name.startswith("x-s0-") and real.name.startswith("x-s0-") and real.name.endswith("-real")
+    assert sim.name != real.name.removesuffix("-real")  # the identity differs too
