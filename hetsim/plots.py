@@ -253,12 +253,14 @@ def timeline_figure(runs: Sequence[Run], rounds: tuple[int, int] = (1, 3), label
     for ax, trace, events, label in zip(axes[:, 0], traces, windows, labels):
         names = _thread_names(trace)
         t0 = min((e["ts"] for e in events), default=0.0)
+        visible_ms = 1e-3 * max((e["ts"] + e["dur"] - t0 for e in events), default=0.0) / 1e3
         for kind, colour in KIND_COLOURS.items():
             for tid in range(len(names)):
                 spans = [((e["ts"] - t0) / 1e3, e["dur"] / 1e3) for e in events if e["tid"] == tid and e["name"] == kind]
                 if spans:
                     ax.broken_barh(spans, (len(names) - 1 - tid - 0.4, 0.8), facecolors=colour, edgecolor="none")
-                    drawn.add(kind)
+                    if any(d > visible_ms for _, d in spans):  # not a kind whose spans are all ~0 wide
+                        drawn.add(kind)
         if not events:
             ax.text(0.5, 0.5, f"no trace events in rounds {rounds[0]}-{rounds[1]}", transform=ax.transAxes,
                     ha="center", va="center", fontsize=7, color="0.4")

@@ -258,9 +258,16 @@ def test_timeline_panels_share_one_time_axis(runs, tmp_path, figures):
 
 
 def test_timeline_legend_lists_only_what_is_drawn(runs, tmp_path, figures):
-    # slow0 evaluates only after its last round (eval.every_rounds=100): no eval span in rounds 1-3
+    # the tiny cluster's evaluations take no time (no eval_time_s): there is no eval span to draw
     plots.plot_timeline(load(runs, "slow0"), tmp_path, (1, 3))
     assert [t.get_text() for t in figures["timeline"].legends[0].get_texts()] == ["compute", "comm", "idle"]
+
+
+def test_timeline_legend_leaves_out_zero_length_idle(runs, tmp_path, figures):
+    # sgd-a0: the cpu's 1 step of 10 ms and each gpu's 5 steps of 2 ms end together: idle spans of
+    # float round-off (1e-12 s) only
+    plots.plot_timeline(load(runs, "sgd-a0"), tmp_path, (1, 3))
+    assert [t.get_text() for t in figures["timeline"].legends[0].get_texts()] == ["compute", "comm"]
 
 
 def test_accuracy_legend_names_the_band_and_the_target(runs, tmp_path, figures):
