@@ -254,6 +254,8 @@ def write_speedup_table(rows: Sequence[SpeedupRow], out_dir: Path, target: float
 def _decides_the_math(key: str) -> bool:
     """Whether a config key (dotted) changes what is trained, rather than how long it takes."""
     top = key.split(".")[0]
+    if key == "workload.path":  # where the data lives (machines differ), not what it is
+        return False
     if top in ("workload", "scheduler", "sampler", "aggregator", "optim", "eval"):
         return True
     parts = key.split(".")
@@ -268,8 +270,8 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
 
     The runs must train and decide the same thing: an error names the keys that differ in the
     workload, the policies, optim, eval or the device groups' kinds and counts. The time model (step
-    times, profiles, links, conditions, where devices run), the seed and the stop rule may differ:
-    a warning names them, and the report lists them in `config_differences`.
+    times, profiles, links, conditions, where devices run), the data's folder, the seed and the stop
+    rule may differ: a warning names them, and the report lists them in `config_differences`.
     """
     diffs = config_differences(predicted.config, measured.config, ignore=("name", "run", "trace", "sim"))
     tolerated = {k: v for k, v in diffs.items() if not _decides_the_math(k)}
