@@ -176,6 +176,16 @@ def test_compare_refuses_runs_of_different_configs(runs, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_compare_accepts_another_machines_data_folder_with_a_warning(runs, tmp_path, capsys):
+    shutil.copytree(runs / "base0", tmp_path / "there")
+    config = tomllib.loads((tmp_path / "there" / "config.toml").read_text())
+    (tmp_path / "there" / "config.toml").write_text(to_toml({**config, "workload": {**config["workload"],
+                                                                                    "path": "/data/elsewhere"}}))
+    assert main(["compare", str(runs / "base0"), str(tmp_path / "there"), "--out", str(tmp_path / "c")]) == 0
+    assert "hetsim: warning:" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["config_differences"] == ["workload.path"]
+
+
 def test_compare_of_two_seeds_warns_and_records_it(runs, tmp_path, capsys):
     assert main(["compare", str(runs / "base0"), str(runs / "base1"), "--out", str(tmp_path / "c")]) == 0
     assert "hetsim: warning:" in capsys.readouterr().err
