@@ -21,7 +21,7 @@ import numpy as np
 
 from hetsim.errors import HetsimError, HetsimWarning, SpecError
 from hetsim.results import METRIC_COLUMNS, RunResult, time_to_accuracy
-from hetsim.rundir import IDENTITY_IGNORES, MISSING, config_differences, flatten, identity_key
+from hetsim.rundir import IDENTITY_IGNORES, MISSING, config_differences, flatten, identity_key, short_repr
 
 
 @dataclass
@@ -137,7 +137,8 @@ def _sweep_runs(table: Path) -> list[Run]:
 
 
 def _value_text(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 40 else short_repr(v)
 
 
 def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
@@ -276,12 +277,13 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
     diffs = config_differences(predicted.config, measured.config, ignore=("name", "run", "trace", "sim"))
     tolerated = {k: v for k, v in diffs.items() if not _decides_the_math(k)}
     if len(tolerated) < len(diffs):
-        shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diffs.items() if k not in tolerated)
+        shown = "; ".join(f"{k}: {short_repr(a)} vs {short_repr(b)}" for k, (a, b) in diffs.items()
+                          if k not in tolerated)
         raise SpecError(f"{predicted.path} and {measured.path} are runs of different configs ({shown}); "
                         "compare a prediction and a measurement of one config")
     if tolerated:
         warnings.warn(f"{predicted.path} and {measured.path} differ in "
-                      + "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in tolerated.items())
+                      + "; ".join(f"{k}: {short_repr(a)} vs {short_repr(b)}" for k, (a, b) in tolerated.items())
                       + " (compared anyway)", HetsimWarning, stacklevel=2)
     n = min(len(predicted.metrics["round"]), len(measured.metrics["round"]))
     if n < 2:

@@ -121,8 +121,15 @@ def _existing_run(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return config, engine
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """repr(value), cut in the middle past `limit` characters (a profile's 1,000 step-time samples
+    must not make an error message or a legend label a page long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit * 2 // 3]}...{text[-(limit // 3):]}"
+
+
 def _describe(diffs: dict[str, tuple[Any, Any]], limit: int = 3) -> str:
-    shown = [f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(diffs.items())[:limit]]
+    shown = [f"{k}: {short_repr(old)} there, {short_repr(new)} now" for k, (old, new) in list(diffs.items())[:limit]]
     more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return "; ".join(shown) + more
 

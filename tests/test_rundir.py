@@ -213,3 +213,12 @@ def test_default_folders_of_a_simulation_and_a_real_run_differ(tiny_spec, tmp_pa
     sim, real = default_run_dir(spec, "sim", tmp_path), default_run_dir(spec, "torchmp", tmp_path)
     assert sim.name.startswith("x-s0-") and real.name.startswith("x-s0-") and real.name.endswith("-real")
     assert sim.name != real.name.removesuffix("-real")  # the identity differs too
+
+
+def test_a_long_differing_value_is_shortened_in_the_error(tiny_spec, tmp_path):
+    samples = ", ".join(["0.01"] * 500)
+    simulate(tiny_spec("stop.max_rounds=2"), tmp_path / "r")
+    with pytest.raises(SpecError) as e:
+        claim_run_dir(tmp_path / "r", tiny_spec(f"cluster.devices.0.step_time={{dist='empirical', samples_s=[{samples}]}}"),
+                      "sim")
+    assert "cluster.devices.0.step_time.samples_s: [] there, [0.01, 0.01" in str(e.value) and len(str(e.value)) < 400
