@@ -12,11 +12,11 @@ from hetsim.config import Spec, load_spec, spec_from_dict  # noqa: E402
 from hetsim.errors import DataError, HetsimError, SpecError  # noqa: E402
 
 
-def simulate(spec, out=None, progress=None, resume=False, force=False):
+def simulate(spec, out=None, progress=None, resume=False, force=False, overwrite=False):
     """Run a spec in the simulator (see `hetsim.sim.simulate`); returns a RunResult."""
     from hetsim.sim import simulate as _simulate
 
-    return _simulate(spec, out, progress, resume, force)
+    return _simulate(spec, out, progress, resume, force, overwrite)
 
 
 __all__ = ["DataError", "HetsimError", "Spec", "SpecError", "load_spec", "simulate", "spec_from_dict"]

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from hetsim.errors import HetsimError
+from hetsim.errors import HetsimError, HetsimWarning, SpecError
 from hetsim.results import (RUN_SCHEMA, RunResult, read_decisions, read_metrics_columns, read_trace,
                             time_to_accuracy)
+from hetsim.rundir import IDENTITY_IGNORES, MISSING, config_differences, flatten, identity_key, short_repr
 
 
 @dataclass
@@ -38,6 +41,20 @@ class Run:
     @property
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
+
+    @property
+    def engine(self) -> str:
+        return str(self.summary.get("engine", "sim"))
+
+    @property
+    def fidelity(self) -> str:
+        return str(self.summary.get("fidelity", "emulated" if self.engine == "sim" else "real"))
+
+    @property
+    def identity(self) -> str:
+        """The experiment this run is a seed of (hetsim.rundir.identity_key): config without seed, name,
+        run.* and trace.*, plus engine and fidelity."""
+        return identity_key(self.config, self.engine, self.fidelity)
 
     def evaluated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(time_s, epoch, test_acc) at the rounds where the model was evaluated."""
@@ -104,9 +121,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
         if (p / "summary.json").is_file() or (p / "config.toml").is_file():
             runs.append(load_run(p))
         elif (p / "sweep.csv").is_file():
-            from hetsim.sweep import table_runs
-
-            runs.extend(load_run(r) for r in table_runs(p / "sweep.csv"))
+            runs.extend(_sweep_runs(p / "sweep.csv"))
         elif p.is_dir():
             children = sorted(c for c in p.iterdir() if (c / "summary.json").is_file())
             if not children:
@@ -114,15 +129,81 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
             runs.extend(load_run(c) for c in children)
         else:
             raise HetsimError(f"{p}: no such run directory")
-    return runs
+    seen: set[Path] = set()  # a run named twice (a folder and a run inside it) is one run, not two seeds
+    return [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
+
+
+def _sweep_runs(table: Path) -> list[Run]:
+    """The finished runs a sweep.csv lists. A listed run without summary.json (failed, or its sweep
+    still running) is left out with a warning naming it, never read half-written."""
+    from hetsim.sweep import table_runs
+
+    listed = table_runs(table)
+    finished = [r for r in listed if (r / "summary.json").is_file()]
+    if not finished:
+        raise HetsimError(f"{table}: none of its {len(listed)} runs has finished (no summary.json)")
+    if len(finished) < len(listed):
+        missing = [str(r) for r in listed if r not in finished]
+        warnings.warn(f"{table}: {len(missing)} of {len(listed)} runs have not finished (failed, or the sweep is "
+                      f"still running) and are left out: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
+                      HetsimWarning, stacklevel=3)
+    return [load_run(r) for r in finished]
+
+
+def _value_text(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 40 else short_repr(v)
 
 
 def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by label, in first-seen order; each group's runs sorted by seed."""
-    groups: dict[str, list[Run]] = {}
+    """Runs grouped by experiment (Run.identity) in first-seen order, each group's runs sorted by seed,
+    keyed by its legend label: the runs' name. Different experiments that share a name are never
+    averaged: each gets the keys where they differ appended, e.g. 'sgd [optim.lr=0.1]', and a warning."""
+    by_identity: dict[str, list[Run]] = {}
     for r in runs:
-        groups.setdefault(r.label, []).append(r)
-    return {k: sorted(v, key=lambda r: r.seed) for k, v in groups.items()}
+        by_identity.setdefault(r.identity, []).append(r)
+    groups = [sorted(v, key=lambda r: r.seed) for v in by_identity.values()]
+    by_name: dict[str, list[list[Run]]] = {}
+    for g in groups:
+        by_name.setdefault(g[0].label, []).append(g)
+    labels: dict[int, str] = {}
+    for name, same in by_name.items():
+        if len(same) == 1:
+            labels[id(same[0])] = name
+            continue
+        flat = [{**flatten({k: v for k, v in g[0].config.items() if k not in IDENTITY_IGNORES}),
+                 "engine": g[0].engine, "fidelity": g[0].fidelity} for g in same]
+        keys = [k for k in dict.fromkeys(k for f in flat for k in f) if len({json.dumps(f.get(k)) for f in flat}) > 1]
+        if "sim.fidelity" in keys:  # the summary's fidelity says it again
+            keys.remove("fidelity")
+        for g, f in zip(same, flat):
+            labels[id(g)] = f"{name} [{', '.join(f'{k}={_value_text(f.get(k, MISSING))}' for k in keys)}]"
+        warnings.warn(f"{len(same)} different configs share the label {name!r} (they differ in {', '.join(keys)}); "
+                      f"drawn apart as {', '.join(repr(labels[id(g)]) for g in same)}", HetsimWarning, stacklevel=2)
+    out: dict[str, list[Run]] = {}
+    for g in groups:
+        label = labels[id(g)]
+        while label in out:  # a name that happens to equal another's disambiguated label
+            label += "'"
+        out[label] = g
+        names = list(dict.fromkeys(r.label for r in g))
+        if len(names) > 1:
+            warnings.warn(f"runs named {', '.join(map(repr, names))} have the same config; drawn as one curve "
+                          f"{label!r}", HetsimWarning, stacklevel=2)
+        seeds = [r.seed for r in g]
+        if len(set(seeds)) < len(seeds):
+            dup = sorted({s for s in seeds if seeds.count(s) > 1})
+            warnings.warn(f"{label!r}: runs with the same config and seed {dup} are counted as separate seeds: "
+                          f"{', '.join(str(r.path) for r in g if r.seed in dup)}", HetsimWarning, stacklevel=2)
+    return out
+
+
+def check_target(target: float, what: str = "target accuracy") -> float:
+    """An accuracy target must be a fraction in (0, 1]: 95 or 0 would make every run 'not reached'
+    (or reached at once) and print '9500%' in the tables."""
+    if not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise SpecError(f"{what} {target!r}: expected a fraction in (0, 1], e.g. 0.95 for 95%")
+    return float(target)
 
 
 @dataclass(frozen=True)
@@ -142,12 +223,13 @@ class SpeedupRow:
 
 def speedup_table(groups: dict[str, list[Run]], target: float, baseline: str | None = None) -> list[SpeedupRow]:
     """Time to `target` accuracy per label (mean/std over seeds) and speedup over `baseline`."""
+    check_target(target)
     if baseline is not None and baseline not in groups:
         raise HetsimError(f"baseline {baseline!r} is not among the runs' labels {list(groups)}")
     rows = []
     for label, runs in groups.items():
         ttas = [t for t in (r.time_to_accuracy(target) for r in runs) if t is not None]
-        finals = [r.evaluated()[2][-1] for r in runs]
+        finals = [acc[-1] if len(acc) else math.nan for acc in (r.evaluated()[2] for r in runs)]
         rows.append(SpeedupRow(label, len(runs), len(ttas),
                                float(np.mean(ttas)) if ttas else None, float(np.std(ttas)) if ttas else None,
                                float(np.mean(finals)), float(np.std(finals)), None))
@@ -184,12 +266,39 @@ def write_speedup_table(rows: Sequence[SpeedupRow], out_dir: Path, target: float
     atomic_write(out_dir / "speedups.md", speedup_markdown(rows, target, baseline))
 
 
+def _decides_the_math(key: str) -> bool:
+    """Whether a config key (dotted) changes what is trained, rather than how long it takes."""
+    top = key.split(".")[0]
+    if key == "workload.path":  # where the data lives (machines differ), not what it is
+        return False
+    if top in ("workload", "scheduler", "sampler", "aggregator", "optim", "eval"):
+        return True
+    parts = key.split(".")
+    return top == "cluster" and len(parts) == 4 and parts[1] == "devices" and parts[3] in ("kind", "count")
+
+
 def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
     """Predicted (usually the simulator) against measured (usually the real backend), round by round.
 
     round_time_rel_error: |pred - meas| / meas of each round's duration (round r ends at time_s[r]),
     over the rounds both runs have; its median and p90 are the headline numbers.
+
+    The runs must train and decide the same thing: an error names the keys that differ in the
+    workload, the policies, optim, eval or the device groups' kinds and counts. The time model (step
+    times, profiles, links, conditions, where devices run), the data's folder, the seed and the stop
+    rule may differ: a warning names them, and the report lists them in `config_differences`.
     """
+    diffs = config_differences(predicted.config, measured.config, ignore=("name", "run", "trace", "sim"))
+    tolerated = {k: v for k, v in diffs.items() if not _decides_the_math(k)}
+    if len(tolerated) < len(diffs):
+        shown = "; ".join(f"{k}: {short_repr(a)} vs {short_repr(b)}" for k, (a, b) in diffs.items()
+                          if k not in tolerated)
+        raise SpecError(f"{predicted.path} and {measured.path} are runs of different configs ({shown}); "
+                        "compare a prediction and a measurement of one config")
+    if tolerated:
+        warnings.warn(f"{predicted.path} and {measured.path} differ in "
+                      + "; ".join(f"{k}: {short_repr(a)} vs {short_repr(b)}" for k, (a, b) in tolerated.items())
+                      + " (compared anyway)", HetsimWarning, stacklevel=2)
     n = min(len(predicted.metrics["round"]), len(measured.metrics["round"]))
     if n < 2:
         raise HetsimError("the runs share fewer than one round; nothing to compare")
@@ -218,4 +327,5 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
         "accuracy_abs_diff_max": float(np.max(np.abs(ap[both] - am[both]))) if both.any() else None,
         "accuracy_abs_diff_mean": float(np.mean(np.abs(ap[both] - am[both]))) if both.any() else None,
         "same_decisions": same_decisions,
+        "config_differences": sorted(tolerated),
     }

@@ -77,30 +77,35 @@ class Progress:
         self.stream.flush()
 
 
-def _spec_and_out(args: argparse.Namespace, suffix: str):
-    """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml)."""
+def _spec_and_out(args: argparse.Namespace, engine: str):
+    """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml).
+    The default folder, runs/NAME-sSEED-IDENTITY, stays inside runs/ whatever the name holds and
+    differs between configs (hetsim.rundir.default_run_dir)."""
     from hetsim.config import load_spec
+    from hetsim.rundir import default_run_dir
 
     if args.force and not args.resume:
         raise SpecError("--force only applies to --resume RUN_DIR (continue with a config edited since the checkpoint)")
     if args.resume:
         if args.config or args.set:
             raise SpecError("--resume RUN_DIR continues that run with its own config.toml; give no CONFIG or --set")
+        if args.overwrite:
+            raise SpecError("--resume RUN_DIR continues that run; it cannot be combined with --overwrite")
         return load_spec(Path(args.resume) / "config.toml"), Path(args.resume)
     if not args.config:
         raise SpecError("expected a CONFIG file (or --resume RUN_DIR)")
     spec = load_spec(args.config, args.set)
-    return spec, Path(args.out) if args.out else Path("runs") / f"{spec.name}-s{spec.seed}{suffix}"
+    return spec, Path(args.out) if args.out else default_run_dir(spec, engine)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from hetsim.sim import simulate
 
-    spec, out = _spec_and_out(args, "")
+    spec, out = _spec_and_out(args, "sim")
     progress = None if args.quiet else Progress()
     if progress:
         progress.start(f"[{spec.name} seed {spec.seed}]")
-    result = simulate(spec, out, progress, resume=bool(args.resume), force=args.force)
+    result = simulate(spec, out, progress, resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
     if progress:
         progress.done(result.summary)
     status = _report_divergence(result.summary, out)
@@ -114,17 +119,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from backends.torchmp.launcher import RunInterrupted, check_devices
 
-    spec, out = _spec_and_out(args, "-real")
+    spec, out = _spec_and_out(args, "torchmp")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import traceback
 
         from backends.torchmp.worker import exit_now, log_path, send_stderr_to_log, worker_main
         from hetsim.results import worker_names
+        from hetsim.rundir import claim_run_dir
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != spec.n_workers:
             raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
         check_devices(spec)
+        if rank == 0:  # the writer claims the folder; if it refuses, torchrun stops the other ranks
+            claim_run_dir(out, spec, "torchmp", overwrite=args.overwrite, resume=bool(args.resume))
         # as under the launcher: tracebacks and library noise go to the run's log, the console gets one line
         log = log_path(out, rank)
         console = send_stderr_to_log(log)
@@ -154,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hetsim.results import summary_outcome
 
     try:
-        result = run(spec, out, resume=bool(args.resume), force=args.force)
+        result = run(spec, out, resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
     except RunInterrupted as e:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -227,10 +235,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hetsim.analysis import compare_runs, load_run
     from hetsim.plots import plot_compare
     from hetsim.results import write_json
+    from hetsim.rundir import writable_dir
 
     predicted, measured = load_run(args.predicted), load_run(args.measured)
     report = compare_runs(predicted, measured)
-    out = Path(args.out) if args.out else Path(args.measured) / "compare"
+    out = writable_dir(Path(args.out) if args.out else Path(args.measured) / "compare")
     write_json(out / "compare.json", report)
     plot_compare(predicted, measured, out)
 
@@ -286,7 +295,7 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hetsim.analysis import load_runs
     from hetsim.plots import plot_runs
-    from hetsim.quickstart import BASELINE, quickstart_runs
+    from hetsim.quickstart import BASELINE, POLICIES, quickstart_runs
     from hetsim.sweep import check_workers, run_all, table_runs
 
     check_workers(args.workers)
@@ -294,7 +303,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     runs = quickstart_runs(out, args.seeds, args.set)
     t0 = time.perf_counter()
     table = run_all(runs, out, args.workers)
-    paths = plot_runs(load_runs(table_runs(table)), out / "figures", baseline=BASELINE)
+    paths = plot_runs(load_runs(table_runs(table)), out / "figures", baseline=BASELINE, order=list(POLICIES))
     print((out / "figures" / "speedups.md").read_text())
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f}s; figures:")
     for p in paths:
@@ -303,18 +312,27 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hetsim.analysis import load_runs
+    from hetsim.analysis import check_target, load_runs
     from hetsim.plots import plot_runs
 
-    runs = load_runs(args.runs)
+    if args.target is not None:
+        check_target(args.target, "--target")
     a, _, b = args.rounds.partition(":")
     try:
         window = (int(a), int(b or a))
     except ValueError:
         raise SpecError(f"--rounds {args.rounds!r}: expected FIRST:LAST, e.g. 1:3") from None
-    for p in plot_runs(runs, Path(args.out), args.target, args.baseline, window):
+    if not 0 <= window[0] <= window[1]:
+        raise SpecError(f"--rounds {args.rounds!r}: expected 0 <= FIRST <= LAST, e.g. 1:3")
+    order = [x.strip() for x in args.order.split(",") if x.strip()] if args.order else None
+    runs = load_runs(args.runs)
+    for p in plot_runs(runs, Path(args.out), args.target, args.baseline, window, order=order):
         print(p)
     return 0
+
+
+OVERWRITE_HELP = ("write into a folder holding other files or a different run: hetsim's run files there are "
+                  "replaced, other files are kept")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     s.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "
                    "since the checkpoint (summary.json records it)")
-    s.add_argument("--out", help="run directory (default runs/NAME-sSEED)")
+    s.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -344,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     r.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "
                    "since the checkpoint (summary.json records it)")
-    r.add_argument("--out", help="run directory (default runs/NAME-sSEED-real)")
+    r.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY-real)")
+    r.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     r.set_defaults(func=cmd_run)
 
@@ -397,25 +417,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", type=float, help="target accuracy (default: the runs' configured target)")
     pl.add_argument("--baseline", help="label of the baseline for speedups, e.g. sync-sgd")
     pl.add_argument("--rounds", default="1:3", help="round window of the timeline, FIRST:LAST")
+    pl.add_argument("--order", metavar="LABEL,LABEL,...",
+                    help="legend order and colours: a label's colour is fixed by its place in this list, so every "
+                         "figure of a study matches (default: the baseline, then the runs' order)")
     pl.set_defaults(func=cmd_plot)
     return p
 
 
-_python_formatwarning = warnings.formatwarning
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # warnings.formatwarning's signature
-    """hetsim's own warnings (HetsimWarning) print as one line, like its errors; others keep Python's format."""
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning) -> None:
+    """hetsim's own warnings as one line, like its errors; others as Python prints them."""
     if issubclass(category, HetsimWarning):
-        return f"hetsim: warning: {message}\n"
-    return _python_formatwarning(message, category, filename, lineno, line)
+        print(f"hetsim: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", HetsimWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except SpecError as e:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 2

@@ -14,4 +14,5 @@ class DataError(HetsimError):
 
 
 class HetsimWarning(UserWarning):
-    """Something the user should know that does not stop the run (the CLI prints it as one line)."""
+    """Something the user should know about a result that is still produced (the CLI prints it as one
+    line, `hetsim: warning: ...`)."""

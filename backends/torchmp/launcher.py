@@ -24,6 +24,7 @@ from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
 from hetsim.results import CHECKPOINT, RunResult, load_checkpoint, worker_names
+from hetsim.rundir import claim_run_dir
 
 
 def free_port() -> int:
@@ -93,17 +94,18 @@ def check_devices(spec: Spec) -> None:
                               f"{'' if count == 1 else 's'} visible on this machine")
 
 
-def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False) -> RunResult:
+def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False,
+        overwrite: bool = False) -> RunResult:
     """Run `spec` on real devices, one process each; write the run directory; return its result.
     resume: continue from the run directory's last checkpoint (run.checkpoint_every > 0); force: even
-    if the config changed since (summary.json records it). A run that diverges returns normally, with
+    if the config changed since (summary.json records it). overwrite: replace another run's files in
+    `run_dir` (see hetsim.rundir.claim_run_dir). A run that diverges returns normally, with
     `summary["diverged_at_round"]` set."""
     if any(d.offline or d.slowdown or d.slowdown_trace or d.straggler_prob for d in spec.cluster.devices):
         raise HetsimError("offline windows, slowdown schedules and stragglers are simulator conditions; "
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
     check_devices(spec)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(run_dir, spec, "torchmp", overwrite=overwrite, resume=resume)
     world = spec.n_workers
     names = worker_names(spec.worker_kinds())
     ctx = mp.get_context("spawn")

@@ -289,9 +289,12 @@ class Simulation:
                 "surrogate_refused_after_epoch": self.core.refused_after}
 
 
-def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = None,
-             resume: bool = False, force: bool = False) -> RunResult:
-    """Run `spec` in the simulator; with `out`, write the run directory there.
+def simulate(spec: Spec, out: str | Path | None = None, progress: ProgressFn | None = None,
+             resume: bool = False, force: bool = False, overwrite: bool = False) -> RunResult:
+    """Run `spec` in the simulator; with `out`, write the run directory there. `out` must be new, empty
+    or hold a run of the same config; overwrite: replace another run's files there (see
+    hetsim.rundir.claim_run_dir). resume: continue from the folder's checkpoint; force: even if the
+    config changed since (summary.json records it).
 
     A run whose training loss or parameters become non-finite returns normally, with
     `result.summary["diverged_at_round"]` set (and, with stop.on_divergence = "stop", stopped there).
@@ -305,6 +308,10 @@ def simulate(spec: Spec, out: str | None = None, progress: ProgressFn | None = N
     Torch runs with `spec.sim.threads` threads (0: one) for the run, recorded as summary.json's
     torch_threads; the caller's setting is restored afterwards.
     """
+    if out is not None:
+        from hetsim.rundir import claim_run_dir
+
+        claim_run_dir(out, spec, "sim", overwrite=overwrite, resume=resume)
     with _torch_threads(spec.sim.threads or 1):
         return Simulation(spec, out, progress, resume=resume, force=force).run()
 
