@@ -38,7 +38,10 @@ IDENTITY_IGNORES = ("seed", "name", "run", "trace")
 #: backend's error reports, worker logs and per-rank checkpoints
 RUN_FILES = ("config.toml", "metrics.csv", "decisions.bin", "decisions.jsonl", "trace.json", "summary.json",
              "checkpoint.pt")
-RUN_FOLDERS = (".errors", "logs", "checkpoints")
+RUN_FOLDERS = (".errors", "checkpoints")
+#: the backend's worker logs: appended to by every attempt (a separator line between), never removed, and
+#: not a sign of another run: under torchrun the other ranks open theirs while rank 0 claims the folder
+LOGS = "logs"
 #: the longest name part of a default folder; file systems allow 255 bytes a name part
 SLUG_MAX = 64
 
@@ -172,7 +175,7 @@ def claim_run_dir(path: str | Path, spec: Spec, engine: str, *, overwrite: bool 
             raise SpecError(f"{path}: no run to resume here")
         return writable_dir(path, "run folder")
     try:
-        occupied = path.is_dir() and any(path.iterdir())
+        occupied = path.is_dir() and any(p.name != LOGS for p in path.iterdir())
     except OSError as e:
         raise SpecError(f"{path}: cannot read the run folder ({e.strerror})") from None
     if occupied:
