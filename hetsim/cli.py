@@ -437,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always", HetsimWarning)
+            # each distinct warning once per command: a sweep validates one spec per run
+            warnings.simplefilter("default", HetsimWarning)
             warnings.showwarning = _show_warning
             return args.func(args)
     except SpecError as e:
@@ -447,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a sweep says what finished; a plain Ctrl+C carries no text
-        print(f"hetsim: interrupted; {e or 'completed files are kept in the run directory'}", file=sys.stderr)
+        print(f"hetsim: interrupted; {str(e) or 'completed files are kept in the run directory'}", file=sys.stderr)
         return 130
 
 
