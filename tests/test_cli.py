@@ -74,6 +74,24 @@ def test_speedup_table_hand_computed(tiny_spec, tmp_path):
     assert rows["fast"].speedup == pytest.approx(slow / fast)
 
 
+def test_speedup_column_says_not_reached_only_for_a_row_that_missed_the_target():
+    from hetsim.analysis import SpeedupRow, speedup_markdown
+
+    def row(label, tta, speedup):
+        return SpeedupRow(label, 1, int(tta is not None), tta, 0.0 if tta else None, 0.9, 0.0, speedup)
+
+    def speedups(rows, baseline):
+        return [line.rsplit("|", 2)[1].strip() for line in speedup_markdown(rows, 0.95, baseline).splitlines()[2:]]
+
+    # no --baseline: no speedups at all, but a row that reached the target is not "not reached"
+    assert speedups([row("a", 0.2, None), row("b", None, None)], None) == ["-", "not reached"]
+    assert "speedup over - (no --baseline)" in speedup_markdown([row("a", 0.2, None)], 0.95, None)
+    # a baseline that missed the target: the rows that reached it have no speedup, for that reason
+    assert speedups([row("base", None, None), row("a", 0.2, None)], "base") == ["not reached",
+                                                                              "- (baseline not reached)"]
+    assert speedups([row("base", 0.4, 1.0), row("a", 0.2, 2.0)], "base") == ["1.00x", "2.00x"]
+
+
 def test_quickstart_runs_five_named_policies_and_plots(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02"]) == 0
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
