@@ -447,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a sweep says what finished; a plain Ctrl+C carries no text
-        print(f"hetsim: interrupted; {e or 'completed files are kept in the run directory'}", file=sys.stderr)
+        # str(e), not e: an exception object is truthy even when its text is empty
+        print(f"hetsim: interrupted; {str(e) or 'completed files are kept in the run directory'}", file=sys.stderr)
         return 130
 
 

@@ -92,6 +92,21 @@ def test_speedup_column_says_not_reached_only_for_a_row_that_missed_the_target()
     assert speedups([row("base", 0.4, 1.0), row("a", 0.2, 2.0)], "base") == ["1.00x", "2.00x"]
 
 
+@pytest.mark.parametrize("text, said", [
+    ("", "hetsim: interrupted; completed files are kept in the run directory\n"),  # a plain Ctrl+C
+    ("2 of 9 runs finished", "hetsim: interrupted; 2 of 9 runs finished\n"),       # a sweep's account
+])
+def test_ctrl_c_prints_what_is_kept(monkeypatch, capsys, text, said):
+    import hetsim.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt(text) if text else KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_simulate", interrupted)
+    assert cli.main(["simulate", "any.toml"]) == 130
+    assert capsys.readouterr().err == said
+
+
 def test_quickstart_runs_five_named_policies_and_plots(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02"]) == 0
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
