@@ -178,6 +178,16 @@ def test_compare_of_runs_without_accuracy_says_n_a(tiny_spec, tmp_path, capsys):
     assert "None" not in out
 
 
+def test_compare_report_values_line_up(tiny_spec, tmp_path, capsys):
+    for name in ("a", "b"):
+        simulate(tiny_spec("sim.fidelity='time_only'"), tmp_path / name)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    report = [line for line in capsys.readouterr().out.splitlines() if ":" in line]
+    assert any(line.startswith("time to ") for line in report)
+    # every label is padded to one column, "rounds compared:" and "time to 95%:" alike
+    assert {len(line) - len(line[line.index(":") + 1:].lstrip()) for line in report} == {28}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--emulated-slowdown", "-3"], "--emulated-slowdown -3.0: expected a factor >= 1"),
     (["--emulated-slowdown", "0.5"], "--emulated-slowdown 0.5: expected a factor >= 1"),
