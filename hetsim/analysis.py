@@ -244,11 +244,20 @@ def speedup_markdown(rows: Sequence[SpeedupRow], target: float, baseline: str | 
     def f(v: float | None, spec: str) -> str:
         return "not reached" if v is None else format(v, spec)
 
+    def speedup(r: SpeedupRow) -> str:
+        # "not reached" only where this row missed the target: without a baseline, or with one that
+        # missed it, there is no speedup to give, whatever the row did
+        if r.speedup is not None:
+            return f"{r.speedup:.2f}x"
+        if r.tta_mean_s is None:
+            return "not reached"
+        return "-" if baseline is None else "- (baseline not reached)"
+
     head = (f"| policy | seeds reaching {target:.0%} | time to {target:.0%} (s) | final accuracy | "
-            f"speedup over {baseline or '-'} |\n|---|---|---|---|---|\n")
+            f"speedup over {baseline or '- (no --baseline)'} |\n|---|---|---|---|---|\n")
     body = "".join(
         f"| {r.label} | {r.reached}/{r.seeds} | {f(r.tta_mean_s, '.4g')} ± {f(r.tta_std_s, '.2g')} | "
-        f"{r.final_acc_mean:.3f} ± {r.final_acc_std:.3f} | {f(r.speedup, '.2f')}{'x' if r.speedup else ''} |\n"
+        f"{r.final_acc_mean:.3f} ± {r.final_acc_std:.3f} | {speedup(r)} |\n"
         for r in rows)
     return head + body
 

@@ -254,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"p90 {pct(report['round_time_rel_error_p90'])}")
     print(f"total time:                 predicted {report['total_time_predicted_s']:.4g}s, measured "
           f"{report['total_time_measured_s']:.4g}s ({pct(report['total_time_rel_error'])})")
-    print(f"time to {report['target_accuracy']:.0%}:               "
+    print(f"{'time to ' + format(report['target_accuracy'], '.0%') + ':':<28}"
           f"predicted {secs(report['time_to_accuracy_predicted_s'])}, "
           f"measured {secs(report['time_to_accuracy_measured_s'])} ({pct(report['time_to_accuracy_rel_error'])})")
     if report["accuracy_points_compared"]:

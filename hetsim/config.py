@@ -390,7 +390,10 @@ def _validate(spec: Spec) -> None:
 
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
     check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
-    check_batch_fits(spec.workload, spec.optim.batch_size)  # before the profiles, which are per batch size
+    # before the profiles, which are per batch size: a batch size of 0 would otherwise be reported as a
+    # profile without an entry for it
+    _require(spec.optim.batch_size >= 1, "optim.batch_size", "an integer >= 1", spec.optim.batch_size)
+    check_batch_fits(spec.workload, spec.optim.batch_size)
     if spec.sim.fidelity == "time_only" and not spec.workload.n_train and known_train_size(spec.workload) is None:
         # epochs are samples / training-set size: a guessed size would make every epoch figure wrong
         raise SpecError(f"workload.n_train: expected the training-set size for a time-only run of "
@@ -447,7 +450,6 @@ def _validate(spec: Spec) -> None:
     _require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    _require(o.batch_size >= 1, "optim.batch_size", "an integer >= 1", o.batch_size)
     _require(o.lr_schedule in ("constant", "step", "cosine"), "optim.lr_schedule",
              "one of 'constant', 'step', 'cosine'", o.lr_schedule)
     _require(all(0 < m < 1 for m in o.milestones) and list(o.milestones) == sorted(o.milestones),

@@ -200,9 +200,14 @@ def run_all(runs: Sequence[SweepRun], out: str | Path, workers: int = 0, engine:
     Ctrl+C stops promptly: queued runs are cancelled, running ones are stopped (a run with a
     checkpoint resumes from it next time, one without is redone), the finished ones are written to
     sweep.csv, and KeyboardInterrupt is raised again with a one-line account of what finished."""
+    from hetsim.rundir import writable_dir
+
     check_workers(workers)
     stream = stream or sys.stderr  # looked up now: a redirected stderr (tests, notebooks) gets the lines
     out = Path(out)
+    # before any run: a file in the way or a foreign sweep.csv would otherwise be found only after them
+    writable_dir(out, "sweep folder")
+    _read_table(out / "sweep.csv")
     pending = [r for r in runs if not r.cached]
     workers = 1 if engine == "real" else (workers or default_workers())
     print(f"sweep: {len(runs)} runs ({len(runs) - len(pending)} cached), {min(workers, max(1, len(pending)))} "

@@ -74,6 +74,39 @@ def test_speedup_table_hand_computed(tiny_spec, tmp_path):
     assert rows["fast"].speedup == pytest.approx(slow / fast)
 
 
+def test_speedup_column_says_not_reached_only_for_a_row_that_missed_the_target():
+    from hetsim.analysis import SpeedupRow, speedup_markdown
+
+    def row(label, tta, speedup):
+        return SpeedupRow(label, 1, int(tta is not None), tta, 0.0 if tta else None, 0.9, 0.0, speedup)
+
+    def speedups(rows, baseline):
+        return [line.rsplit("|", 2)[1].strip() for line in speedup_markdown(rows, 0.95, baseline).splitlines()[2:]]
+
+    # no --baseline: no speedups at all, but a row that reached the target is not "not reached"
+    assert speedups([row("a", 0.2, None), row("b", None, None)], None) == ["-", "not reached"]
+    assert "speedup over - (no --baseline)" in speedup_markdown([row("a", 0.2, None)], 0.95, None)
+    # a baseline that missed the target: the rows that reached it have no speedup, for that reason
+    assert speedups([row("base", None, None), row("a", 0.2, None)], "base") == ["not reached",
+                                                                              "- (baseline not reached)"]
+    assert speedups([row("base", 0.4, 1.0), row("a", 0.2, 2.0)], "base") == ["1.00x", "2.00x"]
+
+
+@pytest.mark.parametrize("text, said", [
+    ("", "hetsim: interrupted; completed files are kept in the run directory\n"),  # a plain Ctrl+C
+    ("2 of 9 runs finished", "hetsim: interrupted; 2 of 9 runs finished\n"),       # a sweep's account
+])
+def test_ctrl_c_prints_what_is_kept(monkeypatch, capsys, text, said):
+    import hetsim.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt(text) if text else KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_simulate", interrupted)
+    assert cli.main(["simulate", "any.toml"]) == 130
+    assert capsys.readouterr().err == said
+
+
 def test_quickstart_runs_five_named_policies_and_plots(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path), "--seeds", "1", "--set", "stop.max_time_s=0.02"]) == 0
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
@@ -143,6 +176,16 @@ def test_compare_of_runs_without_accuracy_says_n_a(tiny_spec, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted n/a, measured n/a" in out and "accuracy difference:        n/a" in out
     assert "None" not in out
+
+
+def test_compare_report_values_line_up(tiny_spec, tmp_path, capsys):
+    for name in ("a", "b"):
+        simulate(tiny_spec("sim.fidelity='time_only'"), tmp_path / name)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    report = [line for line in capsys.readouterr().out.splitlines() if ":" in line]
+    assert any(line.startswith("time to ") for line in report)
+    # every label is padded to one column, "rounds compared:" and "time to 95%:" alike
+    assert {len(line) - len(line[line.index(":") + 1:].lstrip()) for line in report} == {28}
 
 
 @pytest.mark.parametrize("flags, message", [

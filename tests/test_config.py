@@ -190,6 +190,13 @@ def test_a_batch_must_fit_in_the_training_set(overrides, message):
         spec_from_dict(TINY, source="tiny", overrides=overrides)
 
 
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_a_batch_size_below_one_is_named_before_the_profiles(batch_size):
+    # builtin profiles have entries per batch size; the error must name optim.batch_size, not the profile
+    with pytest.raises(SpecError, match=rf"digits.toml: optim.batch_size: expected an integer >= 1, got {batch_size}$"):
+        load_spec(ROOT / "examples" / "digits.toml", overrides=[f"optim.batch_size={batch_size}"])
+
+
 def test_a_batch_of_the_whole_training_set_loads(tiny_spec):
     assert tiny_spec("workload.n_train=8").workload.n_train == 8
     assert tiny_spec("workload={name='digits'}", "optim.batch_size=1437").optim.batch_size == 1437

@@ -205,6 +205,25 @@ def test_negative_workers_is_a_one_line_error(base, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_out_that_is_a_file_is_a_one_line_error_before_any_run(base, tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("mine\n")
+    assert main(["sweep", str(base), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hetsim: error: {out}: exists and is not a folder; the sweep folder must be a folder\n"
+    assert out.read_text() == "mine\n"
+
+
+def test_a_foreign_sweep_csv_is_refused_before_any_run(base, tmp_path, capsys):
+    out = tmp_path / "own"
+    out.mkdir()
+    (out / "sweep.csv").write_text("a,b\n1,2\n")
+    assert main(["sweep", str(base), "--out", str(out), "--workers", "1"]) == 1
+    assert capsys.readouterr().err.startswith(f"hetsim: error: {out / 'sweep.csv'}: not a sweep table")
+    assert not (out / "runs").exists()  # nothing ran
+    assert (out / "sweep.csv").read_text() == "a,b\n1,2\n"
+
+
 def test_a_diverged_run_is_a_row_not_a_failure(base, tmp_path):
     """A diverged run (summary written by hand here: this branch's simulator cannot diverge) is cached
     like any finished run and listed with the round it diverged at."""
