@@ -56,9 +56,34 @@ def engine_fidelity(spec: Spec, engine: str) -> str:
     return spec.sim.fidelity if engine == "sim" else "real"
 
 
+#: keys inside a table that change how fast the host computes, never what a run computes
+IDENTITY_IGNORES_IN = {"sim": ("threads",)}
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with every table's missing keys at their defaults: a config.toml written before a key
+    existed (e.g. stop.on_divergence) equals one that spells the default out."""
+    out = dict(config)
+    for key, default in normalized_config(Spec()).items():
+        if isinstance(default, dict) and isinstance(out.get(key), Mapping):
+            out[key] = {**default, **out[key]}
+        elif key not in out:
+            out[key] = default
+    return out
+
+
+def _identity_part(config: Mapping[str, Any]) -> dict[str, Any]:
+    full = with_defaults(config)
+    kept = {k: v for k, v in full.items() if k not in IDENTITY_IGNORES}
+    for table, keys in IDENTITY_IGNORES_IN.items():
+        if isinstance(kept.get(table), Mapping):
+            kept[table] = {k: v for k, v in kept[table].items() if k not in keys}
+    return kept
+
+
 def identity_key(config: Mapping[str, Any], engine: str, fidelity: str) -> str:
     """12 hex digits naming the experiment a run belongs to (see the module docstring)."""
-    kept = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES}
+    kept = _identity_part(config)
     payload = json.dumps({"config": kept, "engine": engine, "fidelity": fidelity}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -88,8 +113,8 @@ def config_differences(a: Mapping[str, Any], b: Mapping[str, Any],
                        ignore: tuple[str, ...] = IDENTITY_IGNORES) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two configs -> (value in a, value in b); top-level
     keys in `ignore` are skipped."""
-    fa = flatten({k: v for k, v in a.items() if k not in ignore})
-    fb = flatten({k: v for k, v in b.items() if k not in ignore})
+    fa = flatten({k: v for k, v in with_defaults(a).items() if k not in ignore})
+    fb = flatten({k: v for k, v in with_defaults(b).items() if k not in ignore})
     keys = list(fa) + [k for k in fb if k not in fa]
     return {k: (fa.get(k, MISSING), fb.get(k, MISSING)) for k in keys if fa.get(k, MISSING) != fb.get(k, MISSING)}
 

@@ -222,3 +222,19 @@ def test_a_long_differing_value_is_shortened_in_the_error(tiny_spec, tmp_path):
         claim_run_dir(tmp_path / "r", tiny_spec(f"cluster.devices.0.step_time={{dist='empirical', samples_s=[{samples}]}}"),
                       "sim")
     assert "cluster.devices.0.step_time.samples_s: [] there, [0.01, 0.01" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_a_config_written_before_a_key_existed_is_the_same_experiment(tiny_spec):
+    # old config.toml files lack keys added since (stop.on_divergence, sim.threads, trace.max_devices);
+    # their defaults are what those runs did
+    new = normalized_config(tiny_spec())
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}
+    del old["stop"]["on_divergence"], old["sim"]["threads"]
+    assert identity_key(old, "sim", "emulated") == identity_key(new, "sim", "emulated")
+    changed = {**old, "stop": {**old["stop"], "on_divergence": "continue"}}
+    assert identity_key(changed, "sim", "emulated") != identity_key(new, "sim", "emulated")
+
+
+def test_torch_threads_do_not_split_an_experiment(tiny_spec):
+    assert spec_identity(tiny_spec("sim.threads=2"), "sim") == spec_identity(tiny_spec(), "sim")
+    assert spec_identity(tiny_spec("optim.lr=0.2"), "sim") != spec_identity(tiny_spec(), "sim")
