@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import traceback
 
-        from backends.torchmp.worker import exit_now, log_path, send_stderr_to_log, worker_main
+        from backends.torchmp.worker import drop_empty_log, exit_now, log_path, send_stderr_to_log, worker_main
         from hetsim.results import worker_names
         from hetsim.rundir import claim_run_dir
 
@@ -145,12 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"in round {int(heartbeat[3 * rank])}: {type(e).__name__}: {e}; details in {log}; "
                               f"finished rounds are in {out}\n".encode())
             exit_now(1)
-        if log.stat().st_size == 0:
-            log.unlink()
-            try:
-                log.parent.rmdir()  # the last rank to leave an empty log removes the folder
-            except OSError:
-                pass
+        drop_empty_log(log)
         status = 0
         if rank == 0:  # rank 0 wrote the summary; the other ranks' status stays 0 so torchrun names rank 0
             import json

@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import fcntl
-import hashlib
 import io
 import itertools
 import json
@@ -36,6 +35,7 @@ from typing import Any, Sequence
 from hetsim.config import Spec, load_spec, replace, spec_to_dict, to_toml
 from hetsim.errors import HetsimError, SpecError
 from hetsim.results import CHECKPOINT, atomic_write
+from hetsim.results import config_hash as full_config_hash
 
 SUMMARY_COLUMNS = ("time_to_accuracy_s", "final_test_acc", "best_test_acc", "rounds", "time_s", "epochs",
                    "stopped_by", "diverged_at_round", "wall_time_s")
@@ -68,7 +68,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def config_hash(spec: Spec) -> str:
-    return hashlib.sha256(to_toml(spec_to_dict(spec)).encode()).hexdigest()[:12]
+    """A run folder's name: the checkpoint's config hash (results.config_hash), shortened."""
+    return full_config_hash(spec)[:12]
 
 
 def expand(base: Spec, grid: dict[str, list[str]], seeds: int, out: Path) -> list[SweepRun]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from backends.torchmp.worker import error_path, log_path, spawn_entry
+from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
@@ -180,13 +180,8 @@ def _end(procs: list) -> None:
 
 
 def _drop_empty_logs(run_dir: Path, world: int) -> None:
-    """A worker's log exists from its start; one that stayed empty says nothing and is removed."""
     for r in range(world):
-        path = log_path(run_dir, r)
-        if path.is_file() and path.stat().st_size == 0:
-            path.unlink()
-    if (run_dir / "logs").is_dir() and not any((run_dir / "logs").iterdir()):
-        (run_dir / "logs").rmdir()
+        drop_empty_log(log_path(run_dir, r))
 
 
 def _failure_message(run_dir: Path, names: list[str], failed: list[int], exited_at: dict[int, float],

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from hetsim.config import Spec
-from hetsim.errors import HetsimError
 from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
                             strict_json, trace_event, worker_names)
 from hetsim.sim.engine import build_devices
@@ -48,6 +47,17 @@ def error_path(run_dir: Path, rank: int) -> Path:
 def log_path(run_dir: Path, rank: int) -> Path:
     """Where a worker's stderr goes: its traceback, and what torch and gloo print."""
     return run_dir / "logs" / f"rank{rank}.log"
+
+
+def drop_empty_log(path: Path) -> None:
+    """A worker's log exists from its start; one that stayed empty says nothing and is removed, and so
+    is the logs/ folder once no log is left in it (any process may be the last)."""
+    if path.is_file() and path.stat().st_size == 0:
+        path.unlink()
+    try:
+        path.parent.rmdir()
+    except OSError:  # other logs remain, or another process removed the folder first
+        pass
 
 
 def send_stderr_to_log(path: Path) -> int:
@@ -184,9 +194,6 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             raise ValueError("resume needs the run directory")
         loaded = load_checkpoint(out / CHECKPOINT, "torchmp", spec, force)
         runner, config_changes = loaded.state, loaded.config_changes
-        if "writer" not in runner:
-            raise HetsimError(f"{out}: the checkpoint was written by an older hetsim (run schema 1, files embedded "
-                              "in it); start the run again")
         with restoring(out / CHECKPOINT):
             round_, elapsed = runner["round"], runner["time_s"]
             rank_path = _rank_checkpoint(out, round_, rank)

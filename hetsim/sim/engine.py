@@ -132,9 +132,6 @@ class Simulation:
             "sim", self.spec, self.config_changes)
 
     def _restore(self, state: dict) -> None:
-        if "writer" not in state:
-            raise HetsimError(f"{self.writer.run_dir}: the checkpoint was written by an older hetsim (run schema 1, "
-                              "files embedded in it); start the run again")
         self.writer.load_state_dict(state["writer"])
         self.round = state["round"]
         self.env = simpy.Environment(initial_time=state["now"])
