@@ -34,7 +34,7 @@ import torch.distributed as dist
 from hetsim.config import Spec
 from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
                             strict_json, trace_event, worker_names)
-from hetsim.sim.engine import build_devices
+from hetsim.resolve import build_devices
 from hetsim.training import RoundTally, RunSchedule, TrainingCore
 
 FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"

@@ -31,10 +31,11 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
-from hetsim.cluster import DeviceModel, device_model, exchange_time
+from hetsim.cluster import exchange_time
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
 from hetsim.errors import HetsimError
+from hetsim.resolve import build_groups
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
                             save_checkpoint, trace_event, worker_names)
 from hetsim.seeding import numpy_rng
@@ -43,17 +44,6 @@ from hetsim.training import FlatParams, RunSchedule, TrainingCore
 from hetsim.workloads import Workload, build_model
 
 ProgressFn = Callable[[dict], None]
-
-
-def build_devices(spec: Spec) -> list[DeviceModel]:
-    """One time model per device group (profiles read once), repeated for each device of the group."""
-    return [m for m, d in zip(build_groups(spec), spec.cluster.devices) for _ in range(d.count)]
-
-
-def build_groups(spec: Spec) -> list[DeviceModel]:
-    """The time model of each device group."""
-    return [device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
-            for i, d in enumerate(spec.cluster.devices)]
 
 
 @contextlib.contextmanager
