@@ -130,6 +130,17 @@ class DeviceModel:
         return d
 
 
+BUDGET_RTOL = 1e-9
+
+
+def within_budget(elapsed_s: float, budget_s: float) -> bool:
+    """Whether a worker with a time budget starts another step: while less than the budget has elapsed
+    since its round began. A relative tolerance absorbs float drift: summing a constant step time k times
+    can land a hair below k x the step (0.04 + 0.04 < 0.08 is False, but 0.1 + 0.1 + 0.1 < 0.3 is True),
+    which would add a step the budget does not allow."""
+    return elapsed_s < budget_s * (1 - BUDGET_RTOL)
+
+
 def read_slowdown_trace(path: str, where: str) -> tuple[tuple[float, float], ...]:
     """A recorded speed trace: CSV with a header naming columns time_s and factor."""
     import csv

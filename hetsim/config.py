@@ -181,10 +181,16 @@ class StopSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """Evaluate the global model every `every_rounds` rounds and/or each time another `every_epochs`
-    of training samples has been processed (0 = off); the final model is always evaluated."""
+    of training samples has been processed (0 = off); the final model is always evaluated.
+
+    on: where the global model is evaluated, and whose evaluation time is charged to the clock (the
+        others wait): `fastest` (the device with the lowest profiled mean step time; ties: the first) or
+        a worker name as in the results (`cpu0`, `gpu1`: the kind and the index within the kind).
+        Every engine honours it; the real backend evaluates on that rank."""
 
     every_rounds: int = 0
     every_epochs: float = 0.25
+    on: str = "fastest"
 
 
 @dataclass(frozen=True)
@@ -470,10 +476,23 @@ def _validate(spec: Spec) -> None:
     _require(e.every_epochs >= 0, "eval.every_epochs", "a number >= 0", e.every_epochs)
     _require(e.every_rounds > 0 or e.every_epochs > 0, "eval",
              "every_rounds > 0 or every_epochs > 0", dataclasses.asdict(e))
+    names = _worker_names(spec.worker_kinds())
+    _require(e.on == "fastest" or e.on in names, "eval.on", f"'fastest' or a worker of this cluster "
+             f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})", e.on)
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
     _require(spec.trace.max_devices >= 0, "trace.max_devices", "an integer >= 0", spec.trace.max_devices)
     _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
     _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
+
+
+def _worker_names(kinds: Sequence[str]) -> list[str]:
+    """cpu0, cpu1, gpu0, ... in worker order (the names results use)."""
+    seen: dict[str, int] = {}
+    out = []
+    for kind in kinds:
+        out.append(f"{kind}{seen.get(kind, 0)}")
+        seen[kind] = seen.get(kind, 0) + 1
+    return out
 
 
 def _check_names(spec: Spec, policy: Any, where: str) -> None:

@@ -4,8 +4,22 @@ rest of the package."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+from hetsim import policies
 from hetsim.cluster import DeviceModel, device_model
 from hetsim.config import Spec
+
+
+class Policies(NamedTuple):
+    scheduler: Any
+    sampler: Any
+    aggregator: Any
+
+
+def build_policies(spec: Spec) -> Policies:
+    """The run's three policy objects, built from the spec's names and parameters."""
+    return Policies(*(policies.build(c, getattr(spec, c), where=c) for c in ("scheduler", "sampler", "aggregator")))
 
 
 def build_devices(spec: Spec) -> list[DeviceModel]:

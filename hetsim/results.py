@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from hetsim.config import Spec, TraceSpec, spec_to_dict, to_toml
+from hetsim.config import Spec, TraceSpec, _worker_names, spec_to_dict, to_toml
 from hetsim.errors import HetsimError
 
 if TYPE_CHECKING:
@@ -551,12 +551,7 @@ def trace_thread_names(names: list[str]) -> list[dict[str, Any]]:
 
 def worker_names(kinds: list[str]) -> list[str]:
     """cpu0, cpu1, gpu0, ... in worker order."""
-    seen: dict[str, int] = {}
-    out = []
-    for kind in kinds:
-        out.append(f"{kind}{seen.get(kind, 0)}")
-        seen[kind] = seen.get(kind, 0) + 1
-    return out
+    return _worker_names(kinds)
 
 
 def time_to_accuracy(times: list[float], accs: list[float], target: float) -> float | None:

@@ -198,11 +198,11 @@ class DecisionCore:
     def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
         """The mean step time each worker measured in its latest round: what policies see as its
         `observed_step_time_s` (a real system's most recent throughput estimate)."""
-        make = tuple.__new__  # WorkerInfo(index, kind, profile, observed) without NamedTuple's slower paths
+        make = tuple.__new__  # WorkerInfo(index, kind, profile, observed, n) without NamedTuple's slower paths
         infos = self.infos
         for k, t in zip(ks, mean_step_s):
             i = infos[k]
-            infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t))
+            infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t, i[4] + 1))
 
 
 class TrainingCore(DecisionCore):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hetsim.cluster import within_budget
 from hetsim.config import Spec
 from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
                             strict_json, trace_event, worker_names)
@@ -237,7 +238,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             target, budget = plan.local_steps[rank], plan.time_budget_s
             start = now()
             steps = 0
-            while (steps < target) if target is not None else (steps == 0 or now() - start < budget):
+            while (steps < target) if target is not None else (steps == 0 or within_budget(now() - start, budget)):
                 t_step = time.perf_counter()
                 core.local_step(rank)
                 if device.type == "cuda":

@@ -37,6 +37,8 @@ class WorkerInfo(NamedTuple):
     profile_step_time_s: mean step time from the device's profile (what `hetsim profile` measured).
     observed_step_time_s: the mean step time this worker measured in its most recent round (None before
         its first round).
+    observed_rounds: how many rounds' step times have been observed so far (a scheduler that keeps a
+        running mean adds `observed_step_time_s` when this count grows).
 
     (A NamedTuple rather than a dataclass: a 10,000-device run builds millions of them.)
     """
@@ -45,6 +47,7 @@ class WorkerInfo(NamedTuple):
     kind: str
     profile_step_time_s: float
     observed_step_time_s: float | None = None
+    observed_rounds: int = 0
 
 
 @dataclass(frozen=True)

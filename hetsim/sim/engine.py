@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
-from hetsim.cluster import exchange_time
+from hetsim.cluster import exchange_time, within_budget
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
 from hetsim.errors import HetsimError
@@ -140,7 +140,7 @@ class Simulation:
     def device(self, k: int, target: int | None, budget_s: float | None, round_start: float, steps_done: dict):
         """Device k's local work for one round: each step takes a drawn step time."""
         steps = 0
-        while (steps < target) if target is not None else (steps == 0 or self.env.now - round_start < budget_s):
+        while (steps < target) if target is not None else (steps == 0 or within_budget(self.env.now - round_start, budget_s)):
             yield self.env.timeout(self.devices[k].draw_step(self.clock_rngs[k], self.env.now))
             steps += 1
         steps_done[k] = steps
