@@ -133,6 +133,11 @@ class Contributions(Sequence):
                    np.array([x.local_steps for x in c]), np.array([x.samples for x in c]),
                    np.array([x.mean_loss for x in c]))
 
+    @property
+    def active(self) -> np.ndarray:
+        """Which rows did at least one local step (a 0-step row is a worker that sat the round out)."""
+        return self.local_steps > 0
+
     def __len__(self) -> int:
         return len(self.workers)
 
@@ -225,11 +230,6 @@ class Arrivals(Contributions):
         return cls(c.workers, c.kinds, c.local_steps, c.samples, c.mean_loss,
                    np.zeros(len(c), dtype=np.int64) if staleness is None else staleness, round, lr,
                    weighted_sum=weighted_sum, replicas=lambda: replicas)
-
-    @property
-    def active(self) -> np.ndarray:
-        """Which rows did at least one local step (a 0-step row is a non-participant)."""
-        return self.local_steps > 0
 
     def weighted_sum(self, w: np.ndarray) -> "torch.Tensor":
         """Σ_k w_k x_k over the arrivals' replicas, as one flat tensor."""
