@@ -242,8 +242,9 @@ def test_builtins_declare_their_capabilities_on_the_class():
 
 
 def test_arrivals_carry_staleness_round_and_lr_and_reach_replicas_by_weighted_sum():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     a = Arrivals([3, 5], ["cpu", "gpu"], [1, 2], [16, 32], [0.5, 0.25], [0, 2], 7, 0.05,
-                 weighted_sum=lambda w: torch.as_tensor(w, dtype=torch.float32) @ torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+                 weighted_sum=lambda w: torch.as_tensor(w, dtype=x.dtype) @ x)
     assert list(a.staleness) == [0, 2] and a.round == 7 and a.lr == 0.05 and list(a.workers) == [3, 5]
     assert torch.equal(a.weighted_sum(np.array([0.5, 0.25])), torch.tensor([1.25, 2.0]))  # .5·(1,2) + .25·(3,4)
     with pytest.raises(ValueError, match="expected 2 weights"):
@@ -415,7 +416,8 @@ OBSERVATIONS = [((None, None), (0, 0)), ((2.0, 0.5), (1, 1)), ((1.0, 0.5), (2, 1
 
 
 @pytest.mark.parametrize("ema_weight,expected", [
-    # profile (1, 0.5) -> (4, 8); means (2, .5) -> 8·.5/2 = 2; (1.5, .5) -> 2.67 -> 3; (3.6/3, 2/2) = (1.2, 1) -> 6.67 -> 7
+    # profile (1, 0.5) -> (4, 8); running means (2, .5) -> 8·.5/2 = 2; (1.5, .5) -> 2.67 -> 3;
+    # (3.6/3, 2/2) = (1.2, 1) -> 8·1/1.2 = 6.67 -> 7
     (0.0, [(4, 8), (2, 8), (3, 8), (7, 8)]),
     # EMA, newest weighted .25: worker 0: 2 -> 1.75 -> 1.4625, worker 1: .5 -> .75;
     # round 3: 8·.5/1.75 = 2.29 -> 2, round 4: 8·.75/1.4625 = 4.1 -> 4

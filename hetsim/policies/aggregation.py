@@ -29,7 +29,8 @@ class Averaging(Aggregator):
         active = c.active
         if not active.any():
             # all-zero weights would make the next global model the zero vector
-            raise ValueError(f"{type(self).__name__}: no arrival did a local step (the driver combines participants only)")
+            raise ValueError(f"{type(self).__name__}: no arrival did a local step "
+                             "(the driver combines participants only)")
         b = np.where(active, self.unnormalised_weights(c), 0.0)
         return b / b.sum()
 

@@ -13,15 +13,18 @@ loss-score store, data streams: `hetsim.policies.sampling.LossScores`, `EpochStr
 
 Capabilities are class attributes that a policy *declares*; the driver reads them and never probes:
 
-| contract   | attribute               | default    | meaning                                                     |
-|------------|-------------------------|------------|-------------------------------------------------------------|
-| Scheduler  | `stateful`              | False      | `plan` reads/returns state beyond None (`init_state(workers)`) |
-| Sampler    | `uses_scores`           | True       | `batch` reads the loss-score store; runners keep per-sample losses only then |
-| Sampler    | `score_rule`            | 'latest'   | how that store merges a new loss: 'latest' or 'min' (a field or a class attribute) |
-| Sampler    | `stateful`              | False      | `batch` reads/returns per-worker state (`init_state(worker)`) |
-| Aggregator | `linear`                | True       | `combine` reaches the replicas only via `arrivals.weighted_sum(w)` (a backend: one all_reduce); False: it reads `arrivals.replicas` (all_gather) |
-| Aggregator | `stateful`              | False      | `combine` reads/returns state (`init_state(global_params)`) |
-| Aggregator | `needs_previous_global` | False      | `combine` reads `global_params`; when False the driver may pass None |
+| contract   | attribute               | default  | meaning                                                   |
+|------------|-------------------------|----------|-----------------------------------------------------------|
+| Scheduler  | `stateful`              | False    | `plan` keeps state (`init_state(workers)`)                |
+| Sampler    | `uses_scores`           | True     | `batch` reads the loss-score store (else it is not kept)  |
+| Sampler    | `score_rule`            | 'latest' | how that store merges a new loss: 'latest' or 'min'       |
+|            |                         |          | (a field or a class attribute; always present)            |
+| Sampler    | `stateful`              | False    | `batch` keeps per-worker state (`init_state(worker)`)     |
+| Aggregator | `linear`                | True     | `combine` reaches the replicas only through               |
+|            |                         |          | `arrivals.weighted_sum(w)` (a backend: one all_reduce);   |
+|            |                         |          | False: it reads `arrivals.replicas` (an all_gather)       |
+| Aggregator | `stateful`              | False    | `combine` keeps state (`init_state(global_params)`)       |
+| Aggregator | `needs_previous_global` | False    | `combine` reads `global_params`; False: it may be None    |
 
 A worker planned 0 local steps sits the round out: it is not among the arrivals. Aggregators must
 still be safe with a 0-step row (the built-ins give it weight 0); with no arrivals at all the driver
