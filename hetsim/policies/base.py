@@ -357,8 +357,8 @@ class Aggregator(Policy):
 
     @classmethod
     def is_linear(cls) -> bool:
-        """LEGACY SHIM (see `_legacy_shapes`): whether main's backend may combine with `coefficients`
-        and one all_reduce instead of calling `combine`."""
+        """LEGACY SHIM (see 'Legacy call shapes' below): whether main's backend may combine with
+        `coefficients` and one all_reduce instead of calling `combine`. The driver reads `linear`."""
         return cls.linear and not cls.stateful and cls.combine is _LINEAR_COMBINE
 
 
@@ -445,8 +445,8 @@ _LINEAR_COMBINE = Aggregator.combine
 
 MIGRATION_NOTE = "README.md, 'Write your own policy' > 'Migrating from the old contract'"
 
-#: method -> how many parameters (after self) its old form takes; the new forms take one more
-#: (plan: rng and state; batch: state) or name one `state` (combine)
+#: method -> how many parameters (after self) its old form takes; the new plan takes 4 (+ rng, state),
+#: batch 5 (+ state), and combine names its third `state`
 _OLD_ARITY = {"plan": 2, "batch": 4, "combine": 3}
 
 
@@ -463,12 +463,16 @@ def _legacy_signature(method: str, f: Callable) -> bool:
 class _LegacyScheduler(Scheduler):
     """Runs an old-contract scheduler's `plan(round, workers)`: no state, no rng."""
 
+    stateful = False
+
     def plan(self, round, workers, rng, state):
         return super().plan(round, workers), state
 
 
 class _LegacySampler(Sampler):
     """Runs an old-contract sampler's `batch(worker, batch_size, stream, scores)`: no state."""
+
+    stateful = False
 
     def batch(self, worker, batch_size, stream, scores, state):
         return super().batch(worker, batch_size, stream, scores), state
@@ -479,6 +483,7 @@ class _LegacyAggregator(Aggregator):
     it reads all replicas and the previous global model."""
 
     linear = False
+    stateful = False
     needs_previous_global = True
 
     def combine(self, global_params, arrivals, state):
