@@ -555,3 +555,17 @@ def test_an_old_contract_aggregator_that_only_gives_weights_needs_no_adapter():
     assert caught == [] and type(aggregator).__name__ == "NanWhenSteps"
     new, w, _ = aggregator.combine(None, arrivals([[1.0], [3.0]], [1, 1]), None)
     assert torch.equal(new, torch.tensor([2.0]))
+
+
+def test_the_sit_out_plug_ins_give_a_worker_zero_steps():
+    ws = workers([1.0, 1.0, 1.0])
+    sit_out = build("scheduler", PolicySpec("custom_policy:SitOut", {"worker": 1, "every": 2}))
+    assert [sit_out.plan(r, ws, RNG, None)[0].local_steps for r in (1, 2)] == [(2, 2, 2), (2, 0, 2)]
+    random = build("scheduler", PolicySpec("custom_policy:RandomSitOut"))
+    twin = np.random.default_rng(5)
+    draws = [int(twin.integers(3)) for _ in range(4)]  # the same draws, by hand
+    rng, state = np.random.default_rng(5), random.init_state(ws)
+    for r, out in enumerate(draws, start=1):
+        plan, state = random.plan(r, ws, rng, state)
+        assert plan.local_steps == tuple(0 if k == out else 2 for k in range(3))
+    assert state["sat_out"] == np.bincount(draws, minlength=3).tolist()
