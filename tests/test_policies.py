@@ -396,6 +396,7 @@ def test_outer_sgd_state_loads_without_unpickling_code_and_resumes_bit_identical
     ({"nesterov": True}, r"aggregator.params.nesterov: needs momentum > 0, got momentum 0.0$"),
     ({"base": "median"}, r"aggregator.params.base: expected one of \[.*'mean'.*\] or 'module:Class', got 'median'$"),
     ({"base": "outer_sgd"}, r"aggregator.params.base: expected an aggregator that is linear .* got 'outer_sgd'$"),
+    ({"base": "test_policies:LegacyMedian"}, r"aggregator.params.base: expected an aggregator that is linear "),
     ({"base": "biased", "base_params": {"strength": -1}}, r"base_params.strength: expected a number >= 0, got -1"),
 ])
 def test_outer_sgd_parameters_are_validated_in_one_line(params, message):
