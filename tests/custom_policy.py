@@ -40,7 +40,7 @@ class NanWhenSteps(Aggregator):
 
     def weights(self, arrivals):
         n = len(arrivals)
-        return np.full(n, np.nan if (np.asarray(arrivals.local_steps) == self.steps).any() else 1.0 / n)
+        return np.full(n, np.nan if any(a.local_steps == self.steps for a in arrivals) else 1.0 / n)
 
 
 @dataclass(frozen=True)
