@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hetsim.config import Spec, load_spec, spec_from_dict, spec_to_dict, to_toml
+from hetsim.config import Spec, spec_to_dict, to_toml
+from hetsim.resolve import load_spec, spec_from_dict
 from hetsim.errors import SpecError
 
 from conftest import ROOT, TINY
