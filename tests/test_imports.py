@@ -219,3 +219,7 @@ def test_backends_import_nothing_of_the_simulator():
     offending = {m: sorted(t for t in targets if t == "hetsim.sim" or t.startswith("hetsim.sim."))
                  for m, targets in edges.items() if m.startswith("backends")}
     assert not {m: t for m, t in offending.items() if t}
+
+
+def test_the_spec_schema_imports_nothing_of_hetsim_but_its_errors():
+    assert import_edges(project_modules())["hetsim.config"] == {"hetsim.errors"}
