@@ -92,20 +92,20 @@ def _resolve(spec: Spec) -> Experiment:
     if curve is not None:  # once the policies are known valid: the warning compares them with the curve's
         curve.warn_if_not_fitted_for(spec)
     devices = tuple(m for m, d in zip(groups, spec.cluster.devices) for _ in range(d.count))
-    return Experiment(spec, groups, devices, built, evaluator_index(spec, devices), curve)
+    evaluator = evaluator_index(spec, [d.step_time.mean_s for d in devices])
+    return Experiment(spec, groups, devices, built, evaluator, curve)
 
 
-def evaluator_index(spec: Spec, devices: Sequence[DeviceModel]) -> int:
+def evaluator_index(spec: Spec, mean_step_times_s: Sequence[float]) -> int:
     """The device `eval.on` names: `fastest` is the lowest profiled mean step time (ties: the lowest
-    index), else a worker name as in the results (`cpu0`, `gpu1`)."""
+    index), else a worker name as in the results (`cpu0`, `gpu1`); any other name is a SpecError."""
     names = _worker_names(spec.worker_kinds())
     on = spec.eval.on
     _require(on == "fastest" or on in names, "eval.on", f"'fastest' or a worker of this cluster "
              f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})", on)
     if on != "fastest":
         return names.index(on)
-    means = [d.step_time.mean_s for d in devices]
-    return means.index(min(means))
+    return min(range(len(mean_step_times_s)), key=lambda k: (mean_step_times_s[k], k))
 
 
 def build_policies(spec: Spec) -> Policies:

@@ -295,3 +295,14 @@ def test_importing_the_schema_imports_nothing_else_of_hetsim():
     code = "import sys, hetsim.config; print(sorted(m for m in sys.modules if m.startswith('hetsim')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == str(["hetsim", "hetsim._version", "hetsim.config", "hetsim.errors"])
+
+
+def test_the_fastest_evaluator_is_the_lowest_mean_step_time_ties_to_the_lowest_index(tiny_spec):
+    from hetsim.resolve import evaluator_index
+
+    spec = tiny_spec()
+    assert evaluator_index(spec, [0.3, 0.1, 0.1]) == 1
+    assert evaluator_index(spec, [0.3, 0.2, 0.1]) == 2
+    assert evaluator_index(spec, [0.05, 0.1, 0.1]) == 0
+    assert evaluator_index(tiny_spec("eval.on='gpu1'"), [0.05, 0.1, 0.1]) == 2  # a name overrides speed
+    assert resolve(tiny_spec("cluster.devices.0.step_time.mean_s=0.001")).evaluator == 0
