@@ -82,7 +82,7 @@ class DeviceSpec:
     profile: a profile JSON file (`hetsim/profiles/FORMAT.md`) or `builtin:NAME`; its entry for the
         run's workload and batch size gives the step time. Exclusive with `step_time`.
     step_time: an inline step-time distribution instead of a profile.
-    eval_time_s: seconds to evaluate the global model (the fastest device's is charged); unset = the
+    eval_time_s: seconds to evaluate the global model (the evaluating device's, eval.on, is charged); unset = the
         profile's, else 0.
     bandwidth_GBps / latency_s: this group's link; unset = the network's.
 
