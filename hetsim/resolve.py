@@ -164,7 +164,8 @@ def _resolve_policy_files(data: dict[str, Any], base: Path) -> None:
 
     for category in Policies._fields:
         table = data.get(category)
-        if not (isinstance(table, dict) and isinstance(table.get("name"), str) and isinstance(table.get("params"), dict)):
+        if not (isinstance(table, dict) and isinstance(table.get("name"), str)
+                and isinstance(table.get("params"), dict)):
             continue
         try:
             cls = registry.policy_class(category, table["name"], category)

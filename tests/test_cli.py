@@ -57,8 +57,8 @@ def test_resume_checks_the_runs_config_again(tiny_file, tmp_path, capsys):
     profile = tmp_path / "cpu.json"
     shutil.copy(ROOT / "hetsim" / "profiles" / "assumed-cpu.json", profile)
     out = tmp_path / "r"
-    assert main(["simulate", str(tiny_file), "--out", str(out), "--quiet", "--set", "optim.batch_size=32",
-                 "--set", f"cluster.devices.0={{kind='cpu', profile='{profile}'}}", "--set", "run.checkpoint_every=1"]) == 0
+    assert main(["simulate", str(tiny_file), "--out", str(out), "--quiet", "--set", "optim.batch_size=32", "--set",
+                 f"cluster.devices.0={{kind='cpu', profile='{profile}'}}", "--set", "run.checkpoint_every=1"]) == 0
     profile.unlink()
     capsys.readouterr()
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 2

@@ -243,7 +243,8 @@ def test_the_public_load_spec_checks_everything(tmp_path):
 def test_replace_checks_the_result_like_a_load(tiny_spec):
     import hetsim.config as schema
 
-    assert schema.replace(tiny_spec(), ["scheduler.params.per_kind={tpu=1}"]).scheduler.params == {"per_kind": {"tpu": 1}}
+    unchecked = schema.replace(tiny_spec(), ["scheduler.params.per_kind={tpu=1}"])
+    assert unchecked.scheduler.params == {"per_kind": {"tpu": 1}}
     with pytest.raises(SpecError, match=r"^tiny: scheduler.params.per_kind: expected keys that are device kinds"):
         replace(tiny_spec(), ["scheduler.params.per_kind={tpu=1}"])
 
