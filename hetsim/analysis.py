@@ -9,6 +9,7 @@ Works on any runner's output (simulator or real backend), since they share one s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import tomllib
@@ -67,10 +68,11 @@ class Run:
         return time_to_accuracy(list(t), list(acc), target)
 
     def as_result(self) -> RunResult:
-        """The run as a RunResult (what `hetsim.simulate` returns), read back from disk."""
-        from hetsim.config import spec_from_dict
+        """The run as a RunResult (what `hetsim.simulate` returns), read back from disk. Its config is
+        parsed, not checked again: the run's data, profiles and policy modules may be gone since."""
+        from hetsim.config import parse_spec
 
-        spec = spec_from_dict(self.config, source=str(self.path / "config.toml"))
+        spec = parse_spec(self.config, source=str(self.path / "config.toml"))
         metrics = {c: [int(v) if c in ("round", "samples") else float(v) for v in col] for c, col in self.metrics.items()}
         return RunResult(spec, metrics, self.decisions, self.summary, self.path, self.trace())
 
@@ -133,11 +135,37 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     return [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
 
 
+def table_runs(table: str | Path) -> list[Path]:
+    """The run directories a sweep.csv lists: this sweep's runs only, not stale ones of an older config
+    that share the folder. A table cut short (a copy interrupted, a writer without atomic rename) is
+    an error naming the line, never a shorter list of runs."""
+    table = Path(table)
+    try:
+        text = table.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HetsimError(f"{table}: cannot read the sweep table ({e})") from None
+    why = "truncated, or written while being read? re-run `hetsim sweep` to rewrite it"
+    if not text.endswith("\n"):
+        raise HetsimError(f"{table}: the last line is incomplete ({why})")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header or "run_dir" not in header:
+        raise HetsimError(f"{table}: expected a header with a run_dir column, got {header} ({why})")
+    col = header.index("run_dir")
+    runs = []
+    for row in reader:
+        if len(row) != len(header) or not row[col]:
+            raise HetsimError(f"{table}: line {reader.line_num} has {len(row)} fields, expected {len(header)} ({why})")
+        path = Path(row[col])
+        if path.is_absolute() or ".." in path.parts:
+            raise HetsimError(f"{table}: line {reader.line_num}: run_dir {row[col]!r} is outside the sweep folder")
+        runs.append(table.parent / path)
+    return runs
+
+
 def _sweep_runs(table: Path) -> list[Run]:
     """The finished runs a sweep.csv lists. A listed run without summary.json (failed, or its sweep
     still running) is left out with a warning naming it, never read half-written."""
-    from hetsim.sweep import table_runs
-
     listed = table_runs(table)
     finished = [r for r in listed if (r / "summary.json").is_file()]
     if not finished:
@@ -263,8 +291,6 @@ def speedup_markdown(rows: Sequence[SpeedupRow], target: float, baseline: str | 
 
 
 def write_speedup_table(rows: Sequence[SpeedupRow], out_dir: Path, target: float, baseline: str | None) -> None:
-    import io
-
     from hetsim.results import atomic_write
 
     buf = io.StringIO()

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from hetsim.losses import per_sample_loss
+
 if TYPE_CHECKING:
     from hetsim.training import TrainingCore, Worker
     from hetsim.workloads import Workload
@@ -33,8 +35,6 @@ if TYPE_CHECKING:
 
 class BatchedSteps:
     def __init__(self, template: nn.Module, names: list[str]):
-        from hetsim.training import per_sample_loss
-
         self.template = template
         self.names = names
 

@@ -81,7 +81,7 @@ def _spec_and_out(args: argparse.Namespace, engine: str):
     """The spec and run directory of `simulate` / `run`: a config, or --resume RUN_DIR (its config.toml).
     The default folder, runs/NAME-sSEED-IDENTITY, stays inside runs/ whatever the name holds and
     differs between configs (hetsim.rundir.default_run_dir)."""
-    from hetsim.config import load_spec
+    from hetsim.resolve import load_spec
     from hetsim.rundir import default_run_dir
 
     if args.force and not args.resume:
@@ -171,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _spec_to_profile(path: str, overrides: list[str]):
     """A config whose devices are about to be profiled: their profiles may not exist yet, so each
     device's time source is replaced by a placeholder before validation."""
-    from hetsim.config import apply_overrides, read_toml, spec_from_dict
+    from hetsim.config import apply_overrides, read_toml
+    from hetsim.resolve import spec_from_dict
 
     p = Path(path)
     data = apply_overrides(read_toml(p), overrides)

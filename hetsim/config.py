@@ -1,9 +1,15 @@
-"""The experiment spec: frozen dataclasses loaded from TOML and validated once, on load.
+"""The experiment spec as data: frozen dataclasses, TOML in and out, `--set` overrides, paths and types.
 
 A spec describes one run completely: workload, cluster, the three policies, optimisation, stop
-criteria, evaluation and seed. `load_spec` reads a TOML file, applies `--set key=value`
-overrides, converts every value to its declared type and checks every constraint; any problem
-raises `SpecError` with one line naming the file, the key and what was expected.
+criteria, evaluation and seed. This module knows nothing else of hetsim: it converts every value to
+its declared type and checks what the spec alone decides (ranges, enumerations, at least one budget);
+any problem raises `SpecError` with one line naming the file, the key and what was expected.
+
+What needs the rest of the package (known workloads and data files, profiles, policies and their
+parameters, the surrogate curve, `eval.on`) is checked by `hetsim.resolve`, which builds it once. Every
+user-facing entry point loads a spec through `hetsim.load_spec` (`hetsim.resolve.load_spec`), which
+does both; `load_spec` / `spec_from_dict` here stop at the schema (and leave a policy parameter that
+names a file as written: only the policy registry knows which parameters do).
 
 Example::
 
@@ -13,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import abc
 import math
@@ -75,7 +82,7 @@ class DeviceSpec:
     profile: a profile JSON file (`hetsim/profiles/FORMAT.md`) or `builtin:NAME`; its entry for the
         run's workload and batch size gives the step time. Exclusive with `step_time`.
     step_time: an inline step-time distribution instead of a profile.
-    eval_time_s: seconds to evaluate the global model (the fastest device's is charged); unset = the
+    eval_time_s: seconds to evaluate the global model (the evaluating device's, eval.on, is charged); unset = the
         profile's, else 0.
     bandwidth_GBps / latency_s: this group's link; unset = the network's.
 
@@ -364,7 +371,7 @@ def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Semantic validation
+# Checks the spec decides alone (hetsim.resolve checks what needs the rest of the package)
 # --------------------------------------------------------------------------------------------
 
 
@@ -389,21 +396,13 @@ def _check_windows(windows: Sequence[Sequence[float]], key: str) -> None:
              [list(w) for w in windows])
 
 
-def _validate(spec: Spec) -> None:
-    from hetsim import cluster as cluster_mod
-    from hetsim.policies import base as registry
-    from hetsim.workloads import check_batch_fits, check_workload, known_train_size
-
+def check_schema(spec: Spec) -> None:
+    """Every check the spec decides alone (ranges, enumerations, budgets); hetsim.resolve.check does the
+    rest, after these."""
     _require(spec.seed >= 0, "seed", "an integer >= 0", spec.seed)
-    check_workload(spec.workload, need_files=spec.sim.fidelity != "time_only")
     # before the profiles, which are per batch size: a batch size of 0 would otherwise be reported as a
     # profile without an entry for it
     _require(spec.optim.batch_size >= 1, "optim.batch_size", "an integer >= 1", spec.optim.batch_size)
-    check_batch_fits(spec.workload, spec.optim.batch_size)
-    if spec.sim.fidelity == "time_only" and not spec.workload.n_train and known_train_size(spec.workload) is None:
-        # epochs are samples / training-set size: a guessed size would make every epoch figure wrong
-        raise SpecError(f"workload.n_train: expected the training-set size for a time-only run of "
-                        f"{spec.workload.name} (it depends on data files a time-only run does not read), got 0")
 
     devices = spec.cluster.devices
     _require(len(devices) > 0, "cluster.devices", "at least one device group", list(devices))
@@ -428,11 +427,7 @@ def _validate(spec: Spec) -> None:
         _require(d.threads >= 0, f"{key}.threads", "an integer >= 0", d.threads)
         _require(d.emulated_slowdown >= 1, f"{key}.emulated_slowdown", "a factor >= 1", d.emulated_slowdown)
         _check_windows(d.offline, f"{key}.offline")
-        # Building the device's time model validates the profile (positive step times etc.).
-        cluster_mod.device_model(d, spec.workload.name, spec.optim.batch_size, key)
     net = spec.cluster.network
-    _require(net.collective in cluster_mod.COLLECTIVES, "cluster.network.collective",
-             f"one of {sorted(cluster_mod.COLLECTIVES)}", net.collective)
     _require(net.bandwidth_GBps > 0, "cluster.network.bandwidth_GBps", "a number > 0", net.bandwidth_GBps)
     _require(net.latency_s >= 0, "cluster.network.latency_s", "a number >= 0", net.latency_s)
     _check_schedule(net.bandwidth_schedule, "cluster.network.bandwidth_schedule", "bandwidth in GB/s")
@@ -442,15 +437,6 @@ def _validate(spec: Spec) -> None:
     if spec.sim.surrogate:
         _require(spec.sim.fidelity == "time_only", "sim.surrogate", "fidelity 'time_only' (emulated runs have "
                  "real accuracy)", spec.sim.fidelity)
-        from hetsim.surrogate import LearningCurve
-
-        curve = LearningCurve.load(spec.sim.surrogate)
-
-    for category in ("scheduler", "sampler", "aggregator"):
-        policy = registry.build(category, getattr(spec, category), where=category)
-        _check_names(spec, policy, f"{category}.params")
-    if spec.sim.surrogate:  # once the policies are known valid: the warning compares them with the curve's
-        curve.warn_if_not_fitted_for(spec)
 
     o = spec.optim
     _require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
@@ -476,9 +462,6 @@ def _validate(spec: Spec) -> None:
     _require(e.every_epochs >= 0, "eval.every_epochs", "a number >= 0", e.every_epochs)
     _require(e.every_rounds > 0 or e.every_epochs > 0, "eval",
              "every_rounds > 0 or every_epochs > 0", dataclasses.asdict(e))
-    names = _worker_names(spec.worker_kinds())
-    _require(e.on == "fastest" or e.on in names, "eval.on", f"'fastest' or a worker of this cluster "
-             f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})", e.on)
     _require(spec.trace.max_rounds >= 0, "trace.max_rounds", "an integer >= 0", spec.trace.max_rounds)
     _require(spec.trace.max_devices >= 0, "trace.max_devices", "an integer >= 0", spec.trace.max_devices)
     _require(spec.run.fault_timeout_s > 0, "run.fault_timeout_s", "a number of seconds > 0", spec.run.fault_timeout_s)
@@ -493,16 +476,6 @@ def _worker_names(kinds: Sequence[str]) -> list[str]:
         out.append(f"{kind}{seen.get(kind, 0)}")
         seen[kind] = seen.get(kind, 0) + 1
     return out
-
-
-def _check_names(spec: Spec, policy: Any, where: str) -> None:
-    """Every policy parameter that names kinds, devices, workers or files (declared on the policy's class
-    as `name_refs`) must name ones this spec has: a misspelt kind would silently switch the policy off."""
-    from hetsim.policies.base import check_names
-
-    devices = spec.cluster.devices
-    check_names(policy, where, list(dict.fromkeys(d.kind for d in devices)),
-                list(dict.fromkeys(d.device for d in devices)), spec.n_workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,8 +523,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make relative data and profile paths absolute, relative to the config file's folder."""
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative data, profile, trace and surrogate paths absolute, relative to the config file's folder
+    (hetsim.resolve does the policy parameters that name files)."""
     for table, key in (("workload", "path"), ("sim", "surrogate")):
         t = data.get(table)
         if isinstance(t, dict) and isinstance(t.get(key), str) and t[key]:
@@ -565,45 +539,35 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             t = d.get("slowdown_trace") if isinstance(d, dict) else None
             if isinstance(t, str) and t:
                 d["slowdown_trace"] = str((base / Path(t).expanduser()).resolve())
-    _resolve_policy_files(data, base)
-
-
-def _resolve_policy_files(data: dict[str, Any], base: Path) -> None:
-    """Policy parameters declared as naming files (`NameRef('file')`) are relative to the config's folder too."""
-    from hetsim.policies import base as registry
-
-    def resolve(v: Any) -> Any:
-        return str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) and v else v
-
-    for category in ("scheduler", "sampler", "aggregator"):
-        table = data.get(category)
-        if not (isinstance(table, dict) and isinstance(table.get("name"), str) and isinstance(table.get("params"), dict)):
-            continue
-        try:
-            cls = registry.policy_class(category, table["name"], category)
-        except SpecError:
-            continue  # validation reports the unknown name
-        params = table["params"]
-        for key, ref in cls.name_refs.items():
-            value = params.get(key)
-            if ref.to == "file" and value is not None:
-                params[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>", base: Path | None = None,
                    overrides: Sequence[str] = ()) -> Spec:
-    """Build and validate a Spec from a raw table; errors are prefixed with `source`."""
-    import copy
-
+    """Build a Spec from a raw table and check its schema; errors are prefixed with `source`. A spec to
+    run goes through hetsim.resolve.spec_from_dict, which checks the rest too."""
     raw = copy.deepcopy(dict(data))
     try:
         apply_overrides(raw, overrides)
-        _resolve_paths(raw, base or Path.cwd())
-        spec = build_dataclass(Spec, raw)
-        _validate(spec)
+        resolve_paths(raw, base or Path.cwd())
+        return build_spec(raw)
     except SpecError as e:
         raise SpecError(f"{source}: {e}") from None
+
+
+def build_spec(raw: Mapping[str, Any]) -> Spec:
+    """The dataclasses of a raw table whose overrides and paths are applied, schema checked."""
+    spec = build_dataclass(Spec, raw)
+    check_schema(spec)
     return spec
+
+
+def parse_spec(config: Mapping[str, Any], source: str = "<dict>") -> Spec:
+    """A run folder's config.toml as a Spec: types converted, nothing checked. It was checked when the
+    run started; reading the run back must not need its data, profiles or policy code (they may be gone)."""
+    try:
+        return build_dataclass(Spec, copy.deepcopy(dict(config)))
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -618,7 +582,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
-    """Read, override and validate a TOML spec. Raises SpecError with file, key and expectation."""
+    """Read, override and schema-check a TOML spec (hetsim.load_spec checks everything)."""
     path = Path(path)
     return spec_from_dict(read_toml(path), source=str(path), base=path.parent, overrides=overrides)
 
@@ -637,7 +601,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
 
 
 def replace(spec: Spec, overrides: Sequence[str]) -> Spec:
-    """A copy of `spec` with `--set`-style overrides applied and validated."""
+    """A copy of `spec` with `--set`-style overrides applied, schema checked (hetsim.resolve.replace: all)."""
     return spec_from_dict(spec_to_dict(spec), source=spec.name, overrides=overrides)
 
 

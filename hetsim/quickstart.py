@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetsim.config import Spec, load_spec, replace
+from hetsim.config import Spec
 from hetsim.errors import SpecError
+from hetsim.resolve import load_spec, replace
 from hetsim.sweep import SweepRun, config_hash
 
 BASE = Path(__file__).parent / "quickstart.toml"

@@ -107,7 +107,7 @@ def versions() -> dict[str, str]:
     import simpy
     import torch
 
-    from hetsim import __version__
+    from hetsim._version import __version__
 
     return {"hetsim": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "simpy": simpy.__version__}

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from hetsim.config import Spec, load_spec, replace, spec_to_dict, to_toml
+from hetsim.analysis import table_runs
+from hetsim.config import Spec, spec_to_dict, to_toml
 from hetsim.errors import HetsimError, SpecError
+from hetsim.resolve import load_spec, replace
 from hetsim.results import CHECKPOINT, atomic_write
 from hetsim.results import config_hash as full_config_hash
 
@@ -346,33 +348,3 @@ def compare_methods(config: str | Path, methods: dict[str, tuple[str, str, str]]
     figures = out / "figures"
     plot_runs(load_runs(run_dirs), figures, target=target, baseline=baseline, order=list(methods))
     return figures
-
-
-def table_runs(table: str | Path) -> list[Path]:
-    """The run directories a sweep.csv lists: this sweep's runs only, not stale ones of an older config
-    that share the folder. A table cut short (a copy interrupted, a writer without atomic rename) is
-    an error naming the line, never a shorter list of runs."""
-    from hetsim.errors import HetsimError
-
-    table = Path(table)
-    try:
-        text = table.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise HetsimError(f"{table}: cannot read the sweep table ({e})") from None
-    why = "truncated, or written while being read? re-run `hetsim sweep` to rewrite it"
-    if not text.endswith("\n"):
-        raise HetsimError(f"{table}: the last line is incomplete ({why})")
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if not header or "run_dir" not in header:
-        raise HetsimError(f"{table}: expected a header with a run_dir column, got {header} ({why})")
-    col = header.index("run_dir")
-    runs = []
-    for row in reader:
-        if len(row) != len(header) or not row[col]:
-            raise HetsimError(f"{table}: line {reader.line_num} has {len(row)} fields, expected {len(header)} ({why})")
-        path = Path(row[col])
-        if path.is_absolute() or ".." in path.parts:
-            raise HetsimError(f"{table}: line {reader.line_num}: run_dir {row[col]!r} is outside the sweep folder")
-        runs.append(table.parent / path)
-    return runs

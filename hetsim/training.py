@@ -30,6 +30,7 @@ from torch import nn
 
 from hetsim import policies
 from hetsim.config import OptimSpec, Spec
+from hetsim.losses import per_sample_loss
 from hetsim.policies import Contribution, RoundPlan, WorkerInfo
 from hetsim.policies.sampling import EpochStream, LossScores
 from hetsim.seeding import derive, numpy_rng, torch_generator
@@ -69,12 +70,6 @@ def lr_at(optim: OptimSpec, progress: float) -> float:
     if optim.lr_schedule == "cosine":
         return optim.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return optim.lr
-
-
-def per_sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample; for sequence targets (N, T) the mean over the sample's positions."""
-    losses = F.cross_entropy(out, y, reduction="none")
-    return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from hetsim.config import spec_from_dict
+from hetsim.resolve import spec_from_dict  # checked as a run needs it (hetsim.config checks the schema only)
 
 ROOT = Path(__file__).resolve().parents[1]
 

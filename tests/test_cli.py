@@ -1,6 +1,8 @@
 """The command line and the plots, as a user meets them."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +35,35 @@ def test_bad_config_is_one_line_and_exit_2(tiny_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"hetsim: error: {tiny_file}: optim.lr: expected a number > 0, got -1.0\n"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.on='gpu7'", r"eval.on: expected 'fastest' or a worker of this cluster \(cpu0, gpu0, gpu1\), got 'gpu7'"),
+    ("scheduler.params.per_kind={tpu=2}", r"scheduler.params.per_kind: expected keys that are device kinds"),
+])
+def test_what_only_resolving_finds_is_one_line_before_any_folder(tiny_file, tmp_path, capsys, override, message):
+    assert main(["simulate", str(tiny_file), "--out", str(tmp_path / "r"), "--set", override]) == 2
+    assert re.fullmatch(rf"hetsim: error: {re.escape(str(tiny_file))}: {message}.*\n", capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+    # a sweep checks every grid point before running any
+    assert main(["sweep", str(tiny_file), "--grid", f"{override.split('=', 1)[0]}={override.split('=', 1)[1]}",
+                 "--out", str(tmp_path / "sw")]) == 2
+    assert re.fullmatch(rf"hetsim: error: tiny\S*: {message}.*\n", capsys.readouterr().err)
+    assert not (tmp_path / "sw" / "runs").exists()
+
+
+def test_resume_checks_the_runs_config_again(tiny_file, tmp_path, capsys):
+    # continuing a run needs what a run needs: its profile must still be there
+    profile = tmp_path / "cpu.json"
+    shutil.copy(ROOT / "hetsim" / "profiles" / "assumed-cpu.json", profile)
+    out = tmp_path / "r"
+    assert main(["simulate", str(tiny_file), "--out", str(out), "--quiet", "--set", "optim.batch_size=32", "--set",
+                 f"cluster.devices.0={{kind='cpu', profile='{profile}'}}", "--set", "run.checkpoint_every=1"]) == 0
+    profile.unlink()
+    capsys.readouterr()
+    assert main(["simulate", "--resume", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"hetsim: error: {out / 'config.toml'}: cluster.devices[0].profile: {profile}: "
+                                       f"no such profile file\n")
 
 
 def test_console_script_has_no_traceback_on_errors(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hetsim.config import Spec, load_spec, spec_from_dict, spec_to_dict, to_toml
+from hetsim.config import Spec, spec_to_dict, to_toml
+from hetsim.resolve import check, load_spec, replace, resolve, spec_from_dict
 from hetsim.errors import SpecError
 
 from conftest import ROOT, TINY
@@ -209,3 +210,100 @@ def test_a_time_only_run_of_a_workload_whose_size_depends_on_its_files_needs_n_t
     spec = spec_from_dict(TINY, source="tiny", overrides=["workload={name='shakespeare', n_train=5000}",
                                                           "sim.fidelity='time_only'"])
     assert spec.workload.n_train == 5000
+
+
+# -- the spec as data (hetsim.config) and its resolution (hetsim.resolve) ----------------------------
+
+def test_the_schema_alone_checks_only_what_the_spec_decides(tiny_spec):
+    import hetsim.config as schema
+
+    # an unknown policy and a profile that does not exist are for hetsim.resolve to find ...
+    spec = schema.spec_from_dict(TINY, source="tiny", overrides=[
+        "scheduler={name='warp'}", "cluster.devices.0={kind='cpu', profile='/nonexistent/cpu.json'}"])
+    assert spec.scheduler.name == "warp"
+    with pytest.raises(SpecError, match=r"^cluster.devices\[0\].profile: /nonexistent/cpu.json: no such profile file$"):
+        check(spec)
+    with pytest.raises(SpecError, match=r"^scheduler.name: expected one of \["):
+        check(dataclasses.replace(spec, cluster=tiny_spec().cluster))
+    # ... types and ranges are the schema's
+    with pytest.raises(SpecError, match=r"^tiny: optim.lr: expected a number > 0, got -1.0$"):
+        schema.spec_from_dict(TINY, source="tiny", overrides=["optim.lr=-1"])
+
+
+def test_the_public_load_spec_checks_everything(tmp_path):
+    import hetsim
+
+    p = write(tmp_path, to_toml({**TINY, "scheduler": {"name": "warp"}}))
+    with pytest.raises(SpecError, match=rf"^{p}: scheduler.name: expected one of \["):
+        hetsim.load_spec(p)
+    with pytest.raises(SpecError, match=r"^tiny: sampler.params.sample_ratio: expected a number >= 1, got 0.5$"):
+        hetsim.spec_from_dict(TINY, source="tiny", overrides=["sampler={name='loss_topk', params={sample_ratio=0.5}}"])
+
+
+def test_replace_checks_the_result_like_a_load(tiny_spec):
+    import hetsim.config as schema
+
+    unchecked = schema.replace(tiny_spec(), ["scheduler.params.per_kind={tpu=1}"])
+    assert unchecked.scheduler.params == {"per_kind": {"tpu": 1}}
+    with pytest.raises(SpecError, match=r"^tiny: scheduler.params.per_kind: expected keys that are device kinds"):
+        replace(tiny_spec(), ["scheduler.params.per_kind={tpu=1}"])
+
+
+@pytest.mark.parametrize("on, message", [
+    ("gpu2", r"^tiny: eval.on: expected 'fastest' or a worker of this cluster \(cpu0, gpu0, gpu1\), got 'gpu2'$"),
+    ("slowest", r"^tiny: eval.on: expected 'fastest' or a worker of this cluster \(cpu0, gpu0, gpu1\), got 'slowest'$"),
+])
+def test_eval_on_must_name_a_worker_of_the_cluster(on, message):
+    import hetsim.config as schema
+
+    assert schema.spec_from_dict(TINY, overrides=[f"eval.on='{on}'"]).eval.on == on  # the schema cannot tell
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(TINY, source="tiny", overrides=[f"eval.on='{on}'"])
+
+
+def test_eval_on_lists_only_the_first_eight_workers_of_a_large_cluster():
+    with pytest.raises(SpecError, match=r"eval.on: expected 'fastest' or a worker of this cluster \(cpu0, gpu0, gpu1, "
+                                        r"gpu2, gpu3, gpu4, gpu5, gpu6, \.\.\.\), got 'tpu0'$"):
+        spec_from_dict(TINY, source="tiny", overrides=["cluster.devices.1.count=40", "eval.on='tpu0'"])
+
+
+@pytest.mark.parametrize("on, evaluator", [("fastest", 1), ("cpu0", 0), ("gpu0", 1), ("gpu1", 2)])
+def test_resolve_builds_devices_policies_and_the_evaluator(tiny_spec, on, evaluator):
+    # TINY: cpu at 0.01 s a step, two gpus at 0.002 s: the fastest is a tie of the gpus, the first wins
+    experiment = resolve(tiny_spec(f"eval.on='{on}'"))
+    assert [d.step_time.mean_s for d in experiment.devices] == [0.01, 0.002, 0.002]
+    assert [d.kind for d in experiment.groups] == ["cpu", "gpu"]
+    assert experiment.evaluator == evaluator
+    assert type(experiment.policies.scheduler).__name__ == "FixedSteps"
+    assert experiment.curve is None
+
+
+def test_resolve_loads_the_workload_only_when_asked(tiny_spec):
+    # time-only needs no data: a cifar10 folder that does not exist resolves, and fails only if loaded
+    experiment = resolve(tiny_spec("workload={name='cifar10', path='/nonexistent/cifar', n_train=64}",
+                                   "sim.fidelity='time_only'"))
+    with pytest.raises(SpecError, match="data directory '/nonexistent/cifar' for cifar10 does not exist"):
+        experiment.workload
+    emulated = resolve(tiny_spec())
+    assert emulated.workload.n_train == 256
+    assert emulated.workload is emulated.workload  # built once
+
+
+def test_importing_the_schema_imports_nothing_else_of_hetsim():
+    import subprocess
+    import sys
+
+    code = "import sys, hetsim.config; print(sorted(m for m in sys.modules if m.startswith('hetsim')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == str(["hetsim", "hetsim._version", "hetsim.config", "hetsim.errors"])
+
+
+def test_the_fastest_evaluator_is_the_lowest_mean_step_time_ties_to_the_lowest_index(tiny_spec):
+    from hetsim.resolve import evaluator_index
+
+    spec = tiny_spec()
+    assert evaluator_index(spec, [0.3, 0.1, 0.1]) == 1
+    assert evaluator_index(spec, [0.3, 0.2, 0.1]) == 2
+    assert evaluator_index(spec, [0.05, 0.1, 0.1]) == 0
+    assert evaluator_index(tiny_spec("eval.on='gpu1'"), [0.05, 0.1, 0.1]) == 2  # a name overrides speed
+    assert resolve(tiny_spec("cluster.devices.0.step_time.mean_s=0.001")).evaluator == 0

@@ -3,6 +3,7 @@ figures make (colours, order, labels, axes, legends), read from the figure objec
 
 import json
 import shutil
+import sys
 import tomllib
 import warnings
 
@@ -12,12 +13,13 @@ import pytest
 import hetsim.plots as plots
 from hetsim.analysis import group_by_label, load_run, load_runs
 from hetsim.cli import main
-from hetsim.config import spec_from_dict, to_toml
+from hetsim.config import to_toml
 from hetsim.errors import HetsimWarning
 from hetsim.plots import PALETTE, display_labels, label_styles, log_ticks, plot_runs, wrap_label
+from hetsim.resolve import spec_from_dict
 from hetsim.sim import simulate
 
-from conftest import TINY
+from conftest import ROOT, TINY
 
 RUNS = {  # folder -> overrides of the tiny spec; 4 rounds each
     "sgd-a0": ["name='sgd'", "seed=0"],
@@ -313,3 +315,36 @@ def test_predicted_vs_measured_tick_labels_do_not_overlap(runs, tmp_path, figure
         boxes = [t.get_window_extent(renderer) for t, loc in pairs if t.get_visible() and t.get_text() and lo <= loc <= hi]
         assert len(boxes) >= 2
         assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes)))
+
+
+# -- a run folder is read without its data, profiles or policy code ------------------------------
+
+def test_a_run_reads_back_plots_and_compares_after_its_profile_and_plugin_policy_are_gone(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # the run's own profile file and plug-in scheduler: both gone (deleted, moved) once it finished
+    profile = tmp_path / "profiles" / "cpu.json"
+    profile.parent.mkdir()
+    shutil.copy(ROOT / "hetsim" / "profiles" / "assumed-cpu.json", profile)  # has synthetic at batch size 32
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "gone_policy.py").write_text("from hetsim.policies.scheduling import FixedSteps\n\n\n"
+                                            "class GoneFixed(FixedSteps):\n    pass\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    overrides = ["optim.batch_size=32", f"cluster.devices.0={{kind='cpu', profile='{profile}'}}",
+                 "scheduler={name='gone_policy:GoneFixed', params={per_kind={cpu=1, gpu=5}}}", "stop.max_rounds=3"]
+    specs = [spec_from_dict(TINY, source="tiny", overrides=[*overrides, f"seed={seed}"]) for seed in (0, 1)]
+    for seed, spec in enumerate(specs):
+        simulate(spec, tmp_path / f"run{seed}")
+    shutil.rmtree(plugins)
+    monkeypatch.delitem(sys.modules, "gone_policy")
+    profile.unlink()
+    with pytest.raises(Exception, match="gone_policy"):  # the policy code is really gone
+        __import__("gone_policy")
+
+    result = load_run(tmp_path / "run0").as_result()
+    assert result.spec == specs[0]  # the config as written, types and all, nothing re-checked
+    assert result.metrics["round"] == [0, 1, 2, 3]  # round 0: the initial model's evaluation
+    assert main(["plot", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(tmp_path / "fig")]) == 0
+    assert main(["compare", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.json").is_file()
+    assert "error" not in capsys.readouterr().err

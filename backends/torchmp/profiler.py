@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from hetsim.cluster import PROFILE_FORMAT
-from hetsim.config import PolicySpec, Spec, spec_from_dict
+from hetsim.config import PolicySpec, Spec
 from hetsim.errors import HetsimError, SpecError
+from hetsim.resolve import spec_from_dict
 from hetsim.results import versions, write_json
 from hetsim.training import TrainingCore, evaluate
 

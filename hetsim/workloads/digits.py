@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hetsim.config import WorkloadSpec
-from hetsim.workloads import Workload, WorkloadEntry, register_workload
+from hetsim.workloads.base import Workload, WorkloadEntry, register_workload
 from hetsim.workloads.models import mlp
 
 SPLIT_SEED = 20250811

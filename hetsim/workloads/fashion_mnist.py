@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hetsim.config import WorkloadSpec
-from hetsim.workloads import Workload, WorkloadEntry, data_path, register_workload
+from hetsim.workloads.base import Workload, WorkloadEntry, data_path, register_workload
 from hetsim.workloads.models import small_cnn
 from hetsim.workloads.transforms import normalise, random_crop_flip
 

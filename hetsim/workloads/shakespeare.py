@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hetsim.config import WorkloadSpec
-from hetsim.workloads import Workload, WorkloadEntry, data_path, register_workload
+from hetsim.workloads.base import Workload, WorkloadEntry, data_path, register_workload
 
 SEQ_LEN = 64
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # 96 symbols
