@@ -570,3 +570,72 @@ def test_the_sit_out_plug_ins_give_a_worker_zero_steps():
         plan, state = random.plan(r, ws, rng, state)
         assert plan.local_steps == tuple(0 if k == out else 2 for k in range(3))
     assert state["sat_out"] == np.bincount(draws, minlength=3).tolist()
+
+
+# -- review: old-contract detection by what a call can bind, not by counting parameters ----------
+
+@dataclass(frozen=True)
+class LegacyKeywordOnly(Scheduler):
+    """Old contract, plus a keyword-only option: plan(round, workers, *, steps)."""
+
+    def plan(self, round, workers, *, steps=2):
+        return RoundPlan(tuple(steps for _ in workers))
+
+
+@dataclass(frozen=True)
+class LegacyWithDefault(Scheduler):
+    """Old contract, plus an optional positional parameter: it cannot take (round, workers, rng, state)."""
+
+    def plan(self, round, workers, steps=3):
+        return RoundPlan(tuple(steps for _ in workers))
+
+
+@dataclass(frozen=True)
+class NewWithDefaults(Scheduler):
+    """New contract whose rng and state have defaults: it takes the new call, so no adapter."""
+
+    def plan(self, round, workers, rng=None, state=None):
+        return RoundPlan(tuple(4 for _ in workers)), state
+
+
+@dataclass(frozen=True)
+class LegacyCombineStarArgs(Aggregator):
+    """Old-contract combine(global, replicas, contributions, *extra): no `state` parameter."""
+
+    def combine(self, global_params, replicas, contributions, *extra):
+        return replicas.max(dim=0).values, np.full(len(contributions), 1.0 / len(contributions))
+
+
+@dataclass(frozen=True)
+class NeitherShape(Scheduler):
+    """plan(round) takes neither the contract's call nor the old one."""
+
+    def plan(self, round):
+        return RoundPlan(())
+
+
+@pytest.mark.parametrize("name,steps", [("LegacyKeywordOnly", 2), ("LegacyWithDefault", 3)])
+def test_an_old_contract_plan_with_extra_optional_parameters_is_adapted(name, steps):
+    policy, caught = build_warned("scheduler", f"test_policies:{name}")
+    assert len(caught) == 1  # adapted: the new call (round, workers, rng, state) would not bind
+    assert policy.plan(1, workers([1, 1]), RNG, None) == (RoundPlan((steps, steps)), None)
+
+
+def test_a_new_contract_plan_whose_rng_and_state_have_defaults_is_not_adapted():
+    policy, caught = build_warned("scheduler", "test_policies:NewWithDefaults")
+    assert caught == [] and type(policy) is NewWithDefaults
+    assert policy.plan(1, workers([1]), RNG, "s") == (RoundPlan((4,)), "s")
+
+
+def test_an_old_contract_combine_with_star_args_is_adapted():
+    aggregator, caught = build_warned("aggregator", "test_policies:LegacyCombineStarArgs")
+    assert len(caught) == 1 and not aggregator.linear
+    new, _, _ = aggregator.combine(torch.zeros(1), arrivals([[1.0], [5.0]], [1, 1]), None)
+    assert torch.equal(new, torch.tensor([5.0]))
+
+
+def test_a_policy_method_taking_neither_call_shape_is_one_spec_error_on_build():
+    with pytest.raises(SpecError, match=r"^scheduler.name: test_policies:NeitherShape: NeitherShape.plan\(self, round\) "
+                                        r"takes neither \(round, workers, rng, state\) nor the old contract's "
+                                        r"\(round, workers\)$"):
+        build("scheduler", PolicySpec("test_policies:NeitherShape"))

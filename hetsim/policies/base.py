@@ -445,19 +445,46 @@ _LINEAR_COMBINE = Aggregator.combine
 
 MIGRATION_NOTE = "README.md, 'Write your own policy' > 'Migrating from the old contract'"
 
-#: method -> how many parameters (after self) its old form takes; the new plan takes 4 (+ rng, state),
-#: batch 5 (+ state), and combine names its third `state`
-_OLD_ARITY = {"plan": 2, "batch": 4, "combine": 3}
+#: method -> the arguments (after self) of its call under the contract, and under the old contract
+_CALLS = {"plan": (("round", "workers", "rng", "state"), ("round", "workers")),
+          "batch": (("worker", "batch_size", "stream", "scores", "state"), ("worker", "batch_size", "stream", "scores")),
+          "combine": (("global_params", "arrivals", "state"), ("global_params", "replicas", "contributions"))}
+
+
+def _params(f: Callable) -> list[inspect.Parameter]:
+    return list(inspect.signature(f).parameters.values())[1:]  # after self
+
+
+def _takes(params: list[inspect.Parameter], n: int) -> bool:
+    """Whether a method with these parameters accepts a call with n positional arguments (and no keywords):
+    what decides the shape, not the parameter count (a keyword-only option or a default must not)."""
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return False
+    return len(required) <= n and (n <= len(positional) or any(p.kind == p.VAR_POSITIONAL for p in params))
 
 
 def _legacy_signature(method: str, f: Callable) -> bool:
     """Whether `f` (a class's `method`) has the old contract's signature."""
-    params = list(inspect.signature(f).parameters.values())[1:]
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return False
+    params = _params(f)
+    new, old = (len(c) for c in _CALLS[method])
     if method == "combine":
-        return len(params) == _OLD_ARITY[method] and "state" not in [p.name for p in params]
-    return len(params) == _OLD_ARITY[method]
+        # both shapes pass 3 arguments: the new one names its third `state` (the README's migration note)
+        named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return _takes(params, old) and len(named) >= 3 and named[2] != "state"
+    return _takes(params, old) and not _takes(params, new)
+
+
+def _takes_neither(method: str, f: Callable) -> str | None:
+    """A one-line problem when `f` can be called neither as the contract's `method` nor as the old one."""
+    params = _params(f)
+    new, old = _CALLS[method]
+    if _takes(params, len(new)) or _takes(params, len(old)):
+        return None
+    shown = ", ".join(["self"] + [str(p) for p in params])
+    return (f"{f.__qualname__}({shown}) takes neither ({', '.join(new)}) nor the old contract's "
+            f"({', '.join(old)})")
 
 
 class _LegacyScheduler(Scheduler):
@@ -561,6 +588,9 @@ def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
 
     where = where or category
     cls = policy_class(category, spec.name, where)
+    problem = _takes_neither(_ADAPTERS[category][0], getattr(cls, _ADAPTERS[category][0]))
+    if problem:  # else the first round would fail with a TypeError deep in the run
+        raise SpecError(f"{where}.name: {spec.name}: {problem}")
     adapted = legacy_adapter(category, cls)
     if adapted is not None:
         _warn_legacy(cls, category)
