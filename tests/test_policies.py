@@ -639,3 +639,30 @@ def test_a_policy_method_taking_neither_call_shape_is_one_spec_error_on_build():
                                         r"takes neither \(round, workers, rng, state\) nor the old contract's "
                                         r"\(round, workers\)$"):
         build("scheduler", PolicySpec("test_policies:NeitherShape"))
+
+
+# -- review: a server optimizer's combine is a function of its inputs --------------------------------
+
+def test_outer_sgd_combine_leaves_the_state_it_was_given_unchanged():
+    # torch.optim's load_state_dict keeps the given tensors (same dtype and device): a step would then
+    # update the caller's momentum buffer in place, and replaying a saved state would not repeat the run
+    outer = OuterSGD(outer_lr=0.7, momentum=0.9)
+    x0 = torch.zeros(3)
+    a1, a2 = arrivals(torch.ones(2, 3), [1, 1]), arrivals(torch.full((2, 3), 2.0), [1, 1])
+    x1, _, s1 = outer.combine(x0, a1, outer.init_state(x0))
+    buffer = s1["optimizer"]["state"][0]["momentum_buffer"].clone()  # g = 0 - 1 = -1: v = -1
+    first, _, _ = outer.combine(x1, a2, s1)
+    again, _, _ = outer.combine(x1, a2, s1)
+    assert torch.equal(s1["optimizer"]["state"][0]["momentum_buffer"], buffer)
+    # by hand: x1 = 0.7; g = 0.7 - 2 = -1.3, v = 0.9·(-1) - 1.3 = -2.2, x2 = 0.7 + 0.7·2.2 = 2.24
+    assert torch.equal(first, again) and torch.allclose(first, torch.full((3,), 2.24))
+
+
+def test_outer_sgd_steps_with_its_own_hyperparameters_not_those_saved_in_the_state():
+    # a state saved by outer_lr 0.1 (a resumed run whose config changed, --force) must not bring its lr back
+    x0 = torch.zeros(1)
+    _, _, saved = OuterSGD(outer_lr=0.1, momentum=0.5).combine(x0, arrivals([[1.0]], [1]), OuterSGD(
+        outer_lr=0.1, momentum=0.5).init_state(x0))  # v = g = -1
+    x, _, _ = OuterSGD(outer_lr=1.0, momentum=0.5).combine(x0, arrivals([[1.0]], [1]), saved)
+    # g = -1, v = 0.5·(-1) - 1 = -1.5, x = 0 - 1.0·(-1.5) = 1.5 (lr 0.1 would give 0.15)
+    assert torch.allclose(x, torch.tensor([1.5]))

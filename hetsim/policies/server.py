@@ -12,6 +12,7 @@ buffer (BatchNorm statistics included), as the base aggregator averages them.
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,7 +92,11 @@ class ServerOptimizer(Aggregator):
         x = global_params.detach().clone()
         x.grad = x - combined  # the pseudo-gradient: a step against it moves x toward the combined model
         optimizer = self.make_optimizer([x])
-        optimizer.load_state_dict(state["optimizer"])
+        # the saved buffers, copied: load_state_dict keeps the given tensors and step() updates them in
+        # place, which would change the caller's state (a replay or a kept checkpoint would not repeat the
+        # run); the hyperparameters are this policy's fields, not the ones the state was saved with
+        optimizer.load_state_dict({"state": copy.deepcopy(state["optimizer"]["state"]),
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
         optimizer.step()
         return x.detach(), w, {"optimizer": optimizer.state_dict(), "base": base_state}
 
