@@ -666,3 +666,22 @@ def test_outer_sgd_steps_with_its_own_hyperparameters_not_those_saved_in_the_sta
     x, _, _ = OuterSGD(outer_lr=1.0, momentum=0.5).combine(x0, arrivals([[1.0]], [1]), saved)
     # g = -1, v = 0.5·(-1) - 1 = -1.5, x = 0 - 1.0·(-1.5) = 1.5 (lr 0.1 would give 0.15)
     assert torch.allclose(x, torch.tensor([1.5]))
+
+
+# -- review: arrivals whose columns disagree are refused when built ------------------------------------
+
+@pytest.mark.parametrize("column,bad", [("kinds", ["cpu"]), ("local_steps", [1]), ("samples", [16, 16, 16]),
+                                        ("mean_loss", [[0.5, 0.5]])])
+def test_arrivals_refuse_a_column_of_another_length(column, bad):
+    columns = dict(workers=[0, 1], kinds=["cpu", "gpu"], local_steps=[1, 2], samples=[16, 32],
+                   mean_loss=[0.5, 0.25], staleness=[0, 0])
+    columns[column] = bad
+    with pytest.raises(ValueError, match=rf"^{column}: expected 2 values \(one per arrival\), got shape "):
+        Arrivals(**columns, round=1, lr=0.1)
+
+
+def test_arrivals_of_replicas_refuse_a_flat_tensor():
+    # a [P] vector with P == n would otherwise pass the row check and be read as n one-parameter replicas
+    with pytest.raises(ValueError, match=r"replicas: expected a \[2, P\] tensor \(one row per contribution\), "
+                                         r"got shape \(2,\)"):
+        Arrivals.of_replicas(contribs([1, 1]), torch.ones(2))

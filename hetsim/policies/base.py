@@ -211,9 +211,11 @@ class Arrivals(Contributions):
                  replicas: "Callable[[], torch.Tensor] | None" = None):
         super().__init__(workers, kinds, local_steps, samples, mean_loss)
         self.staleness = np.asarray(staleness, dtype=np.int64)
-        if self.staleness.shape != self.workers.shape:
-            raise ValueError(f"staleness: expected {len(self.workers)} values (one per arrival), "
-                             f"got shape {self.staleness.shape}")
+        n = len(self.workers)
+        for name in ("kinds", "local_steps", "samples", "mean_loss", "staleness"):
+            # a short column would surface later as a weight vector of the wrong length, far from its cause
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name}: expected {n} values (one per arrival), got shape {getattr(self, name).shape}")
         self.round, self.lr = int(round), float(lr)
         self._weighted_sum, self._replicas, self._gathered = weighted_sum, replicas, None
 
@@ -224,8 +226,9 @@ class Arrivals(Contributions):
         import torch
 
         c = Contributions.of(contributions)
-        if replicas.shape[0] != len(c):
-            raise ValueError(f"replicas: expected {len(c)} rows (one per contribution), got {replicas.shape[0]}")
+        if replicas.dim() != 2 or replicas.shape[0] != len(c):
+            raise ValueError(f"replicas: expected a [{len(c)}, P] tensor (one row per contribution), "
+                             f"got shape {tuple(replicas.shape)}")
 
         def weighted_sum(w: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(w, dtype=replicas.dtype, device=replicas.device) @ replicas
