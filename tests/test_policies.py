@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hetsim.config import PolicySpec
-from hetsim.errors import HetsimWarning, SpecError
+from hetsim.errors import HetsimError, HetsimWarning, SpecError
 from hetsim.policies import (Aggregator, Arrivals, Batch, Contribution, NameRef, RoundPlan, Sampler, Scheduler,
                              WorkerInfo, build, check_names, names)
 from hetsim.policies.aggregation import Biased, FedNova, Mean, SampleWeighted
@@ -685,3 +685,24 @@ def test_arrivals_of_replicas_refuse_a_flat_tensor():
     with pytest.raises(ValueError, match=r"replicas: expected a \[2, P\] tensor \(one row per contribution\), "
                                          r"got shape \(2,\)"):
         Arrivals.of_replicas(contribs([1, 1]), torch.ones(2))
+
+
+# -- review: proportional's observed state belongs to one cluster ---------------------------------------
+
+def test_proportional_observed_refuses_a_state_of_another_cluster():
+    # a checkpoint of [cpu, gpu] resumed on [gpu, gpu] (a changed config, --force): worker 0's running mean
+    # is a cpu's; planning the new gpu from it would silently give it a cpu's share of the steps
+    scheduler = Proportional(max_steps=8, source="observed")
+    old = [WorkerInfo(0, "cpu", 1.0, 1.0, 1), WorkerInfo(1, "gpu", 0.1, 0.1, 1)]
+    _, state = scheduler.plan(1, old, RNG, scheduler.init_state(old))
+    new = [WorkerInfo(0, "gpu", 0.1, None, 0), WorkerInfo(1, "gpu", 0.1, None, 0)]
+    with pytest.raises(HetsimError, match=r"^proportional: worker 0 is a 'gpu', but the scheduler's state holds a "
+                                          r"'cpu' there \(a checkpoint of another cluster\?\); start the run afresh$"):
+        scheduler.plan(2, new, RNG, state)
+
+
+def test_proportional_observed_refuses_a_state_it_did_not_make():
+    # e.g. a checkpoint of source 'profile' (state None) resumed with source 'observed'
+    with pytest.raises(HetsimError, match=r"^proportional: expected the state of source 'observed' \(a table of "
+                                          r"mean_step_s, count, seen_rounds, kinds\), got None"):
+        Proportional(source="observed").plan(1, workers([1.0]), RNG, None)

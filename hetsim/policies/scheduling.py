@@ -8,12 +8,16 @@ GPU_interval = 32 and CPU_interval = 1 by hand).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from hetsim.errors import HetsimError
 from hetsim.policies.base import NameRef, RoundPlan, Scheduler, WorkerInfo, register
+
+#: the keys of Proportional's state with source 'observed'
+_OBSERVED_STATE = ("mean_step_s", "count", "seen_rounds", "kinds")
 
 
 @register("scheduler", "sync")
@@ -88,7 +92,8 @@ class Proportional(Scheduler):
 
     State (source 'observed'): tensors indexed by worker — `mean_step_s` (NaN before the first
     observation), `count` (observations folded in) and `seen_rounds` (the worker's `observed_rounds`
-    when last folded in, so an observation is counted once).
+    when last folded in, so an observation is counted once) — and `kinds`, each worker's device kind
+    (a state planned with another device at an index, e.g. a checkpoint of another cluster, is an error).
 
     Example::
 
@@ -115,19 +120,34 @@ class Proportional(Scheduler):
         if self.ema_weight and self.source != "observed":
             raise ValueError(f"ema_weight: only meaningful with source 'observed', got source {self.source!r}")
 
-    def init_state(self, workers: Sequence[WorkerInfo]) -> dict[str, torch.Tensor] | None:
+    def init_state(self, workers: Sequence[WorkerInfo]) -> dict[str, Any] | None:
         if self.source != "observed":
             return None
         n = max((w.index for w in workers), default=-1) + 1
+        kinds = [""] * n  # "": a worker not given (it is recorded when first planned)
+        for w in workers:
+            kinds[w.index] = w.kind
         return {"mean_step_s": torch.full((n,), float("nan"), dtype=torch.float64),
-                "count": torch.zeros(n, dtype=torch.int64), "seen_rounds": torch.zeros(n, dtype=torch.int64)}
+                "count": torch.zeros(n, dtype=torch.int64), "seen_rounds": torch.zeros(n, dtype=torch.int64),
+                "kinds": kinds}
 
-    def _fold_in(self, idx: np.ndarray, observed: np.ndarray, rounds: np.ndarray,
-                 state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _fold_in(self, idx: np.ndarray, kinds: list[str], observed: np.ndarray, rounds: np.ndarray,
+                 state: dict[str, Any]) -> dict[str, Any]:
         """The state with every new observation folded in (new tensors; `state` is untouched). Row i:
-        worker idx[i] measured `observed[i]` s per step (NaN: never), its `rounds[i]`-th observation."""
+        worker idx[i], a `kinds[i]`, measured `observed[i]` s per step (NaN: never), its `rounds[i]`-th
+        observation."""
+        if not (isinstance(state, Mapping) and all(key in state for key in _OBSERVED_STATE)):
+            raise HetsimError(f"proportional: expected the state of source 'observed' (a table of "
+                              f"{', '.join(_OBSERVED_STATE)}), got {state!r:.80}")
         # a worker init_state was not given (a runner that plans only the workers online) starts unobserved
         grow = max(0, int(idx.max(initial=-1)) + 1 - len(state["count"]))
+        known = list(state["kinds"]) + [""] * grow
+        for k, kind in zip(idx.tolist(), kinds):
+            if known[k] != kind:
+                if known[k]:  # a running mean of another device would plan this one silently wrong
+                    raise HetsimError(f"proportional: worker {k} is a {kind!r}, but the scheduler's state holds a "
+                                      f"{known[k]!r} there (a checkpoint of another cluster?); start the run afresh")
+                known[k] = kind
         mean = np.concatenate([state["mean_step_s"].numpy(), np.full(grow, np.nan)])
         count = np.concatenate([state["count"].numpy(), np.zeros(grow, np.int64)])
         seen = np.concatenate([state["seen_rounds"].numpy(), np.zeros(grow, np.int64)])
@@ -138,16 +158,16 @@ class Proportional(Scheduler):
         mean[k] = np.where(count[k] == 1, t, mean[k] + weight * (t - mean[k]))  # the first observation starts it
         seen[k] = rounds[new]
         return {"mean_step_s": torch.from_numpy(mean), "count": torch.from_numpy(count),
-                "seen_rounds": torch.from_numpy(seen)}
+                "seen_rounds": torch.from_numpy(seen), "kinds": known}
 
     def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
-             state: dict[str, torch.Tensor] | None) -> tuple[RoundPlan, dict[str, torch.Tensor] | None]:
+             state: dict[str, Any] | None) -> tuple[RoundPlan, dict[str, Any] | None]:
         if self.source == "observed":
             # one pass over the workers: (index, profile, observed or NaN, observed_rounds) per row
             rows = np.array([(w[0], w[2], np.nan if w[3] is None else w[3], w[4]) for w in workers],
                             dtype=np.float64).reshape(-1, 4)
             idx, rounds = rows[:, 0].astype(np.int64), rows[:, 3].astype(np.int64)
-            state = self._fold_in(idx, rows[:, 2], rounds, state)
+            state = self._fold_in(idx, [w[1] for w in workers], rows[:, 2], rounds, state)
             running = state["mean_step_s"].numpy()[idx]
             times = np.where(np.isnan(running), rows[:, 1], running)  # the profile until a worker's first observation
         else:
