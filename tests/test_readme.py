@@ -47,3 +47,28 @@ def test_the_readme_own_policy_example_runs_as_written(tmp_path, monkeypatch, ca
     assert float(capsys.readouterr().out) == summary["final_test_acc"] > 0.5  # it learns
     # its weights are logged: the mean over the workers that took steps
     assert all(math.isclose(sum(d["weights"]), 1.0) for d in decisions)
+
+
+def test_the_readme_migration_example_before_is_adapted_and_after_plans_the_same_without_adapter():
+    import warnings
+    from dataclasses import dataclass
+
+    from hetsim.policies import RoundPlan, Scheduler, WorkerInfo
+    from hetsim.policies.base import legacy_adapter
+
+    blocks = python_blocks(section((ROOT / "README.md").read_text(), "Write your own policy"))
+    assert len(blocks) == 2, "the complete example, then the migration example"
+    before, _, after = blocks[1].partition("\n\n\n")
+    classes = []
+    for source in (before, after):  # both define EveryOther: run them apart
+        scope = {"dataclass": dataclass, "Scheduler": Scheduler, "RoundPlan": RoundPlan}
+        exec(compile(source, "README.md", "exec"), scope)
+        classes.append(scope["EveryOther"])
+    old, new = classes
+    assert legacy_adapter("scheduler", old) is not None and legacy_adapter("scheduler", new) is None
+    ws = [WorkerInfo(k, "cpu", 1.0) for k in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = legacy_adapter("scheduler", old)(steps=3)
+    # by hand: even indices `steps`, odd ones 1
+    assert adapted.plan(1, ws, None, "s") == new(steps=3).plan(1, ws, None, "s") == (RoundPlan((3, 1, 3)), "s")
