@@ -706,3 +706,12 @@ def test_proportional_observed_refuses_a_state_it_did_not_make():
     with pytest.raises(HetsimError, match=r"^proportional: expected the state of source 'observed' \(a table of "
                                           r"mean_step_s, count, seen_rounds, kinds\), got None"):
         Proportional(source="observed").plan(1, workers([1.0]), RNG, None)
+
+
+def test_outer_sgd_keeps_the_global_models_dtype_when_the_replicas_have_another():
+    # float32 global, float64 replicas: assigning a float64 pseudo-gradient to a float32 parameter raised
+    outer = OuterSGD(outer_lr=0.5)
+    x = torch.zeros(2)
+    new, _, _ = outer.combine(x, Arrivals.of_replicas(contribs([1, 1]), torch.ones(2, 2, dtype=torch.float64)),
+                              outer.init_state(x))
+    assert new.dtype == torch.float32 and torch.equal(new, torch.full((2,), 0.5))  # 0 - 0.5·(0 - 1)

@@ -90,7 +90,10 @@ class ServerOptimizer(Aggregator):
                 state: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
         combined, w, base_state = self.base_aggregator.combine(global_params, arrivals, state["base"])
         x = global_params.detach().clone()
-        x.grad = x - combined  # the pseudo-gradient: a step against it moves x toward the combined model
+        # the pseudo-gradient: a step against it moves x toward the combined model. On x's device and in
+        # its dtype: a gloo backend sums on the CPU while a GPU rank's global model lives on its GPU, and a
+        # gradient of another dtype cannot be assigned
+        x.grad = x - combined.to(device=x.device, dtype=x.dtype)
         optimizer = self.make_optimizer([x])
         # the saved buffers, copied: load_state_dict keeps the given tensors and step() updates them in
         # place, which would change the caller's state (a replay or a kept checkpoint would not repeat the
