@@ -356,7 +356,9 @@ def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise SpecError(f"{key}: unknown key (expected one of: {', '.join(sorted(names))})")
+        expected = (f"expected one of: {', '.join(sorted(names))}" if names
+                    else f"{getattr(cls, 'registered_name', cls.__name__)} takes no parameters")
+        raise SpecError(f"{key}: unknown key ({expected})")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -364,8 +366,9 @@ def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        # policies raise "param: expected ..."; join it to the key path: "sampler.params.param: ..."
-        field_name = str(e).split(":", 1)[0]
+        # policies raise "param: expected ..." (or "param.key: ..." below a table parameter); join it to the
+        # key path: "sampler.params.param: ..."
+        field_name = str(e).split(":", 1)[0].split(".", 1)[0]
         sep = "." if field_name in names and where else ": "
         raise SpecError(f"{where or cls.__name__}{sep}{e}") from None
 

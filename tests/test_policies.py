@@ -715,3 +715,13 @@ def test_outer_sgd_keeps_the_global_models_dtype_when_the_replicas_have_another(
     new, _, _ = outer.combine(x, Arrivals.of_replicas(contribs([1, 1]), torch.ones(2, 2, dtype=torch.float64)),
                               outer.init_state(x))
     assert new.dtype == torch.float32 and torch.equal(new, torch.full((2,), 0.5))  # 0 - 0.5·(0 - 1)
+
+
+@pytest.mark.parametrize("base_params,message", [
+    ({"strength": 1}, r"^aggregator.params.base_params.strength: unknown key \(mean takes no parameters\)$"),
+])
+def test_outer_sgd_base_params_errors_name_the_full_key(base_params, message):
+    with pytest.raises(SpecError, match=message):
+        build("aggregator", PolicySpec("outer_sgd", {"base_params": base_params}))
+    with pytest.raises(SpecError, match=r"^aggregator.params.base_params.strength: expected a number >= 0, got -1"):
+        build("aggregator", PolicySpec("outer_sgd", {"base": "biased", "base_params": {"strength": -1}}))
