@@ -725,3 +725,12 @@ def test_outer_sgd_base_params_errors_name_the_full_key(base_params, message):
         build("aggregator", PolicySpec("outer_sgd", {"base_params": base_params}))
     with pytest.raises(SpecError, match=r"^aggregator.params.base_params.strength: expected a number >= 0, got -1"):
         build("aggregator", PolicySpec("outer_sgd", {"base": "biased", "base_params": {"strength": -1}}))
+
+
+def test_proportional_observed_state_loads_weights_only_when_kinds_come_from_numpy(tmp_path):
+    # a runner may hand kinds as numpy strings (np.str_ is a str); pickled as such they need unpickling code
+    scheduler = Proportional(max_steps=8, source="observed")
+    ws = [WorkerInfo(k, np.str_(kind), 1.0, 1.0, 1) for k, kind in enumerate(["cpu", "gpu"])]
+    _, state = scheduler.plan(1, ws, RNG, scheduler.init_state(ws))
+    torch.save(state, tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["kinds"] == ["cpu", "gpu"]

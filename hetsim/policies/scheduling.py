@@ -126,7 +126,7 @@ class Proportional(Scheduler):
         n = max((w.index for w in workers), default=-1) + 1
         kinds = [""] * n  # "": a worker not given (it is recorded when first planned)
         for w in workers:
-            kinds[w.index] = w.kind
+            kinds[w.index] = str(w.kind)  # a plain str: an np.str_ would not load weights_only
         return {"mean_step_s": torch.full((n,), float("nan"), dtype=torch.float64),
                 "count": torch.zeros(n, dtype=torch.int64), "seen_rounds": torch.zeros(n, dtype=torch.int64),
                 "kinds": kinds}
@@ -147,7 +147,7 @@ class Proportional(Scheduler):
                 if known[k]:  # a running mean of another device would plan this one silently wrong
                     raise HetsimError(f"proportional: worker {k} is a {kind!r}, but the scheduler's state holds a "
                                       f"{known[k]!r} there (a checkpoint of another cluster?); start the run afresh")
-                known[k] = kind
+                known[k] = str(kind)
         mean = np.concatenate([state["mean_step_s"].numpy(), np.full(grow, np.nan)])
         count = np.concatenate([state["count"].numpy(), np.zeros(grow, np.int64)])
         seen = np.concatenate([state["seen_rounds"].numpy(), np.zeros(grow, np.int64)])
