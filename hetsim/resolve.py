@@ -13,6 +13,7 @@ one-line `SpecError`s.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,9 @@ def _resolve(spec: Spec) -> Experiment:
         # parameters naming kinds, devices, workers or files must name ones this spec has: a misspelt
         # kind would silently switch the policy off
         registry.check_names(policy, f"{category}.params", kinds, device_names, spec.n_workers)
+        if isinstance(policy, policies.ServerOptimizer):  # the base aggregator it builds from base_params, too
+            registry.check_names(policy.base_aggregator, f"{category}.params.base_params", kinds, device_names,
+                                 spec.n_workers)
     if curve is not None:  # once the policies are known valid: the warning compares them with the curve's
         curve.warn_if_not_fitted_for(spec)
     devices = tuple(m for m, d in zip(groups, spec.cluster.devices) for _ in range(d.count))
@@ -172,7 +176,16 @@ def _resolve_policy_files(data: dict[str, Any], base: Path) -> None:
         except SpecError:
             continue  # the check reports the unknown name
         params = table["params"]
-        for key, ref in cls.name_refs.items():
-            value = params.get(key)
-            if ref.to == "file" and value is not None:
-                params[key] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+        nested = [(cls, params)]
+        if issubclass(cls, policies.ServerOptimizer):  # and the base aggregator it builds from base_params
+            name = params.get("base", next(f.default for f in dataclasses.fields(cls) if f.name == "base"))
+            if isinstance(name, str) and isinstance(params.get("base_params"), dict):
+                try:
+                    nested.append((registry.policy_class("aggregator", name, "base"), params["base_params"]))
+                except SpecError:
+                    pass  # the check reports it
+        for policy_cls, table_params in nested:
+            for key, ref in policy_cls.name_refs.items():
+                value = table_params.get(key)
+                if ref.to == "file" and value is not None:
+                    table_params[key] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)

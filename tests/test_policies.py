@@ -734,3 +734,52 @@ def test_proportional_observed_state_loads_weights_only_when_kinds_come_from_num
     _, state = scheduler.plan(1, ws, RNG, scheduler.init_state(ws))
     torch.save(state, tmp_path / "s.pt")
     assert torch.load(tmp_path / "s.pt", weights_only=True)["kinds"] == ["cpu", "gpu"]
+
+
+# -- review: a server optimizer's base aggregator has its names checked too ------------------------------
+
+@dataclass(frozen=True)
+class KindMean(Aggregator):
+    """The mean over the workers of the listed kinds (a linear aggregator whose parameter names kinds)."""
+
+    kinds: tuple[str, ...] = ("cpu",)
+    name_refs = {"kinds": NameRef("kind")}
+
+    def weights(self, arrivals):
+        b = np.isin(arrivals.kinds, self.kinds) & arrivals.active
+        return b / b.sum()
+
+
+def test_outer_sgd_checks_the_names_its_base_aggregators_parameters_give(tiny_spec):
+    # a kind the cluster lacks would make the base weight nobody: refused on load, as for the base alone
+    with pytest.raises(SpecError, match=r"^tiny: aggregator.params.base_params.kinds: expected device kinds of this "
+                                        r"cluster \('cpu', 'gpu'\), got 'tpu'$"):
+        tiny_spec("aggregator={name='outer_sgd', params={base='test_policies:KindMean', base_params={kinds=['tpu']}}}")
+    assert tiny_spec("aggregator={name='outer_sgd', params={base='test_policies:KindMean', "
+                     "base_params={kinds=['gpu']}}}").aggregator.params["base_params"] == {"kinds": ["gpu"]}
+
+
+@dataclass(frozen=True)
+class FileWeighted(Aggregator):
+    """The mean, with a parameter naming a file (relative to the config's folder, like any policy's)."""
+
+    weights_file: str = ""
+    name_refs = {"weights_file": NameRef("file")}
+
+    def weights(self, arrivals):
+        return arrivals.active / arrivals.active.sum()
+
+
+def test_outer_sgd_base_params_naming_a_file_are_relative_to_the_config(tmp_path, monkeypatch):
+    from hetsim.config import to_toml
+    from hetsim.resolve import load_spec
+    from conftest import TINY
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "w.txt").write_text("1\n")
+    config = tmp_path / "cfg" / "run.toml"
+    config.write_text(to_toml({**TINY, "aggregator": {"name": "outer_sgd", "params": {
+        "base": "test_policies:FileWeighted", "base_params": {"weights_file": "w.txt"}}}}))
+    monkeypatch.chdir(tmp_path)  # not the config's folder: w.txt is not here
+    spec = load_spec(config)
+    assert spec.aggregator.params["base_params"]["weights_file"] == str(tmp_path / "cfg" / "w.txt")
