@@ -783,3 +783,35 @@ def test_outer_sgd_base_params_naming_a_file_are_relative_to_the_config(tmp_path
     monkeypatch.chdir(tmp_path)  # not the config's folder: w.txt is not here
     spec = load_spec(config)
     assert spec.aggregator.params["base_params"]["weights_file"] == str(tmp_path / "cfg" / "w.txt")
+
+
+# -- review: @register never silently replaces another policy ------------------------------------------
+
+def test_register_refuses_a_name_another_policy_holds():
+    from hetsim.policies import register
+
+    @dataclass(frozen=True)
+    class MyMean(Aggregator):
+        def weights(self, arrivals):
+            return np.full(len(arrivals), 1.0 / len(arrivals))
+
+    # else every config naming 'mean' (and outer_sgd's default base) would silently run this one
+    with pytest.raises(ValueError, match=r"^register: aggregator 'mean' is already hetsim.policies.aggregation.Mean; "
+                                         r"choose another name for test_policies.*MyMean$"):
+        register("aggregator", "mean")(MyMean)
+    assert names("aggregator").count("mean") == 1 and build("aggregator", PolicySpec("mean")) == Mean()
+
+
+def test_register_again_of_the_same_class_replaces_it():
+    # a notebook cell or a module run twice defines the class anew: registering it again is no conflict
+    from hetsim.policies import register
+    from hetsim.policies.base import policy_class
+
+    made = []
+    for _ in range(2):
+        @dataclass(frozen=True)
+        class Twice(Aggregator):
+            def weights(self, arrivals):
+                return np.full(len(arrivals), 1.0 / len(arrivals))
+        made.append(register("aggregator", "review_twice")(Twice))
+    assert policy_class("aggregator", "review_twice", "aggregator") is made[1]

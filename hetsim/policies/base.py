@@ -558,11 +558,21 @@ def register(category: str, name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if not issubclass(cls, _BASES[category]):
             raise TypeError(f"{cls.__name__} must subclass {_BASES[category].__name__}")
+        held = _REGISTRY[category].get(name)
+        # the same class defined again (a module or notebook cell run twice) replaces itself; another would
+        # silently take over every config that names this policy
+        if held is not None and _path(held) != _path(cls):
+            raise ValueError(f"register: {category} {name!r} is already {_path(held)}; choose another name for "
+                             f"{_path(cls)}")
         _REGISTRY[category][name] = cls
         cls.registered_name = name  # type: ignore[attr-defined]
         return cls
 
     return deco
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def names(category: str) -> list[str]:
