@@ -97,8 +97,8 @@ class TimeOnlyCore(DecisionCore):
         self.samples_total = state["samples_total"]
 
 
-#: Most step times a time-budget round draws at once (8 MB of float64): the draws go in chunks of devices,
-#: so memory stays bounded however many devices and steps a round has.
+#: Most step times a time-budget round draws at once (8 MB per float64 array): the draws go in chunks of
+#: devices, so memory stays bounded however many devices and steps a round has.
 MAX_BLOCK_DRAWS = 1 << 20
 
 
