@@ -135,7 +135,7 @@ class VectorClock:
         std = m.step_time.std_s * factor
         total = k * mean
         if std > 0:
-            run = k > 0  # a worker planned 0 steps takes no time (log(0) has no lognormal)
+            run = slice(None) if k.all() else k > 0  # 0 planned steps take no time (and have no lognormal)
             kr = k[run]
             sigma2 = np.log1p(std ** 2 / (kr * mean ** 2))
             total[run] = self.rng.lognormal(np.log(kr * mean) - sigma2 / 2, np.sqrt(sigma2))
