@@ -196,7 +196,26 @@ def test_budget_rounds_follow_the_renewal_rule(monkeypatch, max_draws):
     assert (durations >= 0.0045 - 1e-12).all() and (durations - 0.003 < 0.0045).all()
 
 
+@pytest.mark.parametrize("jump", [True, False])
+def test_long_budgets_follow_renewal_theory(monkeypatch, jump):
+    # steps 1 ms +- 0.3 ms, 2% of them 4x; budget 0.2 s: ~190 steps. Wald: E[duration] = E[step] E[steps];
+    # the overshoot past a long budget tends to E[step^2] / (2 E[step])
+    if not jump:
+        monkeypatch.setattr(timeonly, "JUMP_MIN_STEPS", 10 ** 9)
+    d = DeviceModel("x", StepTimeModel("lognormal", 0.001, 0.0003), 0.0, None, None, "inline", straggler_prob=0.02,
+                    straggler_factor=4.0)
+    mean = 0.001 * (0.98 + 0.02 * 4)
+    second = (0.001 ** 2 + 0.0003 ** 2) * (0.98 + 0.02 * 16)
+    n = 20_000
+    durations, steps = VectorClock([d], np.zeros(n, dtype=int), np.random.default_rng(3)).round(
+        np.arange(n), None, 0.2, 0.0)
+    assert durations.mean() == pytest.approx(0.2 + second / (2 * mean), rel=0.002)
+    assert steps.mean() == pytest.approx(durations.mean() / mean, rel=0.002)
+    assert durations.min() >= 0.2 * (1 - 1e-9)
+
+
 def test_budget_rounds_draw_in_bounded_blocks(monkeypatch):
+    monkeypatch.setattr(timeonly, "JUMP_MIN_STEPS", 10 ** 9)  # every step drawn
     shapes = []
     draw = DeviceModel.draw_steps
     monkeypatch.setattr(DeviceModel, "draw_steps", lambda self, rng, shape, t: shapes.append(shape) or
