@@ -114,22 +114,21 @@ CONSTANT = {
 }
 
 
-@pytest.mark.parametrize("scheduler", [
-    {"name": "time_budget", "params": {"budget_s": 0.007}},   # not a multiple of either step
-    {"name": "time_budget", "params": {"budget_s": 0.009}},   # a multiple of the gpu step (6 x 0.0015)
-    {"name": "proportional", "params": {"max_steps": 6}},
+# scheduler, the steps of a cpu and a gpu in every round, by hand (another step starts while elapsed < budget)
+@pytest.mark.parametrize("scheduler, steps", [
+    ({"name": "time_budget", "params": {"budget_s": 0.007}}, (1, 5)),   # 5 x 0.0015 = 0.0075
+    ({"name": "time_budget", "params": {"budget_s": 0.009}}, (1, 6)),   # a multiple of the gpu step: 6 x 0.0015
+    ({"name": "time_budget", "params": {"budget_s": 0.1}}, (10, 67)),   # 66 x 0.0015 = 0.099; long: skipped ahead
+    ({"name": "proportional", "params": {"max_steps": 6}}, (1, 6)),
 ])
-def test_constant_speeds_give_identical_times_and_decisions(scheduler):
-    base = spec_from_dict({**CONSTANT, "scheduler": scheduler})
-    runs = [simulate(replace(base, [f"sim.fidelity='{f}'"])) for f in ("emulated", "time_only")]
-    emulated, time_only = runs
+def test_constant_speeds_give_identical_times_and_decisions(scheduler, steps):
+    base = spec_from_dict({**CONSTANT, "scheduler": scheduler, "stop": {"max_rounds": 5 if steps[1] > 6 else 30}})
+    emulated, time_only = [simulate(replace(base, [f"sim.fidelity='{f}'"])) for f in ("emulated", "time_only")]
     assert time_only.metrics["time_s"] == pytest.approx(emulated.metrics["time_s"], rel=0, abs=1e-9)
     for a, b in zip(emulated.decisions, time_only.decisions, strict=True):
         assert (a["workers"], a["local_steps"], a["samples"]) == (b["workers"], b["local_steps"], b["samples"])
-    if scheduler["name"] == "time_budget":
-        # by hand: cpu 1 step (0.01 >= budget); gpu steps while elapsed < budget
-        gpu = {0.007: 5, 0.009: 6}[scheduler["params"]["budget_s"]]  # 5 x 0.0015 = 0.0075; 6 x 0.0015 = 0.009
-        assert emulated.decisions[0]["local_steps"] == [1, 1, gpu, gpu, gpu]
+    cpu, gpu = steps
+    assert all(d["local_steps"] == [cpu, cpu, gpu, gpu, gpu] for d in emulated.decisions)
 
 
 @pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
