@@ -197,12 +197,12 @@ class SyncProtocol(Protocol):
                 yield from d.clock.until_online()
                 continue
             lr = d.begin_round(progress)
-            plan, ks, targets = d.plan(ks)
+            plan, ks, targets = d.plan_round(ks)
             work, tallies = yield from d.local_work(ks, RoundPlan(targets, plan.time_budget_s))
             barrier = d.clock.now()
             d.trace_work(ks, work, barrier)
             yield from d.clock.exchange(ks, d.core.model_bytes)
-            d.combine(ks, tallies, plan.time_budget_s, lr)
+            d.aggregate(ks, tallies, plan.time_budget_s, lr)
             d.trace_comm(ks, barrier)
 
 
@@ -296,7 +296,7 @@ class Driver:
         self.hooks.round_started(self.round)
         return lr
 
-    def plan(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
+    def plan_round(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
         """The scheduler's plan for the online workers ks, and its participants with their targets: a
         worker planned 0 steps sits the round out (no work, no arrival, no step-time observation)."""
         infos = self.core.infos
@@ -331,7 +331,7 @@ class Driver:
     def _step(self, k: int) -> None:
         self.core.step(k)
 
-    def combine(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float,
+    def aggregate(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float,
                 replicas: Callable[[list[int]], torch.Tensor] | None = None) -> RoundRecord:
         """Combine the arrivals of ks with the aggregator (no combine without arrivals: the global model
         stays), install the new global model, merge the loss scores, check divergence and record the

@@ -109,7 +109,7 @@ class OneArrivalAtATime(Protocol):
         env = d.clock.env
 
         def work(k):
-            plan, ks, targets = d.plan([k])
+            plan, ks, targets = d.plan_round([k])
             _, tallies = yield from d.local_work(ks, RoundPlan(targets, plan.time_budget_s))
             d.comm.send(d.core.replicas([k])[0], src=k, dst=SERVER)
             return k, tallies
@@ -126,7 +126,7 @@ class OneArrivalAtATime(Protocol):
             k, tallies = fired[0]
             received = d.comm.recv(torch.empty_like(d.core.global_params()), src=k, dst=SERVER)
             lr = d.begin_round(progress)
-            d.combine([k], tallies, None, lr, replicas=lambda ks: received.unsqueeze(0))
+            d.aggregate([k], tallies, None, lr, replicas=lambda ks: received.unsqueeze(0))
             running[k] = env.process(work(k))
 
 
@@ -280,3 +280,34 @@ def test_emulated_and_time_only_clocks_agree_exactly_on_constant_speeds(tiny_spe
     for a, b in zip(emulated.decisions, time_only.decisions, strict=True):
         assert (a["workers"], a["local_steps"], a["weights"]) == (b["workers"], b["local_steps"], b["weights"])
     assert time_only.summary["utilization"] == pytest.approx(emulated.summary["utilization"], rel=1e-12)
+
+
+def test_several_processes_checkpoint_per_rank_and_resume_from_the_latest_round(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.sim import engine
+
+    class RankZeroOfTwo(engine.InProcessComm):
+        """The in-process comm posing as the leader of two processes (it still holds every worker)."""
+
+        def __init__(self, n):
+            super().__init__(n)
+            self.world = 2
+
+    spec = tiny_spec("aggregator={name='test_protocol:ServerMomentum'}", "stop.max_rounds=6", "run.checkpoint_every=2")
+    expected = simulate(spec)
+    monkeypatch.setattr(engine, "InProcessComm", RankZeroOfTwo)
+
+    def crash(row):
+        if row["round"] == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Simulation(spec, tmp_path, progress=crash).run()
+    # this rank's state of round 4, the run's state pointing at it; round 2's files are gone
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "checkpoints").rglob("*")) == [
+        "checkpoints/round4", "checkpoints/round4/rank0.pt"]
+    run_state = load_checkpoint(tmp_path / CHECKPOINT, "sim", spec).state
+    assert run_state["round"] == 4 and "rank" not in run_state
+    assert "core" in load_checkpoint(tmp_path / "checkpoints/round4/rank0.pt", "sim", spec).state["rank"]
+    got = Simulation(spec, tmp_path, resume=True).run()
+    assert all(same(got.metrics[c], expected.metrics[c]) for c in got.metrics)
+    assert list(got.decisions) == list(expected.decisions)
