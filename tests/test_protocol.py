@@ -311,3 +311,92 @@ def test_several_processes_checkpoint_per_rank_and_resume_from_the_latest_round(
     got = Simulation(spec, tmp_path, resume=True).run()
     assert all(same(got.metrics[c], expected.metrics[c]) for c in got.metrics)
     assert list(got.decisions) == list(expected.decisions)
+
+
+# -- a clock without an event loop ------------------------------------------------------------------
+
+def test_the_driver_runs_without_simpy_on_a_clock_that_never_yields(tiny_spec):
+    """A wall-clock-like port: local work runs step(k) per step and advances a counter by the device's
+    constant step time; nothing yields, run_to_end drives the driver. Same decisions and the same math as
+    the emulated clock (which runs the same steps worker by worker at the barrier)."""
+    from hetsim.cluster import within_budget
+    from hetsim.protocol import Clock, Work, run_to_end
+
+    class TickClock(Clock):
+        def __init__(self, step_s):
+            self.t, self.step_s, self.started = 0.0, step_s, 0
+
+        def now(self):
+            return self.t
+
+        def online(self, ks):
+            return list(ks)
+
+        def until_online(self):
+            raise AssertionError("always online")
+            yield
+
+        def local_work(self, ks, plan, train, step):
+            start, steps, finish = self.t, [], []
+            for k, target in zip(ks, plan.local_steps):
+                n, t = 0, start
+                while (n < target) if target is not None else (n == 0 or within_budget(t - start, plan.time_budget_s)):
+                    step(k)
+                    n, t = n + 1, t + self.step_s[k]
+                steps.append(n)
+                finish.append(t)
+            self.t = max(finish, default=start)
+            return Work(steps, np.full(len(ks), start), np.array(finish))
+            yield
+
+        def exchange(self, ks, nbytes):
+            return
+            yield
+
+        def evaluation(self, evaluator):
+            return
+            yield
+
+        def start(self):
+            self.started += 1
+
+        def drive(self, steps):
+            run_to_end(steps)
+
+        def summary_fields(self):
+            return {"fidelity": "ticks"}
+
+        def state_dict(self):
+            return {"t": self.t}
+
+        def load_state_dict(self, state):
+            self.t = state["t"]
+
+    spec = tiny_spec("scheduler={name='time_budget', params={budget_s=0.01}}", "cluster.devices.1.step_time.mean_s=0.003")
+    emulated = Simulation(spec)
+    expected = emulated.run()
+    ticking = Simulation(spec)
+    ticking.driver.clock = clock = TickClock([0.01, 0.003, 0.003])
+    got = ticking.run()
+    assert clock.started == 1 and got.summary["fidelity"] == "ticks"
+    # rounds of max(1 x 0.01, 4 x 0.003) = 0.012 s; this clock charges no exchange
+    assert got.metrics["time_s"] == pytest.approx([0, 0.012, 0.024, 0.036, 0.048], abs=1e-12)
+    assert [d["local_steps"] for d in got.decisions] == [[1, 4, 4]] * 4
+    assert list(got.decisions) == list(expected.decisions)
+    assert torch.equal(ticking.core.global_params(), emulated.core.global_params())
+    assert same(got.metrics["test_acc"], expected.metrics["test_acc"])
+
+
+def test_run_to_end_refuses_a_clock_that_yields():
+    from hetsim.protocol import run_to_end
+
+    def returns():
+        return 7
+        yield
+
+    def yields():
+        yield "an event"
+
+    assert run_to_end(returns()) == 7
+    with pytest.raises(RuntimeError, match="a clock without an event loop yielded 'an event'"):
+        run_to_end(yields())
