@@ -372,7 +372,8 @@ def test_the_driver_runs_without_simpy_on_a_clock_that_never_yields(tiny_spec):
         def load_state_dict(self, state):
             self.t = state["t"]
 
-    spec = tiny_spec("scheduler={name='time_budget', params={budget_s=0.01}}", "cluster.devices.1.step_time.mean_s=0.003")
+    spec = tiny_spec("scheduler={name='time_budget', params={budget_s=0.01}}",
+                     "cluster.devices.1.step_time.mean_s=0.003")
     emulated = Simulation(spec)
     expected = emulated.run()
     ticking = Simulation(spec)
