@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetsim.policies import Aggregator, RoundPlan, Scheduler
+from hetsim.policies import Aggregator, Batch, RoundPlan, Sampler, Scheduler
 from hetsim.policies.sampling import EpochStream
 from hetsim.protocol import Protocol
 from hetsim.results import CHECKPOINT, load_checkpoint
@@ -59,6 +59,22 @@ class RandomSteps(Scheduler):
     def plan(self, round, workers, rng, state):
         steps = rng.integers(1, self.max_steps + 1, size=len(workers)) + state["plans"] % 2
         return RoundPlan(tuple(steps.tolist())), {"plans": state["plans"] + 1}
+
+
+@dataclass(frozen=True)
+class SkipsAhead(Sampler):
+    """Uniform batches, except that a worker's step n first skips n mod 3 samples of its stream: the
+    worker's state (its step count) decides the data, so a resume must restore it per worker (at the
+    round-2 checkpoint the counts are 2 and 10, neither a multiple of 3)."""
+
+    uses_scores = False
+    stateful = True
+
+    def init_state(self, worker):
+        return 0
+
+    def batch(self, worker, batch_size, stream, scores, state):
+        return Batch(stream.take(batch_size + state % 3)[state % 3:], 0), state + 1
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,8 @@ class Interrupt(Exception):
     ("scheduler={name='proportional', params={max_steps=8, source='observed'}}",
      "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}"),
     ("scheduler={name='test_protocol:RandomSteps', params={max_steps=4}}",),
-], ids=["server-momentum", "outer_sgd", "proportional-observed", "random-steps"])
+    ("sampler={name='test_protocol:SkipsAhead'}",),
+], ids=["server-momentum", "outer_sgd", "proportional-observed", "random-steps", "sampler"])
 def test_stateful_policies_resume_bit_identically(tiny_spec, tmp_path, policies):
     spec = tiny_spec(*policies, "stop.max_rounds=6", "run.checkpoint_every=2")
     whole = Simulation(spec)
@@ -239,6 +256,29 @@ def test_stateful_policies_resume_bit_identically(tiny_spec, tmp_path, policies)
         # the checkpoint held the server optimizer's state (not a fresh one): a resume could not equal
         # the uninterrupted run otherwise
         assert state["run"]["aggregator_state"] is not None
+    if "sampler" in policies[0]:  # each worker's sampler state, with the worker: steps taken by round 2
+        assert [w["sampler"] for w in state["rank"]["core"]["workers"].values()] == [2, 10, 10]
+
+
+def test_hooks_see_every_round_start_its_work_and_the_end(tiny_spec):
+    from hetsim.protocol import Hooks
+
+    seen = []
+
+    class Recording(Hooks):
+        def round_started(self, round):
+            seen.append(("started", round))
+
+        def work_done(self, round):
+            seen.append(("work done", round))
+
+        def finished(self, round):
+            seen.append(("finished", round))
+
+    sim = Simulation(tiny_spec("stop.max_rounds=2"))
+    sim.driver.hooks = Recording()
+    sim.run()
+    assert seen == [("started", 1), ("work done", 1), ("started", 2), ("work done", 2), ("finished", 2)]
 
 
 # -- evaluation placement ---------------------------------------------------------------------------
