@@ -209,6 +209,22 @@ def test_a_worker_planned_zero_steps_sits_out_and_the_run_equals_one_without_it(
     assert with_idle.core.infos[0].observed_rounds == 4
 
 
+@dataclass(frozen=True)
+class ForgetsOne(Scheduler):
+    """Plans one worker fewer than it was given: a broken policy."""
+
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(1 for _ in workers[1:])), state
+
+
+def test_a_plan_for_the_wrong_number_of_workers_is_a_one_line_error(tiny_spec):
+    from hetsim.errors import HetsimError
+
+    with pytest.raises(HetsimError, match=r"^scheduler 'test_protocol:ForgetsOne' planned 2 workers in round 1, "
+                                          r"3 were online$"):
+        simulate(tiny_spec("scheduler={name='test_protocol:ForgetsOne'}"))
+
+
 def test_a_round_where_nobody_works_keeps_the_global_model(tiny_spec):
     sim = Simulation(tiny_spec("scheduler={name='test_protocol:OnlyWorkers', params={workers=[]}}",
                                "stop.max_rounds=2"))
