@@ -175,8 +175,9 @@ def test_observed_throughput_reacts_to_a_slowdown(tiny_spec):
                            "scheduler={name='proportional', params={max_steps=8, source='observed'}}",
                            "stop.max_rounds=5"))
     # round 1 (0-0.016) is at full speed; in round 2 gpu1 takes 2 steps of 0.002 then 6 of 0.008 from t = 0.02:
-    # observed 0.0065 s per step, so round 3 plans round(8 x 0.002 / 0.0065) = 2 steps for it
-    assert [d["local_steps"] for d in r.decisions][:4] == [[8, 8], [8, 8], [8, 2], [8, 2]]
+    # observed 0.0065 s per step, a running mean of 0.00425, so round 3 plans round(8 x 0.002 / 0.00425) = 4
+    # steps for it; those take 0.008 each: mean (0.002 + 0.0065 + 0.008) / 3 = 0.0055, round 4: 2.9 -> 3
+    assert [d["local_steps"] for d in r.decisions][:4] == [[8, 8], [8, 8], [8, 4], [8, 3]]
 
 
 def test_bad_conditions_are_rejected(tiny_spec):
