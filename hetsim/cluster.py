@@ -92,7 +92,11 @@ class StepTimeModel:
             return np.full(shape, self.mean_s)
         if self.dist == "lognormal":
             sigma2 = math.log1p((self.std_s / self.mean_s) ** 2)
-            return rng.lognormal(math.log(self.mean_s) - sigma2 / 2, math.sqrt(sigma2), shape)
+            # exp(mu + sigma Z), as rng.lognormal draws it, but with numpy's vectorised exp (faster on arrays)
+            d = rng.standard_normal(shape)
+            d *= math.sqrt(sigma2)
+            d += math.log(self.mean_s) - sigma2 / 2
+            return np.exp(d, out=d)
         return np.asarray(self.samples_s)[rng.integers(len(self.samples_s), size=shape)]
 
 

@@ -196,9 +196,12 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
-def test_resumed_simulation_equals_an_uninterrupted_one(tiny_spec, tmp_path, fidelity):
-    args = ("stop.max_rounds=9", "run.checkpoint_every=2", f"sim.fidelity='{fidelity}'",
+@pytest.mark.parametrize("fidelity, scheduler", [
+    ("emulated", ()), ("time_only", ()),
+    ("time_only", ("scheduler={name='time_budget', params={budget_s=0.007}}",)),  # steps drawn one by one
+])
+def test_resumed_simulation_equals_an_uninterrupted_one(tiny_spec, tmp_path, fidelity, scheduler):
+    args = ("stop.max_rounds=9", "run.checkpoint_every=2", f"sim.fidelity='{fidelity}'", *scheduler,
             "sampler={name='loss_topk', params={kinds=['*']}}", "optim.lr_schedule='cosine'",
             "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}",
             "cluster.devices.1.straggler_prob=0.3", "cluster.devices.1.straggler_factor=3.0")
