@@ -25,7 +25,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -88,9 +88,21 @@ def _inject_fault(rank: int, round: int) -> None:
             time.sleep(3600)
 
 
-def _threads(spec: Spec, rank: int, world: int) -> int:
+def local_world_size(init_method: str, world: int, environ: Mapping[str, str] = os.environ) -> int:
+    """How many ranks share this node's cores: torchrun's LOCAL_WORLD_SIZE (env://); the spawn
+    launcher runs the whole world on one node."""
+    if init_method != "env://" or "LOCAL_WORLD_SIZE" not in environ:
+        return world
+    value = environ["LOCAL_WORLD_SIZE"]
+    if not value.isdigit() or not 1 <= int(value) <= world:
+        raise ValueError(f"LOCAL_WORLD_SIZE={value!r}: expected an integer in [1, {world}] (WORLD_SIZE={world})")
+    return int(value)
+
+
+def _threads(spec: Spec, rank: int, local_world: int) -> int:
+    """Torch threads of a rank: the device's `threads`, else this node's cores split among its ranks."""
     d = spec.worker_devices()[rank]
-    return d.threads or max(1, (os.cpu_count() or 1) // world)
+    return d.threads or max(1, (os.cpu_count() or 1) // local_world)
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
@@ -169,7 +181,8 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     devices_spec = spec.worker_devices()
     if world != len(devices_spec):
         raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
-    torch.set_num_threads(_threads(spec, rank, world))
+    threads = _threads(spec, rank, local_world_size(init_method, world))
+    torch.set_num_threads(threads)
     all_cuda = all(d.device.startswith("cuda") for d in devices_spec)
     backend = "nccl" if all_cuda else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,

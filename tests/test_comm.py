@@ -1,0 +1,247 @@
+"""The backend's Comm port (backends/torchmp/comm.py): two gloo processes on the CPU against values
+computed here, and the nccl placement rule with a mocked device."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import backends.torchmp.comm as comm_module
+from backends.torchmp.comm import TorchComm
+from hetsim.training import RoundTally
+
+COUNTED = ("all_gather", "all_reduce", "broadcast")
+OWNERS = [0, 1, 0]  # three workers on two ranks: rank 0 holds workers 0 and 2 (so rows are padded)
+
+
+@dataclass(frozen=True)
+class Work:  # the shape of the driver's Work: gather_tallies returns the type it is given
+    steps: list
+    start: np.ndarray
+    finish: np.ndarray
+
+
+def _tally(k):
+    obs = {0: [], 1: [(np.arange(3) + 100, np.array([0.1, 0.2, 0.3]))],
+           2: [(np.array([5, 7]), np.array([1.5, 2.5])), (np.array([2**40 + 1]), np.array([3.25]))]}[k]
+    return RoundTally(k + 1, 10 * (k + 1), k, 0.5 + k, obs)
+
+
+def _replica(k):
+    return torch.arange(5, dtype=torch.float32) * (k + 1) + k
+
+
+def _counting(monkeypatch_calls, name):
+    real = getattr(dist, name)
+
+    def wrapped(*a, **kw):
+        monkeypatch_calls[name] = monkeypatch_calls.get(name, 0) + 1
+        return real(*a, **kw)
+    return wrapped
+
+
+def _two_ranks(rank, init, out):
+    """One process of the gloo test: run every Comm call and write what came back."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    calls = {}
+    for name in COUNTED:
+        setattr(dist, name, _counting(calls, name))
+
+    def no_pickles(*a, **kw):
+        raise AssertionError("all_gather_object on the hot path")
+    dist.all_gather_object = no_pickles
+    comm = TorchComm(rank, 2, torch.device("cpu"), owners=OWNERS)
+    res = {"local": comm.local, "leader": comm.leader}
+    res["agree"] = comm.agree([1.5, -2.0] if rank == 0 else [0.0, 0.0])
+    res["share1"] = comm.share(1, [10.0 * rank + 1])
+    res["share2"] = comm.share(2, [10.0 * rank + 1])
+
+    ks = [2, 1, 0]
+    mine = [k for k in ks if OWNERS[k] == rank]
+    work = Work([k + 1 for k in mine], np.array([k + 0.25 for k in mine]), np.array([2.0 * k + 1.125 for k in mine]))
+    before = dict(calls)
+    tallies, all_work = comm.gather_tallies(ks, {k: _tally(k) for k in mine}, work)
+    res["gather_calls"] = {n: calls.get(n, 0) - before.get(n, 0) for n in COUNTED}
+    res["tallies"] = [[t.steps, t.samples, t.biased, t.loss_sum,
+                       [[o[0].tolist(), o[1].tolist(), str(o[0].dtype)] for o in t.observations]] for t in tallies]
+    res["work"] = [type(all_work).__name__, list(all_work.steps), all_work.start.tolist(), all_work.finish.tolist()]
+    # worker 0 sat the round out: rank 0 still takes part in the collectives, with nothing of its own
+    t2, _ = comm.gather_tallies([2, 1], {2: _tally(2)} if rank == 0 else {1: _tally(1)},
+                                Work([3] if rank == 0 else [2], np.array([0.0]), np.array([1.0])))
+    res["tallies_21"] = [[t.steps, len(t.observations)] for t in t2]
+
+    replicas = {k: _replica(k) for k in comm.local}
+    weighted_sum, gather = comm.arrivals_source(ks, replicas, linear=True)
+    before = dict(calls)
+    res["weighted_sum"] = weighted_sum(np.array([0.25, 0.5, 2.0])).tolist()
+    res["sum_calls"] = {n: calls.get(n, 0) - before.get(n, 0) for n in COUNTED}
+    try:
+        gather()
+        res["linear_replicas"] = "no error"
+    except RuntimeError as e:
+        res["linear_replicas"] = str(e)
+    weighted_sum, gather = comm.arrivals_source([1, 2], replicas, linear=False)
+    res["weighted_sum_12"] = weighted_sum(np.array([1.0, -1.0])).tolist()
+    res["replicas_12"] = gather().tolist()
+    res["replicas_021"] = comm.arrivals_source([0, 2, 1], replicas, linear=False)[1]().tolist()
+
+    if rank == 0:
+        comm.send(torch.tensor([1.0, 2.0, 3.0]), 1)
+        res["recv"] = comm.recv(torch.zeros(2), 1).tolist()
+    else:
+        res["recv"] = comm.recv(torch.zeros(3), 0).tolist()
+        comm.send(torch.tensor([7.0, 8.0]), 2)  # worker 2 lives on rank 0
+    comm.barrier()
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp("comm")
+    mp.start_processes(_two_ranks, nprocs=2, start_method="spawn", args=(f"file://{d}/store", d))
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_agree_gives_the_leaders_values_and_share_the_holders(two_ranks):
+    for r, res in enumerate(two_ranks):
+        assert res["local"] == ([0, 2] if r == 0 else [1]) and res["leader"] == (r == 0)
+        assert res["agree"] == [1.5, -2.0]
+        assert res["share1"] == [11.0]  # worker 1 lives on rank 1
+        assert res["share2"] == [1.0]   # worker 2 on rank 0
+
+
+def test_gather_tallies_gives_every_participants_tally_and_work_in_order(two_ranks):
+    expected = []
+    for k in [2, 1, 0]:
+        t = _tally(k)
+        obs = ([[np.concatenate([o[0] for o in t.observations]).tolist(),
+                 np.concatenate([o[1] for o in t.observations]).tolist(), "int64"]] if t.observations else [])
+        expected.append([t.steps, t.samples, t.biased, t.loss_sum, obs])
+    for res in two_ranks:
+        assert res["tallies"] == expected  # the index 2**40 + 1 survives float64 exactly
+        assert res["work"] == ["Work", [3, 2, 1], [2.25, 1.25, 0.25], [5.125, 3.125, 1.125]]
+        # a fixed-size stats gather plus one padded gather of the observations; nothing pickled
+        assert res["gather_calls"] == {"all_gather": 2, "all_reduce": 0, "broadcast": 0}
+        assert res["tallies_21"] == [[3, 1], [2, 1]]
+
+
+def test_weighted_sum_is_one_all_reduce_and_replicas_need_a_nonlinear_aggregator(two_ranks):
+    x = {k: _replica(k) for k in range(3)}
+    expected = (0.25 * x[2] + 0.5 * x[1] + 2.0 * x[0]).tolist()
+    expected_12 = (x[1] - x[2]).tolist()
+    for res in two_ranks:
+        assert np.allclose(res["weighted_sum"], expected, rtol=1e-6)
+        assert res["sum_calls"] == {"all_gather": 0, "all_reduce": 1, "broadcast": 0}
+        assert "linear = True" in res["linear_replicas"]
+        assert np.allclose(res["weighted_sum_12"], expected_12, rtol=1e-6)
+        assert res["replicas_12"] == [x[1].tolist(), x[2].tolist()]
+        assert res["replicas_021"] == [x[0].tolist(), x[2].tolist(), x[1].tolist()]
+
+
+def test_send_and_recv_address_workers(two_ranks):
+    assert two_ranks[1]["recv"] == [1.0, 2.0, 3.0]
+    assert two_ranks[0]["recv"] == [7.0, 8.0]
+
+
+# -- nccl: every communicated tensor on the communication device ---------------------------------
+
+FAKE_CUDA = torch.device("meta")  # stands in for cuda:i: tensors exist there, but not on the CPU
+
+
+@pytest.fixture
+def fake_nccl(monkeypatch):
+    """torch.distributed's collectives replaced by a world of 2 that asserts every tensor it is handed
+    lives on FAKE_CUDA (nccl rejects CPU tensors), and records what it was called with."""
+    seen = []
+
+    def check(*tensors):
+        for t in tensors:
+            assert t.device == FAKE_CUDA, f"a tensor on {t.device} reached a collective; comm device {FAKE_CUDA}"
+            seen.append(t)
+
+    def all_gather(out, t, *a, **kw):
+        check(t, *out)
+        for o in out:
+            o.copy_(t)
+
+    monkeypatch.setattr(dist, "broadcast", lambda t, src, *a, **kw: check(t))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **kw: check(t))
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "send", lambda t, dst, *a, **kw: check(t))
+    monkeypatch.setattr(dist, "recv", lambda t, src, *a, **kw: check(t))
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: None)
+
+    def no_pickles(*a, **kw):
+        raise AssertionError("all_gather_object pickles on the CPU; nccl cannot")
+    monkeypatch.setattr(dist, "all_gather_object", no_pickles)
+    # meta tensors hold no values: reading one back gives ones (one observation per worker, so the
+    # padded gather of observations runs too)
+    monkeypatch.setattr(comm_module, "_host", lambda t: np.ones(t.shape))
+    return seen
+
+
+def test_the_mocked_nccl_rejects_a_cpu_control_tensor(fake_nccl):
+    # the old worker broadcast its round control values and start time as CPU tensors: the guard fails them
+    with pytest.raises(AssertionError, match="on cpu reached a collective"):
+        dist.broadcast(torch.zeros(2, dtype=torch.float64), 0)
+
+
+def test_every_tensor_the_comm_communicates_lives_on_the_comm_device(fake_nccl):
+    comm = TorchComm(0, 2, FAKE_CUDA)
+    comm.agree([0.0, 0.5])
+    comm.share(1, [0.9])
+    tally = RoundTally(2, 16, 0, 1.0, [(np.array([1]), np.array([0.5]))])
+    comm.gather_tallies([0, 1], {0: tally}, Work([2], np.array([0.0]), np.array([1.0])))
+    replica = torch.ones(4, device=FAKE_CUDA)
+    weighted_sum, replicas = comm.arrivals_source([0, 1], {0: replica}, linear=False)
+    assert weighted_sum(np.array([0.5, 0.5])).device == FAKE_CUDA
+    assert replicas().shape == (2, 4)
+    comm.send(replica, 1)
+    comm.recv(torch.empty(4, device=FAKE_CUDA), 1)
+    # broadcast x2, two all_gathers of stats and observations (2 + 2 tensors each), all_reduce, the
+    # replicas' all_gather (1 + 2), send, recv
+    assert len(fake_nccl) == 2 + 3 + 3 + 1 + 3 + 2
+
+
+def test_the_nccl_barrier_names_the_ranks_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: calls.append(kw))
+    TorchComm(1, 2, torch.device("cuda:1")).barrier()
+    TorchComm(1, 2, torch.device("cpu")).barrier()
+    assert calls == [{"device_ids": [1]}, {}]
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"owners: every worker's rank must be in \[0, 2\)"):
+        TorchComm(0, 2, torch.device("cpu"), owners=[0, 2])
+    comm = TorchComm(0, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="work for 2 workers, this rank holds 1"):
+        comm.gather_tallies([0, 1], {0: RoundTally()}, Work([1, 1], np.zeros(2), np.zeros(2)))
+    weighted_sum, _ = comm.arrivals_source([0, 1], {0: torch.ones(2)}, linear=True)
+    with pytest.raises(ValueError, match=r"expected 2 weights \(one per arrival\), got shape \(3,\)"):
+        weighted_sum(np.ones(3))
+
+
+# -- threads per rank follow the ranks on this node ------------------------------------------------
+
+def test_threads_split_the_nodes_cores_among_its_local_ranks(tiny_spec, monkeypatch):
+    from backends.torchmp.worker import _threads, local_world_size
+
+    spec = tiny_spec()  # three devices, no `threads` set
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    # torchrun over 2 nodes: 3 ranks in all, 1 on this node, which keeps all 16 cores (not 16 // 3)
+    assert local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "3"}) == 1
+    assert _threads(spec, 2, local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "1"})) == 16
+    # the spawn launcher runs every rank on this node, whatever the environment says
+    assert local_world_size("tcp://127.0.0.1:1", 3, {"LOCAL_WORLD_SIZE": "1"}) == 3
+    assert _threads(spec, 2, 3) == 5
+    assert local_world_size("env://", 3, {}) == 3  # env:// without torchrun's variable: one node
+    assert _threads(tiny_spec("cluster.devices.1.threads=2"), 2, 1) == 2  # the device's own setting wins
+    with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE='4': expected an integer in \[1, 3\]"):
+        local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "4"})
