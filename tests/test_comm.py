@@ -245,3 +245,120 @@ def test_threads_split_the_nodes_cores_among_its_local_ranks(tiny_spec, monkeypa
     assert _threads(tiny_spec("cluster.devices.1.threads=2"), 2, 1) == 2  # the device's own setting wins
     with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE='4': expected an integer in \[1, 3\]"):
         local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "4"})
+
+
+# -- the wall clock ----------------------------------------------------------------------------------
+
+class FakeTime:
+    """The clock module's `time`: a monotonic clock that moves only when told (a step's duration, a
+    sleep), and no time.time() to compare across hosts."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+        self.sleeps = []
+
+    def monotonic(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.t += s
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    import backends.torchmp.clock as clock_module
+
+    fake = FakeTime()
+    monkeypatch.setattr(clock_module, "time", fake)
+    return fake
+
+
+def _finish(gen):
+    """Run a wall-clock generator to its return value; it must not yield."""
+    try:
+        next(gen)
+    except StopIteration as e:
+        return e.value
+    raise AssertionError("the wall clock yielded")
+
+
+def _stepper(fake, durations):
+    done = []
+
+    def step(k):
+        done.append(k)
+        fake.t += durations[k]
+    return step, done
+
+
+def test_the_timeline_starts_at_the_common_barrier_plus_the_resumed_time(fake_time):
+    from backends.torchmp.clock import WallClock
+
+    clock = WallClock(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="before start"):
+        clock.now()
+    passed = []
+
+    def barrier():
+        passed.append(fake_time.t)
+        fake_time.t += 7.0  # waiting for the slowest rank: not on the timeline
+    clock.start(barrier, elapsed_s=12.5)
+    assert passed == [1000.0]
+    fake_time.t += 3.0
+    assert clock.now() == 12.5 + 3.0
+
+
+def test_local_work_runs_each_planned_step_and_pads_an_emulated_slowdown(fake_time):
+    from backends.torchmp.clock import WallClock
+    from hetsim.policies import RoundPlan
+
+    clock = WallClock(torch.device("cpu"), slowdown=3.0)
+    clock.start(lambda: None)
+    step, done = _stepper(fake_time, {0: 0.5, 2: 0.25})
+    work = _finish(clock.local_work([2, 0], RoundPlan((4, 0)), None, step))
+    assert done == [2, 2, 2, 2]  # worker 0 planned 0 steps idles: no step, no time
+    assert fake_time.sleeps == [2 * 0.25] * 4  # (k - 1) x each step's measured time
+    assert work.steps == [4, 0]
+    assert work.start.tolist() == [0.0, 3.0] and work.finish.tolist() == [3.0, 3.0]  # 4 x 0.25 x 3
+
+
+def test_a_time_budget_that_is_a_multiple_of_the_step_time_gives_exactly_budget_over_step(fake_time):
+    from backends.torchmp.clock import WallClock
+    from hetsim.policies import RoundPlan
+
+    fake_time.t = 0.3  # so that the float sums drift below the budget: `elapsed < budget` would take a 3rd step
+    assert (0.3 + 0.04 + 0.04) - 0.3 < 0.08
+    clock = WallClock(torch.device("cpu"))
+    clock.start(lambda: None)
+    step, done = _stepper(fake_time, {0: 0.04, 1: 0.5})
+    work = _finish(clock.local_work([0, 1], RoundPlan((None, None), time_budget_s=0.08), None, step))
+    assert work.steps == [2, 1]  # 0.08 / 0.04; a step longer than the budget still runs once
+
+
+def test_cuda_steps_are_synchronised_before_they_are_timed(fake_time, monkeypatch):
+    from backends.torchmp.clock import WallClock
+    from hetsim.policies import RoundPlan
+
+    events = []
+
+    def synchronize(device):
+        events.append(("sync", str(device)))
+        fake_time.t += 0.25  # the kernels the step queued
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    clock = WallClock(torch.device("cuda:1"), slowdown=2.0)
+    clock.start(lambda: None)
+    step, done = _stepper(fake_time, {1: 0.125})
+    work = _finish(clock.local_work([1], RoundPlan((2,)), None, step))
+    assert events == [("sync", "cuda:1")] * 2
+    assert fake_time.sleeps == [0.375, 0.375]  # the padding counts the queued kernels too
+    assert work.finish.tolist() == [1.5]
+
+
+def test_exchange_and_evaluation_advance_nothing_and_never_yield(fake_time):
+    from backends.torchmp.clock import WallClock
+
+    clock = WallClock(torch.device("cpu"))
+    clock.start(lambda: None)
+    assert _finish(clock.exchange([0, 1], 10**6)) is None and _finish(clock.evaluation(1)) is None
+    assert clock.now() == 0.0 and clock.online([2, 0]) == [2, 0]
