@@ -51,15 +51,14 @@ def test_backend_makes_the_simulators_decisions_and_accuracy(tiny_spec, tmp_path
 
 
 class _RecordingClock:
-    """The worker's `time` module, recording every perf_counter reading and every sleep requested (and
+    """The wall clock's `time` module, recording every monotonic reading and every sleep requested (and
     not sleeping): what the padding decides, whatever the machine's load."""
 
     def __init__(self):
         self.events = []
-        self.time = time.time
 
-    def perf_counter(self):
-        t = time.perf_counter()
+    def monotonic(self):
+        t = time.monotonic()
         self.events.append(("t", t))
         return t
 
@@ -68,10 +67,11 @@ class _RecordingClock:
 
 
 def _worker_with_recorded_clock(rank, world, spec, run_dir, init, out):
+    import backends.torchmp.clock
     import backends.torchmp.worker as worker
 
     clock = _RecordingClock()
-    worker.time = clock
+    backends.torchmp.clock.time = clock
     worker.worker_main(rank, world, spec, run_dir, init)
     (out / f"rank{rank}.json").write_text(json.dumps(clock.events))
     worker.exit_now(0)

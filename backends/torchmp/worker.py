@@ -2,16 +2,17 @@
 
 Every round, in every process alike::
 
-    stop, progress = broadcast from rank 0       # budgets on rank 0's clock and accuracy
+    stop, progress = comm.agree(rank 0's)        # budgets on the common clock and accuracy
     plan = core.plan(round)                      # the shared scheduler; identical in every process
-    local steps on this process's replica        # the shared sampler and training core, each step timed
-    all_gather_object(tally, loss observations, timings)   # the barrier
-    all_reduce(w_k x_k)                          # the shared aggregator's linear coefficients
+    clock.local_work(...)                        # the shared sampler and training core, each step timed
+    comm.gather_tallies(...)                     # the barrier: fixed-size tensors, nothing pickled
+    arrivals' weighted_sum (one all_reduce) or replicas (all_gather), by the aggregator's linearity
     core.finish_round(...)                       # merge loss scores in worker order, as the simulator
     rank 0: evaluate when due; write metrics, decisions, trace
 
-Times are seconds since rank 0's start (time.time(), one clock on one node). An emulated slowdown k
-pads each step with a sleep of (k - 1) x its measured time.
+Times are seconds on the wall clock's common timeline (backends/torchmp/clock.py), which starts at a
+barrier of all ranks; the TorchComm (backends/torchmp/comm.py) keeps every communicated tensor on the
+communication device, so the same code runs under gloo and nccl.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hetsim.cluster import within_budget
 from hetsim.config import Spec
 from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
                             strict_json, trace_event, worker_names)
 from hetsim.resolve import build_devices
-from hetsim.training import RoundTally, RunSchedule, TrainingCore
+from hetsim.policies import RoundPlan
+from hetsim.training import RunSchedule, TrainingCore
+
+from backends.torchmp.clock import WallClock
+from backends.torchmp.comm import TorchComm
 
 FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"
 
@@ -172,6 +176,15 @@ def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
         heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
 
 
+def _done(gen: Any) -> Any:
+    """The return value of a wall-clock generator (which never yields)."""
+    try:
+        next(gen)
+    except StopIteration as e:
+        return e.value
+    raise RuntimeError("the wall clock yielded")
+
+
 def _rank_checkpoint(out: Path, round_: int, rank: int) -> Path:
     return out / "checkpoints" / f"round{round_}" / f"rank{rank}.pt"
 
@@ -190,8 +203,8 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     device = torch.device(devices_spec[rank].device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm_device = device if backend == "nccl" else torch.device("cpu")
-    slowdown = devices_spec[rank].emulated_slowdown
+    comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
+    clock = WallClock(device, devices_spec[rank].emulated_slowdown)
     time_models = build_devices(spec)
     core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
     names = worker_names(spec.worker_kinds())
@@ -225,64 +238,43 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
         test_loss, rows_acc = core.evaluate()
         writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
                         "train_loss": None, "test_loss": test_loss, "test_acc": rows_acc})
-    t0 = torch.tensor([time.time() - elapsed], dtype=torch.float64)
-    dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start (of the first attempt)
+    # the threads each rank chose on its own node, for the summary
+    thread_counts = [int(comm.share(k, [threads])[0]) for k in ks]
+    clock.start(comm.barrier, elapsed)  # every time below is seconds since this barrier (of the first attempt)
     wall0 = time.perf_counter()
-
-    def now() -> float:
-        return time.time() - float(t0)
+    now = clock.now
 
     stopped_by = ""
     try:
         while True:
-            ctl = torch.zeros(2, dtype=torch.float64)
+            ctl = [0.0, 0.0]
             if rank == 0:
                 reached = rows_acc >= spec.stop.target_accuracy
                 stopped_by = schedule.stop_reason(round_, now(), core.epochs, reached)
-                ctl[0], ctl[1] = float(bool(stopped_by)), schedule.progress(round_, now(), core.epochs)
-            dist.broadcast(ctl, 0)
-            if ctl[0] > 0:
+                ctl = [float(bool(stopped_by)), schedule.progress(round_, now(), core.epochs)]
+            stop, progress = comm.agree(ctl)
+            if stop > 0:
                 break
-            lr = core.set_lr(float(ctl[1]))
+            lr = core.set_lr(progress)
             round_ += 1
             _beat(heartbeat, rank, round_, 0)
             _inject_fault(rank, round_)
             plan = core.plan(round_)
-            target, budget = plan.local_steps[rank], plan.time_budget_s
-            start = now()
-            steps = 0
-            while (steps < target) if target is not None else (steps == 0 or within_budget(now() - start, budget)):
-                t_step = time.perf_counter()
-                core.local_step(rank)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if slowdown > 1:
-                    time.sleep((slowdown - 1) * (time.perf_counter() - t_step))
-                steps += 1
-            finish = now()
+            budget = plan.time_budget_s
+            work = _done(clock.local_work([rank], RoundPlan((plan.local_steps[rank],), budget), None, core.local_step))
             _beat(heartbeat, rank, round_, 1)
-            t = core.workers[rank].tally
-            obs = t.observations
-            mine = {"steps": t.steps, "samples": t.samples, "biased": t.biased, "loss_sum": t.loss_sum,
-                    "idx": np.concatenate([o[0] for o in obs]) if obs else None,
-                    "loss": np.concatenate([o[1] for o in obs]) if obs else None, "start": start, "finish": finish}
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, mine)
+            tallies, work = comm.gather_tallies(ks, {rank: core.workers[rank].tally}, work)
             barrier = now()
-            tallies = [RoundTally(g["steps"], g["samples"], g["biased"], g["loss_sum"],
-                                  [(g["idx"], g["loss"])] if g["idx"] is not None else []) for g in gathered]
             contributions = core.contributions(ks, tallies)
-            flat = core.workers[rank].flat.get().to(comm_device)
-            if core.aggregator.is_linear():
+            linear = core.aggregator.is_linear()
+            weighted_sum, replicas = comm.arrivals_source(ks, {rank: core.workers[rank].flat.get()}, linear)
+            if linear:
                 a, weights = core.aggregator.coefficients(contributions)
-                x = flat * float(weights[rank])
-                dist.all_reduce(x)
-                new_global = x.to(device) + a * core.global_flat.get() if a else x.to(device)
+                x = weighted_sum(weights)
+                new_global = x + a * core.global_flat.get() if a else x
             else:
-                replicas = [torch.empty_like(flat) for _ in ks]
-                dist.all_gather(replicas, flat)
-                new_global, weights = core.aggregator.combine(core.global_flat.get(), torch.stack(replicas).to(device),
-                                                              contributions)
+                new_global, weights = core.aggregator.combine(core.global_flat.get(), replicas(), contributions)
+            gathered = [{"steps": n, "start": a_, "finish": b_} for n, a_, b_ in zip(work.steps, work.start, work.finish)]
             comm_end = now()
             record = core.finish_round(round_, ks, tallies, new_global, np.asarray(weights), budget)
             schedule.check_divergence(record)  # the same record in every process: all ranks agree
@@ -316,7 +308,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
             time.perf_counter() - wall0, diverged_at_round=schedule.diverged_at_round, config_changes=config_changes,
             fidelity="real", backend=backend,
             devices={n: d.device for n, d in zip(names, devices_spec)},
-            threads={n: _threads(spec, k, world) for k, n in enumerate(names)},
+            threads=dict(zip(names, thread_counts)),
             emulated_slowdown=emulated, model_bytes=core.model_bytes,
             device_sources={n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
                             for n, d in zip(names, devices_spec)}))
