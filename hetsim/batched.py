@@ -66,7 +66,7 @@ class BatchedSteps:
         bufs = {n: torch.stack([_momentum(w, ps[j]) for w, ps in zip(workers, wparams)])
                 for j, n in enumerate(self.names)}
         workload = core.workload
-        keep = core.sampler.uses_scores
+        keep = core.keep_scores
         for s in range(max(steps[k] for k in ks)):
             active = [i for i, k in enumerate(ks) if steps[k] > s]
             xs, ys, batches = [], [], []

@@ -1,20 +1,18 @@
-"""The shared training core: replicas, local steps, loss scores, aggregation, evaluation.
+"""The shared training core: replicas, local steps, loss scores, evaluation.
 
-It knows no clock. The simulator drives it on a virtual clock, a real backend on the wall clock;
-both call the same methods in the same order, so with fixed local steps they make the same decisions
-and compute the same numbers.
+It knows no clock, no comm and builds no policies: the driver (hetsim.protocol) owns the run and calls
+the core the same way in every engine. A worker's local work, as the driver runs it::
 
-A round, as every runner executes it::
-
-    plan = core.plan(round, participants)         # scheduler: local steps (or a time budget)
-    core.run_local_steps(steps)                   # per worker: sampler picks batches, SGD steps, losses kept
-    record = core.aggregate(round, participants)  # aggregator combines replicas; loss scores merged
-    core.evaluate()                               # when due
+    core.pull(ks)                 # the workers take the current global model and a fresh tally
+    core.train(ks, steps)         # (or core.step(k) per step) sampler picks batches, SGD steps, losses kept
+    core.tallies(ks), core.replicas(ks)   # what the Comm carries to the aggregator
+    core.install(new_global); core.merge_scores(observations)
+    core.test_metrics()           # when an evaluation is due
 
 A round's math depends only on how many steps each worker takes, never on the order in which the
-runner interleaves them: every worker samples from its own stream with the loss scores as they were
-when the round started. So the simulator may run the steps worker by worker, or step by step across
-workers as one batched computation (`hetsim.batched`), with the same result.
+engine interleaves them: every worker samples from its own stream with the loss scores as they were
+when it pulled. So the simulator may run the steps worker by worker, or step by step across workers as
+one batched computation (`hetsim.batched`), with the same result.
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetsim import policies
 from hetsim.config import OptimSpec, Spec
-from hetsim.policies import Contribution, RoundPlan, WorkerInfo
+from hetsim.policies import WorkerInfo
 from hetsim.policies.sampling import EpochStream, LossScores
 from hetsim.seeding import derive, numpy_rng, torch_generator
 from hetsim.workloads import Workload, build_workload, check_batch_fits
@@ -78,7 +75,7 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, workload: Workload, batch_size: int = 1000) -> tuple[float, float]:
+def test_metrics(model: nn.Module, workload: Workload, batch_size: int = 1000) -> tuple[float, float]:
     """(mean test loss, test accuracy) of `model` on the workload's test set; for sequence targets
     both are per predicted position (next-character accuracy for a language model)."""
     model.eval()
@@ -96,7 +93,7 @@ def evaluate(model: nn.Module, workload: Workload, batch_size: int = 1000) -> tu
 
 @dataclass
 class RoundTally:
-    """What one worker did in the current round."""
+    """What one worker did since it last pulled the global model."""
 
     steps: int = 0
     samples: int = 0
@@ -105,12 +102,40 @@ class RoundTally:
     observations: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+@dataclass
+class Tallies:
+    """Several workers' tallies as columns, in worker order (what the Comm gathers and the driver reads).
+
+    observations: every (sample indices, per-sample losses) pair of these workers, worker by worker (empty
+    when the sampler keeps no loss scores); merged into the loss-score store in this order.
+    """
+
+    workers: np.ndarray
+    steps: np.ndarray
+    samples: np.ndarray
+    biased: np.ndarray
+    loss_sum: np.ndarray
+    observations: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, ks: Sequence[int], tallies: Sequence[RoundTally]) -> "Tallies":
+        return cls(np.asarray(ks, dtype=np.int64), np.array([t.steps for t in tallies], dtype=np.int64),
+                   np.array([t.samples for t in tallies], dtype=np.int64),
+                   np.array([t.biased for t in tallies], dtype=np.int64),
+                   np.array([t.loss_sum for t in tallies], dtype=np.float64),
+                   [o for t in tallies for o in t.observations])
+
+    def mean_loss(self) -> np.ndarray:
+        """Each worker's mean training loss over its samples (0 for a worker without samples)."""
+        return np.divide(self.loss_sum, self.samples, out=np.zeros(len(self.samples)), where=self.samples > 0)
+
+
 class Worker:
     """One replica: model, SGD optimiser (its momentum stays local, as the reference), data stream,
-    augmentation generator, and its tally for the current round."""
+    augmentation generator, the sampler's state for this worker, and its tally since it last pulled."""
 
     def __init__(self, index: int, workload: Workload, spec: Spec, init: torch.Tensor,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", sampler_state: Any = None):
         self.model = workload.make_model().to(device)
         self.flat = FlatParams(self.model)
         self.flat.set(init.to(device))
@@ -119,6 +144,7 @@ class Worker:
                                          weight_decay=o.weight_decay)
         self.stream = EpochStream(workload.n_train, numpy_rng(spec.seed, "data", index))
         self.gen = torch_generator(spec.seed, "augment", index)
+        self.sampler_state = sampler_state
         self.tally = RoundTally()
 
     def set_lr(self, lr: float) -> None:
@@ -165,28 +191,26 @@ class RoundRecord:
 
 
 class DecisionCore:
-    """What every runner's core shares: the three policies, what they know of each worker, the plan.
+    """What every core shares: the policies it was given and what they know of each worker.
 
     TrainingCore adds the replicas and their math; the simulator's time-only core adds tallies only.
+    Both present one interface to the driver (hetsim.protocol): pull, train / step, tallies, replicas,
+    global_params / install, merge_scores, test_metrics, state_dict.
     """
 
-    def __init__(self, spec: Spec, profile_step_times: Sequence[float] | None = None):
+    def __init__(self, spec: Spec, policies: Any, profile_step_times: Sequence[float] | None = None):
+        """policies: the run's scheduler, sampler and aggregator (`hetsim.resolve.build_policies`)."""
         self.spec = spec
-        self.scheduler = policies.build("scheduler", spec.scheduler)
-        self.sampler = policies.build("sampler", spec.sampler)
-        self.aggregator = policies.build("aggregator", spec.aggregator)
+        self.sampler = policies.sampler
         kinds = spec.worker_kinds()
         times = profile_step_times or [1.0] * len(kinds)
         self.infos = [WorkerInfo(k, kind, float(times[k])) for k, kind in enumerate(kinds)]
-        self.samples_total = 0
+        self.samples_total = 0   # samples combined into the global model so far (the driver counts them)
+        self.n_train = 1         # a core sets its training set's size: epochs = samples_total / n_train
 
-    def plan(self, round: int, participants: Sequence[int] | None = None) -> RoundPlan:
-        """The scheduler's plan for the participating workers (all by default), in their order."""
-        infos = self.infos if participants is None else [self.infos[k] for k in participants]
-        plan = self.scheduler.plan(round, infos)
-        if len(plan.local_steps) != len(infos):
-            raise ValueError(f"scheduler planned {len(plan.local_steps)} workers, {len(infos)} participate")
-        return plan
+    @property
+    def epochs(self) -> float:
+        return self.samples_total / self.n_train
 
     def load_infos(self, infos: Sequence[Sequence[Any]]) -> None:
         """Restore what the policies know of each worker (from a checkpoint); a checkpoint of a cluster
@@ -196,26 +220,30 @@ class DecisionCore:
         self.infos = [WorkerInfo(*i) for i in infos]
 
     def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
-        """The mean step time each worker measured in its latest round: what policies see as its
-        `observed_step_time_s` (a real system's most recent throughput estimate)."""
+        """The mean step time each worker measured in its latest local work: what policies see as its
+        `observed_step_time_s` (a real system's most recent throughput estimate). Only workers that took
+        steps are observed (the driver never passes a non-participant)."""
         make = tuple.__new__  # WorkerInfo(index, kind, profile, observed, n) without NamedTuple's slower paths
         infos = self.infos
         for k, t in zip(ks, mean_step_s):
             i = infos[k]
             infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t, i[4] + 1))
 
+    def summary_fields(self) -> dict[str, Any]:
+        return {}
+
 
 class TrainingCore(DecisionCore):
-    """The protocol of biased local SGD over all workers of a spec, without a clock."""
+    """Replicas, local steps, loss scores and evaluation of all workers of a spec, without a clock."""
 
-    def __init__(self, spec: Spec, workload: Workload | None = None,
+    def __init__(self, spec: Spec, policies: Any, workload: Workload | None = None,
                  profile_step_times: Sequence[float] | None = None, local: Sequence[int] | None = None,
                  device: torch.device | str = "cpu"):
         """`local`: the workers whose replicas live in this process (all by default; a real backend's
-        process holds one). Decisions are made for all workers in every process alike. `device`: where
-        the local replicas, the global model and the data live."""
-        super().__init__(spec, profile_step_times)
+        process holds one). `device`: where the local replicas, the global model and the data live."""
+        super().__init__(spec, policies, profile_step_times)
         self.workload = workload or build_workload(spec.workload)
+        self.n_train = self.workload.n_train
         # checked on load where the size is known without the data; here for data-dependent sizes
         check_batch_fits(spec.workload, spec.optim.batch_size, self.workload.n_train)
         if str(device) != "cpu":
@@ -229,42 +257,51 @@ class TrainingCore(DecisionCore):
         kinds = spec.worker_kinds()
         local_set = set(range(len(kinds)) if local is None else local)
         self.local = sorted(local_set)
-        self.workers: list[Worker] = [Worker(k, self.workload, spec, init, device) if k in local_set else None
-                                      for k in range(len(kinds))]  # type: ignore[misc]
-        self.scores = LossScores(self.workload.n_train, getattr(self.sampler, "score_rule", "latest"))
+        self.workers: list[Worker] = [
+            Worker(k, self.workload, spec, init, device, self.sampler.init_state(self.infos[k]))
+            if k in local_set else None for k in range(len(kinds))]  # type: ignore[misc]
+        # filled only for a sampler that declares it reads it (uses_scores); otherwise it stays unseen (+inf)
+        # and the steps compute no per-sample losses
+        self.scores = LossScores(self.workload.n_train, self.sampler.score_rule)
+        self.keep_scores = bool(self.sampler.uses_scores)
         self.batched = None
         if spec.sim.batched:
             from hetsim.batched import BatchedSteps
 
-            self.batched = BatchedSteps.create(self.workers, self.workload)
+            self.batched = BatchedSteps.create([self.workers[k] for k in self.local], self.workload)
 
     @property
     def model_bytes(self) -> int:
         return self.global_flat.nbytes
 
-    @property
-    def epochs(self) -> float:
-        return self.samples_total / self.workload.n_train
-
-    def set_lr(self, progress: float) -> float:
-        lr = lr_at(self.spec.optim, progress)
+    def set_lr(self, lr: float) -> float:
         for k in self.local:
             self.workers[k].set_lr(lr)
         return lr
 
-    def local_step(self, k: int) -> None:
+    def pull(self, ks: Sequence[int]) -> None:
+        """Local workers ks start work: each takes the current global model and a fresh tally."""
+        new = self.global_flat.get()
+        for k in ks:
+            w = self.workers[k]
+            w.flat.set(new)
+            w.tally = RoundTally()
+
+    def step(self, k: int) -> None:
         """Worker k samples a batch with the shared sampler and takes one SGD step on its replica."""
         indices, n_biased = self.sample(k)
-        loss_sum, losses = self.workers[k].train_step(self.workload, indices, self.sampler.uses_scores)
+        loss_sum, losses = self.workers[k].train_step(self.workload, indices, self.keep_scores)
         self.record(k, indices, n_biased, loss_sum, losses)
 
     def sample(self, k: int) -> tuple[np.ndarray, int]:
-        batch = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, self.workers[k].stream, self.scores)
+        w = self.workers[k]
+        batch, w.sampler_state = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, w.stream,
+                                                    self.scores, w.sampler_state)
         return batch.indices, batch.n_biased
 
     def record(self, k: int, indices: np.ndarray, n_biased: int, loss_sum: float, losses: np.ndarray | None) -> None:
         """Tally one step of worker k; per-sample `losses` (when the sampler uses scores) are merged
-        into the loss-score store at the end of the round."""
+        into the loss-score store when the work is combined."""
         t = self.workers[k].tally
         t.steps += 1
         t.samples += len(indices)
@@ -273,59 +310,38 @@ class TrainingCore(DecisionCore):
         if losses is not None:
             t.observations.append((indices, losses))
 
-    def run_local_steps(self, ks: Sequence[int], steps: Sequence[int]) -> None:
-        """Run the local steps of a round (worker ks[i] takes steps[i]), batched where configured."""
+    def train(self, ks: Sequence[int], steps: Sequence[int]) -> None:
+        """Run local work in one go (worker ks[i] takes steps[i]), batched where configured."""
         if self.batched is not None:
             self.batched.run(self, dict(zip(ks, steps)))
             return
         for k, n in zip(ks, steps):
             for _ in range(n):
-                self.local_step(k)
+                self.step(k)
 
+    def tallies(self, ks: Sequence[int]) -> Tallies:
+        return Tallies.of(ks, [self.workers[k].tally for k in ks])
 
-    def contributions(self, ks: Sequence[int], tallies: Sequence[RoundTally]) -> list[Contribution]:
-        return [Contribution(k, self.infos[k].kind, t.steps, t.samples, t.loss_sum / t.samples if t.samples else 0.0)
-                for k, t in zip(ks, tallies)]
+    def replicas(self, ks: Sequence[int]) -> torch.Tensor:
+        """The local replicas of ks as rows [len(ks), P]."""
+        return torch.stack([self.workers[k].flat.get() for k in ks])
 
-    def aggregate(self, round: int, participants: Sequence[int] | None = None,
-                  time_budget_s: float | None = None) -> RoundRecord:
-        """Combine the participants' replicas (all local to this process) with the aggregator and
-        finish the round (see `finish_round`)."""
-        ks = list(range(len(self.workers))) if participants is None else list(participants)
-        tallies = [self.workers[k].tally for k in ks]
-        replicas = torch.stack([self.workers[k].flat.get() for k in ks])
-        new_global, weights = self.aggregator.combine(self.global_flat.get(), replicas, self.contributions(ks, tallies))
-        return self.finish_round(round, ks, tallies, new_global, weights, time_budget_s)
+    def global_params(self) -> torch.Tensor:
+        return self.global_flat.get()
 
-    def finish_round(self, round: int, ks: Sequence[int], tallies: Sequence[RoundTally], new_global: torch.Tensor,
-                     weights: np.ndarray, time_budget_s: float | None) -> RoundRecord:
-        """Install the new global model in every local replica (absent workers too, so they rejoin with
-        the latest model), merge the round's loss observations in worker order (deterministic, the
-        same in every runner) and return the round's record."""
+    def install(self, new_global: torch.Tensor) -> None:
+        """The new global model (workers take it when they next pull)."""
         self.global_flat.set(new_global)
-        for k in self.local:
-            self.workers[k].flat.set(new_global)
-            self.workers[k].tally = RoundTally()
-        for t in tallies:
-            self.scores.merge_all(t.observations)
-        samples = sum(t.samples for t in tallies)
-        self.samples_total += samples
-        train_loss = sum(t.loss_sum for t in tallies) / samples if samples else float("nan")
-        # one reduction over the parameters per aggregation; a round without samples has no loss to check
-        diverged = not bool(torch.isfinite(new_global).all()) or (samples > 0 and not math.isfinite(train_loss))
-        return RoundRecord(
-            round=round, workers=tuple(ks),
-            local_steps=tuple(t.steps for t in tallies),
-            samples=tuple(t.samples for t in tallies),
-            biased_samples=tuple(t.biased for t in tallies),
-            weights=tuple(float(x) for x in weights),
-            train_loss=train_loss,
-            time_budget_s=time_budget_s,
-            diverged=diverged,
-        )
 
-    def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.global_model, self.workload)
+    def merge_scores(self, observations: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        if self.keep_scores:
+            self.scores.merge_all(observations)
+
+    def test_metrics(self) -> tuple[float, float]:
+        return test_metrics(self.global_model, self.workload)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"batched": self.batched is not None}
 
     # -- checkpoints: everything a round boundary needs to continue bit for bit ---------------------
 
@@ -338,7 +354,8 @@ class TrainingCore(DecisionCore):
             "workers": {k: {"model": self.workers[k].model.state_dict(),
                             "optimizer": self.workers[k].optimizer.state_dict(),
                             "stream": self.workers[k].stream.state_dict(),
-                            "gen": self.workers[k].gen.get_state()} for k in self.local},
+                            "gen": self.workers[k].gen.get_state(),
+                            "sampler": self.workers[k].sampler_state} for k in self.local},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -352,6 +369,7 @@ class TrainingCore(DecisionCore):
             w.optimizer.load_state_dict(ws["optimizer"])
             w.stream.load_state_dict(ws["stream"])
             w.gen.set_state(ws["gen"])
+            w.sampler_state = ws["sampler"]
 
 
 class RunSchedule:

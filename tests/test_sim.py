@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from hetsim.config import load_spec
 from hetsim.results import read_decisions, read_trace
 from hetsim.seeding import derive
-from hetsim.sim import simulate
+from hetsim._policy_bridge import adapt
+from hetsim.resolve import build_policies
+from hetsim.sim import Simulation, simulate
 from hetsim.training import TrainingCore, lr_at
 from hetsim.policies.sampling import EpochStream
 
@@ -65,22 +67,20 @@ def test_time_budget_turns_into_steps_as_they_complete(tiny_spec):
 def test_sync_with_mean_equals_large_batch_sgd(tiny_spec):
     """One step + plain mean per round = mini-batch SGD on the union of the workers' batches."""
     spec = tiny_spec("scheduler={name='sync'}", "stop.max_rounds=6")
-    core = TrainingCore(spec)
-    w = core.workload
+    sim = Simulation(spec)
+    w = sim.core.workload
     reference = w.make_model()
-    reference.load_state_dict(core.global_model.state_dict())
+    reference.load_state_dict(sim.core.global_model.state_dict())
+    sim.run()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     streams = [EpochStream(w.n_train, np.random.default_rng(derive(spec.seed, "data", k))) for k in range(3)]
     for r in range(6):
-        for k in range(3):
-            core.local_step(k)
-        core.aggregate(r)
         idx = torch.from_numpy(np.concatenate([s.take(8) for s in streams]))
         opt.zero_grad()
         F.cross_entropy(reference(w.train_x[idx]), w.train_y[idx]).backward()
         opt.step()
     ref = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
-    assert torch.allclose(core.global_flat.get(), ref, atol=1e-6)
+    assert torch.allclose(sim.core.global_flat.get(), ref, atol=1e-6)
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tiny_spec, tmp_path):
@@ -199,13 +199,19 @@ def test_on_divergence_continue_runs_to_the_budget_and_still_records_the_round(t
 
 def test_divergence_round_of_a_huge_learning_rate_is_the_first_non_finite_global_model(tiny_spec):
     spec = tiny_spec("optim.lr=1e6", "stop.max_rounds=20")
-    # the same math driven by hand, with the test's own finiteness check of the global parameters
-    core = TrainingCore(spec)
+    # the same math driven by hand (1 cpu step, 5 gpu steps, the plain mean of the replicas), with the
+    # test's own finiteness check of the global parameters and the training loss
+    core = TrainingCore(spec, adapt(build_policies(spec)))
+    core.set_lr(1e6)
+    ks = [0, 1, 2]
     expected = None
     for r in range(1, 21):
-        core.run_local_steps([0, 1, 2], list(core.plan(r).local_steps))
-        record = core.aggregate(r)
-        if not (torch.isfinite(core.global_flat.get()).all() and math.isfinite(record.train_loss)):
+        core.pull(ks)
+        core.train(ks, [1, 5, 5])
+        new = core.replicas(ks).mean(0)
+        core.install(new)
+        t = core.tallies(ks)
+        if not (torch.isfinite(new).all() and math.isfinite(t.loss_sum.sum() / t.samples.sum())):
             expected = r
             break
     assert expected is not None

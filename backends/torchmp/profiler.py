@@ -36,7 +36,9 @@ from hetsim.cluster import PROFILE_FORMAT
 from hetsim.config import PolicySpec, Spec, spec_from_dict
 from hetsim.errors import HetsimError, SpecError
 from hetsim.results import versions, write_json
-from hetsim.training import TrainingCore, evaluate
+from hetsim._policy_bridge import adapt
+from hetsim.resolve import build_policies
+from hetsim.training import TrainingCore, test_metrics
 
 
 def _spec(workload: str, batch_size: int, device: str, data_path: str, kind: str = "",
@@ -62,7 +64,7 @@ def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, war
     keep_busy: says whether to go on stepping, untimed (so concurrent measurements see the same load)."""
     def step() -> float:
         t = time.perf_counter()
-        core.local_step(0)
+        core.step(0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t
@@ -167,14 +169,14 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
         torch.set_num_threads(threads)
     spec = _spec(workload, batch_size, device, data_path, kind, sampler)
     dev = torch.device(device)
-    core = TrainingCore(spec, device=dev)
+    core = TrainingCore(spec, adapt(build_policies(spec)), device=dev)
     if start is not None:
         start.wait()
     samples = measure_steps(core, dev, slowdown, warmup, min_steps, max_steps, max_seconds, on_measured, keep_busy)
     evals = []
     for _ in range(3):
         t = time.perf_counter()
-        evaluate(core.global_model, core.workload)
+        test_metrics(core.global_model, core.workload)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         evals.append(time.perf_counter() - t)

@@ -17,14 +17,14 @@ summary (`fidelity_notes`):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from hetsim.cluster import DeviceModel
 from hetsim.config import Spec
-from hetsim.policies import Contributions
-from hetsim.training import DecisionCore, RoundRecord, lr_at
+from hetsim.training import DecisionCore, Tallies
 from hetsim.workloads import nominal_train_size
 
 FIDELITY_NOTES = ("time-only: step sums drawn as one moment-matched lognormal per device and round; "
@@ -33,46 +33,57 @@ STAND_IN_LOSS = 1.0
 
 
 class TimeOnlyCore(DecisionCore):
-    """The TrainingCore's protocol (plan, local steps, aggregate) with tallies instead of math."""
+    """The TrainingCore's interface with tallies instead of math: an empty parameter vector (so the
+    aggregator's combine runs as in every engine and its weights are exact), stand-in losses, and the
+    surrogate learning curve's accuracy where one is configured."""
 
-    def __init__(self, spec: Spec, profile_step_times: Sequence[float]):
-        super().__init__(spec, profile_step_times)
-        self.kinds = np.array(spec.worker_kinds())
+    def __init__(self, spec: Spec, policies: Any, profile_step_times: Sequence[float], model_bytes: int):
+        """model_bytes: the size of the model an emulated run would exchange (from a model built once)."""
+        super().__init__(spec, policies, profile_step_times)
         self.n_train = nominal_train_size(spec.workload)
+        self.model_bytes = model_bytes
         self.curve = None
         self.refused_after: float | None = None
         if spec.sim.surrogate:
             from hetsim.surrogate import LearningCurve
 
             self.curve = LearningCurve.load(spec.sim.surrogate)
-        self._steps: list[int] = []
-        self._biased: list[int] = []
-        self.model_bytes = 0  # set by the caller from a model built once (no data needed)
+        self.scores = None
+        self._global = torch.zeros(0)
+        self._ks = np.zeros(0, dtype=np.int64)
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._biased = np.zeros(0, dtype=np.int64)
 
-    @property
-    def epochs(self) -> float:
-        return self.samples_total / self.n_train
+    def set_lr(self, lr: float) -> float:
+        return lr
 
-    def set_lr(self, progress: float) -> float:
-        return lr_at(self.spec.optim, progress)
+    def pull(self, ks: Sequence[int]) -> None:
+        pass  # no replicas: nothing to take
 
-    def run_local_steps(self, ks: Sequence[int], steps: Sequence[int]) -> None:
+    def train(self, ks: Sequence[int], steps: Sequence[int]) -> None:
         b = self.spec.optim.batch_size
         infos, per_step = self.infos, self.sampler.biased_per_step
-        self._steps = list(steps)
-        self._biased = [n * per_step(infos[k], b) for k, n in zip(ks, steps)]
+        self._ks = np.asarray(ks, dtype=np.int64)
+        self._steps = np.asarray(steps, dtype=np.int64)
+        self._biased = np.array([n * per_step(infos[k], b) for k, n in zip(ks, steps)], dtype=np.int64)
 
-    def aggregate(self, round: int, participants: Sequence[int], time_budget_s: float | None = None) -> RoundRecord:
-        b = self.spec.optim.batch_size
-        ks, steps = np.asarray(participants), np.asarray(self._steps)
-        contributions = Contributions(ks, self.kinds[ks], steps, steps * b, np.full(len(ks), STAND_IN_LOSS))
-        weights = self.aggregator.weights(contributions)
-        samples = [n * b for n in self._steps]
-        self.samples_total += sum(samples)
-        return RoundRecord(round, tuple(participants), tuple(self._steps), tuple(samples), tuple(self._biased),
-                           tuple(weights.tolist()), STAND_IN_LOSS, time_budget_s)
+    def tallies(self, ks: Sequence[int]) -> Tallies:
+        samples = self._steps * self.spec.optim.batch_size
+        return Tallies(self._ks, self._steps, samples, self._biased, samples * STAND_IN_LOSS)
 
-    def evaluate(self) -> tuple[None, float | None]:
+    def replicas(self, ks: Sequence[int]) -> torch.Tensor:
+        return torch.zeros(len(ks), 0)
+
+    def global_params(self) -> torch.Tensor:
+        return self._global
+
+    def install(self, new_global: torch.Tensor) -> None:
+        pass  # always the empty vector
+
+    def merge_scores(self, observations: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        pass  # no losses, no scores
+
+    def test_metrics(self) -> tuple[None, float | None]:
         """No loss; the surrogate learning curve's accuracy at the epochs done, if one is configured.
         None = not computed (an empty metrics cell): always for the loss, and for the accuracy without a
         curve or outside its fitted range (the first such epoch is remembered for the summary)."""
@@ -83,12 +94,21 @@ class TimeOnlyCore(DecisionCore):
             self.refused_after = self.epochs
         return None, None if math.isnan(acc) else acc
 
+    def summary_fields(self) -> dict[str, Any]:
+        if self.curve is None:
+            return {"batched": False}
+        return {"batched": False, "surrogate": self.spec.sim.surrogate,
+                "surrogate_epochs": [self.curve.epochs_min, self.curve.epochs_max],
+                "surrogate_refused_after_epoch": self.refused_after}
+
     def state_dict(self) -> dict:
-        return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total}
+        return {"infos": [tuple(i) for i in self.infos], "samples_total": self.samples_total,
+                "refused_after": self.refused_after}
 
     def load_state_dict(self, state: dict) -> None:
         self.load_infos(state["infos"])
         self.samples_total = state["samples_total"]
+        self.refused_after = state["refused_after"]
 
 
 class VectorClock:

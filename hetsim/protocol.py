@@ -1,0 +1,535 @@
+"""The driver: the one place where a run's protocol is written, for every engine.
+
+A run is a sequence of updates to a global model. The `Driver` owns everything the run decides and
+writes — stop check, lr, plan, local work, tallies, arrivals, combine, divergence, evaluation, metrics
+rows, decisions, trace, checkpoints, summary — and talks to two ports for what differs by engine:
+
+- `Clock`: where durations and event order come from (SimPy emulated or time-only in hetsim.sim; the
+  wall clock in backends/torchmp);
+- `Comm`: how control values, tallies and replicas travel (in-process in hetsim.sim; torch.distributed
+  in backends/torchmp).
+
+A third port, `Protocol`, decides when the server combines. `SyncProtocol` is the barrier round::
+
+    stop check (the leader's clock and accuracy, agreed by every process)
+    lr; plan for the online workers (scheduler + its state + its seeded RNG)
+    participants = online workers planned > 0 steps (or a time budget); they pull the global model
+    local work through the clock (this process's participants); tallies gathered through the comm
+    exchange (the clock charges it); combine (the aggregator + its state) over the arrivals
+    install the new global model, merge loss scores in worker order, check divergence
+    evaluate when due (on `eval.on`, charged by the clock), write the row, checkpoint
+
+The driver is a generator: a simulated clock's methods `yield` SimPy events, the wall clock's never
+yield, and `run_to_end` drives it without SimPy. This module imports no port implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator, Sequence
+
+import numpy as np
+import torch
+
+from hetsim._policy_bridge import Arrivals
+from hetsim.config import Spec
+from hetsim.errors import HetsimError
+from hetsim.policies import RoundPlan
+from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
+                            save_checkpoint, trace_event, worker_names)
+from hetsim.seeding import numpy_rng
+from hetsim.training import RoundRecord, RunSchedule, Tallies, lr_at
+
+ProgressFn = Callable[[dict], None]
+Steps = Generator[Any, Any, Any]  # what the driver and the clocks' methods are: generators (SimPy events or none)
+
+#: every stop reason, by the index the leader's decision travels as (comm.agree carries numbers)
+STOP_REASONS = ("", "diverged", "target_accuracy", "max_rounds", "max_time_s", "max_epochs")
+
+
+@dataclass
+class Work:
+    """What a clock reports of some workers' local work: steps taken, start and finish time of each."""
+
+    steps: list[int]
+    start: np.ndarray
+    finish: np.ndarray
+
+
+class Clock(ABC):
+    """Where durations and event order come from. Methods that take time are generators: a simulated
+    clock yields its events, the wall clock yields nothing (the time passes while the code runs)."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """Seconds on the run's timeline (a resumed run continues its checkpoint's time)."""
+
+    @abstractmethod
+    def online(self, ks: Sequence[int]) -> list[int]:
+        """The workers of ks available now, in order."""
+
+    @abstractmethod
+    def until_online(self) -> Steps:
+        """Wait until some worker is back (called when none is online)."""
+
+    @abstractmethod
+    def local_work(self, ks: Sequence[int], plan: RoundPlan, train: Callable[[list[int], list[int]], None],
+                   step: Callable[[int], None]) -> Steps:
+        """Advance through the local work of workers ks (this process's; plan.local_steps[i] is ks[i]'s
+        target, None = until plan.time_budget_s, see hetsim.cluster.within_budget), run its math — all of
+        it with train(ks, steps) (simulated clocks), or step(k) per step, timed (the wall clock) — and
+        return Work for ks."""
+
+    @abstractmethod
+    def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
+        """Charge exchanging nbytes among the workers ks (a simulated clock; the wall clock's comm takes
+        its own time)."""
+
+    @abstractmethod
+    def evaluation(self, evaluator: int) -> Steps:
+        """Charge one evaluation of the global model on worker `evaluator`."""
+
+    def start(self) -> None:
+        """Called once, right before the first round of this attempt: where a wall clock sets the common
+        zero (a barrier every process passes). Simulated clocks are ready at construction."""
+
+    @abstractmethod
+    def drive(self, steps: Steps) -> None:
+        """Run the driver's generator to its end (SimPy's event loop, or `run_to_end`)."""
+
+    @abstractmethod
+    def summary_fields(self) -> dict[str, Any]:
+        """Engine-specific summary.json fields (fidelity, its notes, where device times came from)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """What this process's clock needs to continue (its time, its random generators)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Comm(ABC):
+    """How control values, tallies and replicas travel between the processes of a run.
+
+    rank / world: this process and how many there are; leader (rank 0) writes the run folder;
+    local: the workers whose replicas live in this process.
+    """
+
+    rank: int
+    world: int
+    leader: bool
+    local: list[int]
+
+    @abstractmethod
+    def agree(self, values: Sequence[float]) -> list[float]:
+        """The leader's values, in every process."""
+
+    @abstractmethod
+    def share(self, worker: int, values: Sequence[float]) -> list[float]:
+        """The values of the process that holds `worker`, in every process (evaluation results)."""
+
+    @abstractmethod
+    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
+        """Every worker of ks's tally and times, in ks order, in every process; `tallies` and `work` hold
+        this process's workers of ks (in ks order)."""
+
+    @abstractmethod
+    def arrivals_source(self, ks: Sequence[int], replicas: Callable[[list[int]], torch.Tensor],
+                        linear: bool) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[], torch.Tensor] | None]:
+        """The two callables `Arrivals` takes, over the replicas of ks: weighted_sum(w) = Σ w_i x_{ks[i]}
+        and, unless `linear`, replicas() = all of them as rows. `replicas(local_ks)` returns this
+        process's replicas as rows; nothing is communicated before a callable is called."""
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+    @abstractmethod
+    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
+        """Point-to-point, addressed by workers: `tensor` of worker src (local here) to the process that
+        holds worker dst."""
+
+    @abstractmethod
+    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+        """Point-to-point: the next tensor worker src sent to worker dst (local here), into `tensor`."""
+
+    @abstractmethod
+    def summary_fields(self) -> dict[str, Any]:
+        """Engine-specific summary.json fields (the torch backend's name, ...)."""
+
+
+class Hooks:
+    """Where an engine plugs into the run without a loop of its own (heartbeats, fault injection).
+    Every method is a no-op here."""
+
+    def round_started(self, round: int) -> None: ...
+
+    def work_done(self, round: int) -> None: ...
+
+    def finished(self, round: int) -> None: ...
+
+
+class Protocol(ABC):
+    """Decides when the server combines and what happens to late work, using the driver's steps."""
+
+    @abstractmethod
+    def run(self, driver: "Driver") -> Steps:
+        """Run until the driver's stop check says stop; return the stop reason."""
+
+
+class SyncProtocol(Protocol):
+    """Every round, all online workers do their planned work and the server combines at a barrier."""
+
+    def run(self, d: "Driver") -> Steps:
+        while True:
+            reason, progress = d.stop_check()
+            if d.pending is not None:
+                if (yield from d.end_round(reason)):
+                    continue  # evaluated: the accuracy may have reached the target, the time the budget
+            if reason:
+                return reason
+            ks = d.clock.online(d.workers)
+            if not ks:  # everyone is away: wait for the first device to return
+                yield from d.clock.until_online()
+                continue
+            lr = d.begin_round(progress)
+            plan, ks, targets = d.plan(ks)
+            work, tallies = yield from d.local_work(ks, RoundPlan(targets, plan.time_budget_s))
+            barrier = d.clock.now()
+            d.trace_work(ks, work, barrier)
+            yield from d.clock.exchange(ks, d.core.model_bytes)
+            record = d.combine(ks, tallies, plan.time_budget_s, lr)
+            d.trace_comm(ks, barrier)
+            d.pending = _Pending(lr, record)
+
+
+@dataclass
+class _Pending:
+    """A finished round whose row is not written yet; record None: the initial model (round 0), whose
+    accuracy anchors the curves and whose evaluation is not charged to the clock."""
+
+    lr: float
+    record: RoundRecord | None = None
+
+
+def evaluator_index(spec: Spec, profile_step_times: Sequence[float]) -> int:
+    """`eval.on`: "fastest" = the lowest profiled mean step time (ties: the lowest index), or a worker
+    name as in results (cpu0, gpu1)."""
+    if spec.eval.on == "fastest":
+        return int(np.argmin(profile_step_times))
+    return worker_names(spec.worker_kinds()).index(spec.eval.on)
+
+
+class Driver:
+    """Owns a run: its decisions, its policy states and RNG, what it writes, its checkpoints.
+
+    core: a training core (hetsim.training.TrainingCore, or the time-only core) holding this process's
+    replicas; policies: the run's scheduler, sampler, aggregator (the core holds the sampler too);
+    clock / comm: the engine's ports; engine: "sim" or "torchmp" (checkpoints and summary.json say which).
+    run_dir: where the leader writes the run (None: in memory); resume: continue from its checkpoint
+    (force: even if the config changed); progress: called with every metrics row (on the leader).
+    """
+
+    def __init__(self, spec: Spec, core: Any, clock: Clock, comm: Comm, policies: Any, *, engine: str,
+                 run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+                 progress: ProgressFn | None = None, hooks: Hooks | None = None, protocol: Protocol | None = None):
+        self.spec, self.core, self.clock, self.comm = spec, core, clock, comm
+        self.scheduler, self.aggregator = policies.scheduler, policies.aggregator
+        self.engine = engine
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.hooks = hooks or Hooks()
+        self.protocol = protocol or SyncProtocol()
+        self.n = len(core.infos)
+        self.workers = list(range(self.n))
+        self.names = worker_names(spec.worker_kinds())
+        self.kinds = np.array(spec.worker_kinds())
+        self.evaluator = evaluator_index(spec, [i.profile_step_time_s for i in core.infos])
+        self.schedule = RunSchedule(spec)
+        self.scheduler_rng = numpy_rng(spec.seed, "scheduler")
+        self.round = 0
+        self.version = 0                                      # combines so far (= rounds under sync)
+        self.pulled = np.zeros(self.n, dtype=np.int64)        # the version each worker last pulled
+        self.busy_s = np.zeros(self.n)
+        self.participation = np.zeros(self.n, dtype=np.int64)
+        self.exchange_total_s = 0.0
+        self.last_acc = math.nan                              # the latest evaluated accuracy
+        self.stopped_by = ""
+        self.config_changes: list[dict] = []
+        self.pending: _Pending | None = None
+        checkpoint = None
+        if resume:  # read and checked before anything is written: a refused resume changes nothing
+            if self.run_dir is None:
+                raise HetsimError("resume needs the run directory to continue")
+            checkpoint = load_checkpoint(self.run_dir / CHECKPOINT, engine, spec, force)
+        self.writer = RunWriter(self.run_dir, spec, self.names, always_traced=[self.evaluator],
+                                resume=resume) if comm.leader else None
+        if checkpoint is not None:
+            self.config_changes = checkpoint.config_changes
+            self._restore(checkpoint.state)
+        else:
+            self.scheduler_state = self.scheduler.init_state(core.infos)
+            self.aggregator_state = self.aggregator.init_state(core.global_params())
+            self.pending = _Pending(core.set_lr(lr_at(spec.optim, 0.0)))
+
+    # -- the protocol's building blocks ------------------------------------------------------------
+
+    def stop_check(self) -> tuple[str, float]:
+        """(stop reason or "", share of the budget used): the leader's, on its clock, in every process."""
+        index, progress = 0.0, 0.0
+        if self.comm.leader:
+            reached = self.last_acc >= self.spec.stop.target_accuracy  # NaN: False
+            now, epochs = self.clock.now(), self.core.epochs
+            index = STOP_REASONS.index(self.schedule.stop_reason(self.round, now, epochs, reached))
+            progress = self.schedule.progress(self.round, now, epochs)
+        index, progress = self.comm.agree([index, progress])
+        return STOP_REASONS[int(index)], progress
+
+    def begin_round(self, progress: float) -> float:
+        """Start the next round at `progress` of the budget: returns its lr."""
+        lr = self.core.set_lr(lr_at(self.spec.optim, progress))
+        self.round += 1
+        self.hooks.round_started(self.round)
+        return lr
+
+    def plan(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
+        """The scheduler's plan for the online workers ks, and its participants with their targets: a
+        worker planned 0 steps sits the round out (no work, no arrival, no step-time observation)."""
+        infos = self.core.infos
+        plan, self.scheduler_state = self.scheduler.plan(self.round, [infos[k] for k in ks], self.scheduler_rng,
+                                                         self.scheduler_state)
+        if len(plan.local_steps) != len(ks):
+            raise HetsimError(f"scheduler {self.spec.scheduler.name!r} planned {len(plan.local_steps)} workers "
+                              f"in round {self.round}, {len(ks)} were online")
+        targets = plan.local_steps
+        if 0 in targets:
+            kept = [(k, t) for k, t in zip(ks, targets) if t != 0]
+            ks, targets = [k for k, _ in kept], tuple(t for _, t in kept)
+        return plan, ks, targets
+
+    def local_work(self, ks: list[int], plan: RoundPlan) -> Steps:
+        """Workers ks pull the global model and do their planned work (this process's, through the clock);
+        returns everybody's Work and Tallies (through the comm) and observes their step times."""
+        self.pulled[ks] = self.version
+        local = ks if self.comm.world == 1 else [k for k in ks if k in self.comm.local]
+        targets = plan.local_steps if local is ks else tuple(t for k, t in zip(ks, plan.local_steps) if k in local)
+        self.core.pull(local)
+        work = yield from self.clock.local_work(local, RoundPlan(targets, plan.time_budget_s), self.core.train,
+                                                self._step)
+        self.hooks.work_done(self.round)
+        tallies, work = self.comm.gather_tallies(ks, self.core.tallies(local), work)
+        busy = work.finish - work.start
+        self.busy_s[ks] += busy
+        self.participation[ks] += 1
+        self.core.observe_step_times(ks, (busy / np.asarray(work.steps)).tolist())
+        return work, tallies
+
+    def _step(self, k: int) -> None:
+        self.core.step(k)
+
+    def combine(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float) -> RoundRecord:
+        """Combine the arrivals of ks with the aggregator (no combine without arrivals: the global model
+        stays), install the new global model, merge the loss scores and check divergence."""
+        samples = int(tallies.samples.sum())
+        weights: np.ndarray = np.zeros(0)
+        new_global = None
+        if ks:
+            agg = self.aggregator
+            weighted_sum, replicas = self.comm.arrivals_source(ks, self.core.replicas, agg.linear)
+            arrivals = Arrivals(tallies.workers, self.kinds[ks], tallies.steps, tallies.samples, tallies.mean_loss(),
+                                self.version - self.pulled[ks], self.round, lr, weighted_sum=weighted_sum,
+                                replicas=replicas)
+            previous = self.core.global_params() if agg.needs_previous_global else None
+            new_global, weights, self.aggregator_state = agg.combine(previous, arrivals, self.aggregator_state)
+            self.core.install(new_global)
+            self.version += 1
+            self.core.merge_scores(tallies.observations)
+            self.core.samples_total += samples
+        train_loss = float(tallies.loss_sum.sum()) / samples if samples else float("nan")
+        # one reduction over the parameters per combine; a round without samples has no loss to check
+        diverged = (new_global is not None and not bool(torch.isfinite(new_global).all())) or \
+            (samples > 0 and not math.isfinite(train_loss))
+        record = RoundRecord(round=self.round, workers=tuple(ks), local_steps=tuple(tallies.steps.tolist()),
+                             samples=tuple(tallies.samples.tolist()), biased_samples=tuple(tallies.biased.tolist()),
+                             weights=tuple(np.asarray(weights, dtype=np.float64).tolist()), train_loss=train_loss,
+                             time_budget_s=time_budget_s, diverged=diverged)
+        self.schedule.check_divergence(record)
+        if self.writer is not None and self.spec.trace.decisions:
+            self.writer.add_decision(record)
+        return record
+
+    def end_round(self, reason: str) -> Steps:
+        """Evaluate the pending round when due (or when it is the last), write its row, checkpoint.
+        Returns whether it evaluated."""
+        pending, self.pending = self.pending, None
+        record = pending.record
+        initial = record is None
+        due = initial or self.schedule.eval_due(self.round, self.core.epochs) or bool(reason)
+        test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
+        if due:
+            test_loss, test_acc = yield from self._evaluate(charged=not initial)
+            self.last_acc = math.nan if test_acc is None else test_acc
+        if self.writer is not None:
+            row = {"round": self.round, "time_s": 0.0 if initial else self.clock.now(), "epoch": self.core.epochs,
+                   "samples": self.core.samples_total, "lr": pending.lr,
+                   "train_loss": None if initial else record.train_loss,  # None: no training loss yet
+                   "test_loss": test_loss, "test_acc": test_acc}
+            self.writer.add_row(row)
+            if self.progress:
+                self.progress(self.writer.rows[-1])  # as stored: what was not computed is NaN
+        if not initial:
+            self._checkpoint()
+        return due
+
+    def _evaluate(self, charged: bool) -> Steps:
+        """Test the global model on the evaluator (`eval.on`); charged: the clock advances by its
+        evaluation time and the trace shows it (eval there, idle elsewhere)."""
+        start = self.clock.now() if charged else 0.0
+        if charged:
+            yield from self.clock.evaluation(self.evaluator)
+        loss = acc = None
+        if self.evaluator in self.comm.local:
+            loss, acc = self.core.test_metrics()
+        # None (not computed) travels as a flag: the comm carries numbers
+        v = self.comm.share(self.evaluator, [math.nan if loss is None else loss, math.nan if acc is None else acc,
+                                             float(loss is None), float(acc is None)])
+        loss, acc = (None if v[2] else v[0]), (None if v[3] else v[1])
+        if charged and self.writer is not None:
+            end = self.clock.now()
+            if end > start:
+                for k in self.writer.trace_positions(self.round, self.workers):
+                    self.writer.add_trace(trace_event("eval" if k == self.evaluator else "idle", k, start, end,
+                                                      round=self.round))
+        return loss, acc
+
+    # -- trace -----------------------------------------------------------------------------------
+
+    def trace_work(self, ks: list[int], work: Work, barrier: float) -> None:
+        """Compute from start to finish, then idle until the barrier (the fast wait for the slowest)."""
+        if self.writer is None:
+            return
+        for i in self.writer.trace_positions(self.round, ks):  # the trace's sample, not all 10^4 devices
+            self._trace("compute", ks[i], float(work.start[i]), float(work.finish[i]), steps=work.steps[i])
+            self._trace("idle", ks[i], float(work.finish[i]), barrier)
+
+    def trace_comm(self, ks: list[int], barrier: float) -> None:
+        """The exchange, from the barrier to now; its duration counts as the round's exchange time."""
+        end = self.clock.now()
+        self.exchange_total_s += end - barrier
+        if self.writer is None:
+            return
+        for i in self.writer.trace_positions(self.round, ks):
+            self._trace("comm", ks[i], barrier, end, bytes=self.core.model_bytes)
+
+    def _trace(self, kind: str, k: int, start: float, end: float, **args: Any) -> None:
+        if end > start:
+            self.writer.add_trace(trace_event(kind, k, start, end, round=self.round, **args))
+
+    # -- run -------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult | None:
+        """Run to the end; the leader returns the run's result (the others None)."""
+        wall0 = time.perf_counter()
+        try:
+            self.clock.drive(self._main())
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close()  # every finished round is already on disk
+            raise
+        self.hooks.finished(self.round)
+        if self.writer is None:
+            return None
+        return self.writer.finish(self.summary(time.perf_counter() - wall0))
+
+    def _main(self) -> Steps:
+        if self.pending is not None:  # a fresh run: the initial model's row, before the clock starts
+            yield from self.end_round("")
+        self.clock.start()
+        self.stopped_by = yield from self.protocol.run(self)
+
+    def summary(self, wall_s: float) -> dict:
+        return run_summary(
+            self.spec, self.writer.rows, self.engine, self.names, self.busy_s, self.round, self.clock.now(),
+            self.core.epochs, self.core.samples_total, self.stopped_by, wall_s,
+            diverged_at_round=self.schedule.diverged_at_round, config_changes=self.config_changes,
+            **self.clock.summary_fields(), **self.comm.summary_fields(), **self.core.summary_fields(),
+            exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
+            model_bytes=self.core.model_bytes, evaluator=self.names[self.evaluator],
+            rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)})
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _rank_path(self, round_: int) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "checkpoints" / f"round{round_}" / f"rank{self.comm.rank}.pt"
+
+    def _checkpoint(self) -> None:
+        """Every run.checkpoint_every rounds. One process: one file with everything. Several: every
+        process saves its replicas' state for the round, then (after a barrier) the leader points
+        checkpoint.pt at that round, so a crash mid-checkpoint leaves the previous one usable, and drops
+        older rounds. The files' sizes do not grow with the run's length."""
+        every = self.spec.run.checkpoint_every
+        if self.run_dir is None or not every or self.round % every:
+            return
+        rank_state = {"core": self.core.state_dict(), "clock": self.clock.state_dict()}
+        if self.comm.world == 1:
+            save_checkpoint(self.run_dir / CHECKPOINT, {"round": self.round, "run": self._run_state(),
+                                                        "rank": rank_state}, self.engine, self.spec,
+                            self.config_changes)
+            return
+        save_checkpoint(self._rank_path(self.round), {"round": self.round, "rank": rank_state}, self.engine, self.spec)
+        self.comm.barrier()
+        if self.comm.leader:
+            save_checkpoint(self.run_dir / CHECKPOINT, {"round": self.round, "run": self._run_state()},
+                            self.engine, self.spec, self.config_changes)
+            for old in (self.run_dir / "checkpoints").iterdir():
+                if old.name != f"round{self.round}":
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _run_state(self) -> dict[str, Any]:
+        return {"writer": self.writer.state_dict() if self.writer is not None else None,
+                "time_s": self.clock.now(),
+                "busy_s": self.busy_s, "participation": self.participation, "exchange_total_s": self.exchange_total_s,
+                "schedule": self.schedule.state_dict(), "version": self.version, "pulled": self.pulled,
+                "last_acc": self.last_acc,
+                "scheduler_state": self.scheduler_state, "scheduler_rng": self.scheduler_rng.bit_generator.state,
+                "aggregator_state": self.aggregator_state}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / CHECKPOINT
+        with restoring(path):
+            self.round = state["round"]
+            run = state["run"]
+            if self.comm.world == 1:
+                rank = state["rank"]
+            else:
+                path = self._rank_path(self.round)
+                rank = load_checkpoint(path, self.engine, self.spec, force=True).state["rank"]
+        with restoring(path):
+            self.core.load_state_dict(rank["core"])
+            self.clock.load_state_dict(rank["clock"])
+        with restoring(self.run_dir / CHECKPOINT):
+            if self.writer is not None:
+                self.writer.load_state_dict(run["writer"])
+            self.busy_s, self.participation = run["busy_s"], run["participation"]
+            self.exchange_total_s = run["exchange_total_s"]
+            self.schedule.load_state_dict(run["schedule"])
+            self.version, self.pulled, self.last_acc = run["version"], run["pulled"], run["last_acc"]
+            self.scheduler_state, self.aggregator_state = run["scheduler_state"], run["aggregator_state"]
+            self.scheduler_rng.bit_generator.state = run["scheduler_rng"]
+
+
+def run_to_end(steps: Steps) -> Any:
+    """Drive a driver generator whose clock never yields (the wall clock); returns its value."""
+    try:
+        while True:
+            event = next(steps)
+            raise RuntimeError(f"a clock without an event loop yielded {event!r}")
+    except StopIteration as stop:
+        return stop.value
