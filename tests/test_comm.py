@@ -2,7 +2,6 @@
 computed here, and the nccl placement rule with a mocked device."""
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,41 +10,39 @@ import torch.distributed as dist
 
 import backends.torchmp.comm as comm_module
 from backends.torchmp.comm import TorchComm
-from hetsim.training import RoundTally
+from hetsim.protocol import Work
+from hetsim.training import RoundTally, Tallies
 
 COUNTED = ("all_gather", "all_reduce", "broadcast")
-OWNERS = [0, 1, 0]  # three workers on two ranks: rank 0 holds workers 0 and 2 (so rows are padded)
-
-
-@dataclass(frozen=True)
-class Work:  # the shape of the driver's Work: gather_tallies returns the type it is given
-    steps: list
-    start: np.ndarray
-    finish: np.ndarray
+WORLD = 3  # three ranks, so that a rank can sit a round out between two that work
 
 
 def _tally(k):
-    obs = {0: [], 1: [(np.arange(3) + 100, np.array([0.1, 0.2, 0.3]))],
-           2: [(np.array([5, 7]), np.array([1.5, 2.5])), (np.array([2**40 + 1]), np.array([3.25]))]}[k]
+    obs = {0: [(np.array([5, 7]), np.array([1.5, 2.5])), (np.array([2**40 + 1]), np.array([3.25]))],
+           1: [(np.arange(3) + 100, np.array([0.1, 0.2, 0.3]))], 2: []}[k]
     return RoundTally(k + 1, 10 * (k + 1), k, 0.5 + k, obs)
+
+
+def _work(k):
+    return Work([k + 1], np.array([k + 0.25]), np.array([2.0 * k + 1.125]))
 
 
 def _replica(k):
     return torch.arange(5, dtype=torch.float32) * (k + 1) + k
 
 
-def _counting(monkeypatch_calls, name):
+def _counting(calls, name):
     real = getattr(dist, name)
 
     def wrapped(*a, **kw):
-        monkeypatch_calls[name] = monkeypatch_calls.get(name, 0) + 1
+        calls[name] = calls.get(name, 0) + 1
         return real(*a, **kw)
     return wrapped
 
 
-def _two_ranks(rank, init, out):
+def _ranks(rank, init, out):
     """One process of the gloo test: run every Comm call and write what came back."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     calls = {}
     for name in COUNTED:
         setattr(dist, name, _counting(calls, name))
@@ -53,100 +50,105 @@ def _two_ranks(rank, init, out):
     def no_pickles(*a, **kw):
         raise AssertionError("all_gather_object on the hot path")
     dist.all_gather_object = no_pickles
-    comm = TorchComm(rank, 2, torch.device("cpu"), owners=OWNERS)
-    res = {"local": comm.local, "leader": comm.leader}
+    comm = TorchComm(rank, WORLD, torch.device("cpu"))
+    res = {"local": comm.local, "leader": comm.leader, "summary": comm.summary_fields()}
     res["agree"] = comm.agree([1.5, -2.0] if rank == 0 else [0.0, 0.0])
     res["share1"] = comm.share(1, [10.0 * rank + 1])
-    res["share2"] = comm.share(2, [10.0 * rank + 1])
 
-    ks = [2, 1, 0]
-    mine = [k for k in ks if OWNERS[k] == rank]
-    work = Work([k + 1 for k in mine], np.array([k + 0.25 for k in mine]), np.array([2.0 * k + 1.125 for k in mine]))
-    before = dict(calls)
-    tallies, all_work = comm.gather_tallies(ks, {k: _tally(k) for k in mine}, work)
-    res["gather_calls"] = {n: calls.get(n, 0) - before.get(n, 0) for n in COUNTED}
-    res["tallies"] = [[t.steps, t.samples, t.biased, t.loss_sum,
-                       [[o[0].tolist(), o[1].tolist(), str(o[0].dtype)] for o in t.observations]] for t in tallies]
-    res["work"] = [type(all_work).__name__, list(all_work.steps), all_work.start.tolist(), all_work.finish.tolist()]
-    # worker 0 sat the round out: rank 0 still takes part in the collectives, with nothing of its own
-    t2, _ = comm.gather_tallies([2, 1], {2: _tally(2)} if rank == 0 else {1: _tally(1)},
-                                Work([3] if rank == 0 else [2], np.array([0.0]), np.array([1.0])))
-    res["tallies_21"] = [[t.steps, len(t.observations)] for t in t2]
+    def delta(before):
+        return {n: calls.get(n, 0) - before.get(n, 0) for n in COUNTED}
 
-    replicas = {k: _replica(k) for k in comm.local}
-    weighted_sum, gather = comm.arrivals_source(ks, replicas, linear=True)
-    before = dict(calls)
-    res["weighted_sum"] = weighted_sum(np.array([0.25, 0.5, 2.0])).tolist()
-    res["sum_calls"] = {n: calls.get(n, 0) - before.get(n, 0) for n in COUNTED}
-    try:
-        gather()
-        res["linear_replicas"] = "no error"
-    except RuntimeError as e:
-        res["linear_replicas"] = str(e)
-    weighted_sum, gather = comm.arrivals_source([1, 2], replicas, linear=False)
-    res["weighted_sum_12"] = weighted_sum(np.array([1.0, -1.0])).tolist()
-    res["replicas_12"] = gather().tolist()
-    res["replicas_021"] = comm.arrivals_source([0, 2, 1], replicas, linear=False)[1]().tolist()
+    for name, ks in (("all", [0, 1, 2]), ("without_1", [0, 2]), ("none", [])):
+        mine = [rank] if rank in ks else []
+        work = _work(rank) if mine else Work([], np.zeros(0), np.zeros(0))
+        before = dict(calls)
+        tallies, all_work = comm.gather_tallies(ks, Tallies.of(mine, [_tally(k) for k in mine]), work)
+        res[name] = {"calls": delta(before), "workers": tallies.workers.tolist(), "steps": tallies.steps.tolist(),
+                     "samples": tallies.samples.tolist(), "biased": tallies.biased.tolist(),
+                     "loss_sum": tallies.loss_sum.tolist(),
+                     "observations": [[o[0].tolist(), o[1].tolist(), str(o[0].dtype)] for o in tallies.observations],
+                     "work": [type(all_work).__name__, list(all_work.steps), all_work.start.tolist(),
+                              all_work.finish.tolist()]}
+
+    def replicas(ks):
+        return torch.stack([_replica(k) for k in ks])
+
+    for name, ks in (("all", [0, 1, 2]), ("without_1", [0, 2])):
+        weighted_sum, gather = comm.arrivals_source(ks, replicas, linear=True)
+        before = dict(calls)
+        res[f"sum_{name}"] = weighted_sum(np.arange(len(ks)) + 0.5).tolist()
+        res[f"sum_calls_{name}"] = delta(before)
+        res[f"linear_gather_{name}"] = gather
+        weighted_sum, gather = comm.arrivals_source(ks, replicas, linear=False)
+        before = dict(calls)
+        res[f"replicas_{name}"] = gather().tolist()
+        res[f"replicas_again_{name}"] = gather().tolist()  # gathered once
+        res[f"replicas_calls_{name}"] = delta(before)
 
     if rank == 0:
-        comm.send(torch.tensor([1.0, 2.0, 3.0]), 1)
-        res["recv"] = comm.recv(torch.zeros(2), 1).tolist()
-    else:
-        res["recv"] = comm.recv(torch.zeros(3), 0).tolist()
-        comm.send(torch.tensor([7.0, 8.0]), 2)  # worker 2 lives on rank 0
+        comm.send(torch.tensor([1.0, 2.0, 3.0]), 0, 2)
+        res["recv"] = comm.recv(torch.zeros(2), 2, 0).tolist()
+    elif rank == 2:
+        res["recv"] = comm.recv(torch.zeros(3), 0, 2).tolist()
+        comm.send(torch.tensor([7.0, 8.0]), 2, 0)
     comm.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
     d = tmp_path_factory.mktemp("comm")
-    mp.start_processes(_two_ranks, nprocs=2, start_method="spawn", args=(f"file://{d}/store", d))
-    return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mp.start_processes(_ranks, nprocs=WORLD, start_method="spawn", args=(f"file://{d}/store", d))
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-def test_agree_gives_the_leaders_values_and_share_the_holders(two_ranks):
-    for r, res in enumerate(two_ranks):
-        assert res["local"] == ([0, 2] if r == 0 else [1]) and res["leader"] == (r == 0)
+def test_agree_gives_the_leaders_values_and_share_the_holders(ranks):
+    for r, res in enumerate(ranks):
+        assert res["local"] == [r] and res["leader"] == (r == 0) and res["summary"] == {"backend": "gloo"}
         assert res["agree"] == [1.5, -2.0]
         assert res["share1"] == [11.0]  # worker 1 lives on rank 1
-        assert res["share2"] == [1.0]   # worker 2 on rank 0
 
 
-def test_gather_tallies_gives_every_participants_tally_and_work_in_order(two_ranks):
-    expected = []
-    for k in [2, 1, 0]:
-        t = _tally(k)
-        obs = ([[np.concatenate([o[0] for o in t.observations]).tolist(),
-                 np.concatenate([o[1] for o in t.observations]).tolist(), "int64"]] if t.observations else [])
-        expected.append([t.steps, t.samples, t.biased, t.loss_sum, obs])
-    for res in two_ranks:
-        assert res["tallies"] == expected  # the index 2**40 + 1 survives float64 exactly
-        assert res["work"] == ["Work", [3, 2, 1], [2.25, 1.25, 0.25], [5.125, 3.125, 1.125]]
-        # a fixed-size stats gather plus one padded gather of the observations; nothing pickled
-        assert res["gather_calls"] == {"all_gather": 2, "all_reduce": 0, "broadcast": 0}
-        assert res["tallies_21"] == [[3, 1], [2, 1]]
+def _expected_tallies(ks):
+    ts = [_tally(k) for k in ks]
+    return {"workers": ks, "steps": [t.steps for t in ts], "samples": [t.samples for t in ts],
+            "biased": [t.biased for t in ts], "loss_sum": [t.loss_sum for t in ts],
+            # one (indices, losses) pair per worker that observed any; the index 2**40 + 1 survives float64
+            "observations": [[np.concatenate([o[0] for o in t.observations]).tolist(),
+                              np.concatenate([o[1] for o in t.observations]).tolist(), "int64"]
+                             for t in ts if t.observations],
+            "work": ["Work", [k + 1 for k in ks], [k + 0.25 for k in ks], [2.0 * k + 1.125 for k in ks]]}
 
 
-def test_weighted_sum_is_one_all_reduce_and_replicas_need_a_nonlinear_aggregator(two_ranks):
-    x = {k: _replica(k) for k in range(3)}
-    expected = (0.25 * x[2] + 0.5 * x[1] + 2.0 * x[0]).tolist()
-    expected_12 = (x[1] - x[2]).tolist()
-    for res in two_ranks:
-        assert np.allclose(res["weighted_sum"], expected, rtol=1e-6)
-        assert res["sum_calls"] == {"all_gather": 0, "all_reduce": 1, "broadcast": 0}
-        assert "linear = True" in res["linear_replicas"]
-        assert np.allclose(res["weighted_sum_12"], expected_12, rtol=1e-6)
-        assert res["replicas_12"] == [x[1].tolist(), x[2].tolist()]
-        assert res["replicas_021"] == [x[0].tolist(), x[2].tolist(), x[1].tolist()]
+def test_gather_tallies_gives_every_participants_tally_and_work_in_order(ranks):
+    for res in ranks:
+        for name, ks in (("all", [0, 1, 2]), ("without_1", [0, 2])):
+            got = dict(res[name])
+            # a fixed-size stats gather plus one padded gather of the observations; nothing pickled
+            assert got.pop("calls") == {"all_gather": 2, "all_reduce": 0, "broadcast": 0}
+            assert got == _expected_tallies(ks)
+        assert res["none"]["calls"] == {"all_gather": 0, "all_reduce": 0, "broadcast": 0}
+        assert res["none"]["workers"] == [] and res["none"]["work"] == ["Work", [], [], []]
 
 
-def test_send_and_recv_address_workers(two_ranks):
-    assert two_ranks[1]["recv"] == [1.0, 2.0, 3.0]
-    assert two_ranks[0]["recv"] == [7.0, 8.0]
+def test_weighted_sum_is_one_all_reduce_and_replicas_one_all_gather(ranks):
+    x = {k: _replica(k) for k in range(WORLD)}
+    for res in ranks:
+        for name, ks in (("all", [0, 1, 2]), ("without_1", [0, 2])):
+            expected = sum((i + 0.5) * x[k] for i, k in enumerate(ks))
+            assert np.allclose(res[f"sum_{name}"], expected.tolist(), rtol=1e-6)
+            assert res[f"sum_calls_{name}"] == {"all_gather": 0, "all_reduce": 1, "broadcast": 0}
+            assert res[f"linear_gather_{name}"] is None  # a linear aggregator gets no replicas
+            assert res[f"replicas_{name}"] == res[f"replicas_again_{name}"] == [x[k].tolist() for k in ks]
+            assert res[f"replicas_calls_{name}"] == {"all_gather": 1, "all_reduce": 0, "broadcast": 0}
+
+
+def test_send_and_recv_address_workers(ranks):
+    assert ranks[2]["recv"] == [1.0, 2.0, 3.0]
+    assert ranks[0]["recv"] == [7.0, 8.0]
 
 
 # -- nccl: every communicated tensor on the communication device ---------------------------------
@@ -197,16 +199,24 @@ def test_every_tensor_the_comm_communicates_lives_on_the_comm_device(fake_nccl):
     comm.agree([0.0, 0.5])
     comm.share(1, [0.9])
     tally = RoundTally(2, 16, 0, 1.0, [(np.array([1]), np.array([0.5]))])
-    comm.gather_tallies([0, 1], {0: tally}, Work([2], np.array([0.0]), np.array([1.0])))
-    replica = torch.ones(4, device=FAKE_CUDA)
-    weighted_sum, replicas = comm.arrivals_source([0, 1], {0: replica}, linear=False)
+    comm.gather_tallies([0, 1], Tallies.of([0], [tally]), Work([2], np.array([0.0]), np.array([1.0])))
+    replica = torch.ones(4, device=FAKE_CUDA)  # the replicas live on the GPU too
+    weighted_sum, replicas = comm.arrivals_source([0, 1], lambda ks: replica.expand(len(ks), 4), linear=False)
     assert weighted_sum(np.array([0.5, 0.5])).device == FAKE_CUDA
     assert replicas().shape == (2, 4)
-    comm.send(replica, 1)
-    comm.recv(torch.empty(4, device=FAKE_CUDA), 1)
-    # broadcast x2, two all_gathers of stats and observations (2 + 2 tensors each), all_reduce, the
+    comm.send(replica, 0, 1)
+    comm.recv(torch.empty(4, device=FAKE_CUDA), 1, 0)
+    # broadcast x2, the all_gathers of stats and of observations (1 + 2 tensors each), all_reduce, the
     # replicas' all_gather (1 + 2), send, recv
     assert len(fake_nccl) == 2 + 3 + 3 + 1 + 3 + 2
+
+
+def test_the_wall_clocks_start_agrees_on_the_comm_device(fake_nccl):
+    from backends.torchmp.clock import WallClock
+
+    clock = WallClock(FAKE_CUDA, TorchComm(1, 2, FAKE_CUDA))
+    clock.start()  # the resumed time is the leader's, broadcast on the comm device (was a CPU tensor, t0)
+    assert len(fake_nccl) == 1
 
 
 def test_the_nccl_barrier_names_the_ranks_gpu(monkeypatch):
@@ -215,17 +225,21 @@ def test_the_nccl_barrier_names_the_ranks_gpu(monkeypatch):
     TorchComm(1, 2, torch.device("cuda:1")).barrier()
     TorchComm(1, 2, torch.device("cpu")).barrier()
     assert calls == [{"device_ids": [1]}, {}]
+    assert TorchComm(1, 2, torch.device("cuda:1")).summary_fields() == {"backend": "nccl"}
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match=r"owners: every worker's rank must be in \[0, 2\)"):
-        TorchComm(0, 2, torch.device("cpu"), owners=[0, 2])
     comm = TorchComm(0, 2, torch.device("cpu"))
-    with pytest.raises(ValueError, match="work for 2 workers, this rank holds 1"):
-        comm.gather_tallies([0, 1], {0: RoundTally()}, Work([1, 1], np.zeros(2), np.zeros(2)))
-    weighted_sum, _ = comm.arrivals_source([0, 1], {0: torch.ones(2)}, linear=True)
+    with pytest.raises(ValueError, match=r"rank 0 passed 0 tallies and work for 1 workers; it holds 1 of the "
+                                         r"participants \[0, 1\]"):
+        comm.gather_tallies([0, 1], Tallies.of([], []), Work([1], np.zeros(1), np.zeros(1)))
+    weighted_sum, _ = comm.arrivals_source([0, 1], lambda ks: torch.ones(len(ks), 2), linear=True)
     with pytest.raises(ValueError, match=r"expected 2 weights \(one per arrival\), got shape \(3,\)"):
         weighted_sum(np.ones(3))
+    with pytest.raises(ValueError, match="send: worker 1 does not live on rank 0"):
+        comm.send(torch.ones(1), 1, 0)
+    with pytest.raises(ValueError, match="recv: worker 1 does not live on rank 0"):
+        comm.recv(torch.ones(1), 0, 1)
 
 
 # -- threads per rank follow the ranks on this node ------------------------------------------------
@@ -265,6 +279,23 @@ class FakeTime:
         self.t += s
 
 
+class OneRank:
+    """What the wall clock asks of the comm: the leader's values (here `leader_time`) and a barrier,
+    which takes 7 s of waiting for the slowest rank (not on the timeline)."""
+
+    def __init__(self, fake_time, leader_time=0.0):
+        self.fake_time, self.leader_time = fake_time, leader_time
+        self.agreed, self.barriers = [], []
+
+    def agree(self, values):
+        self.agreed.append(list(values))
+        return [self.leader_time]
+
+    def barrier(self):
+        self.barriers.append(self.fake_time.t)
+        self.fake_time.t += 7.0
+
+
 @pytest.fixture
 def fake_time(monkeypatch):
     import backends.torchmp.clock as clock_module
@@ -295,26 +326,24 @@ def _stepper(fake, durations):
 def test_the_timeline_starts_at_the_common_barrier_plus_the_resumed_time(fake_time):
     from backends.torchmp.clock import WallClock
 
-    clock = WallClock(torch.device("cpu"))
+    comm = OneRank(fake_time, leader_time=12.5)
+    clock = WallClock(torch.device("cpu"), comm)
     with pytest.raises(RuntimeError, match="before start"):
         clock.now()
-    passed = []
-
-    def barrier():
-        passed.append(fake_time.t)
-        fake_time.t += 7.0  # waiting for the slowest rank: not on the timeline
-    clock.start(barrier, elapsed_s=12.5)
-    assert passed == [1000.0]
+    clock.load_state_dict({"time_s": 12.25})  # this rank checkpointed a little before the leader
+    clock.start()
+    assert comm.agreed == [[12.25]] and comm.barriers == [1000.0]
     fake_time.t += 3.0
-    assert clock.now() == 12.5 + 3.0
+    assert clock.now() == 12.5 + 3.0  # from the barrier, on the leader's resumed time
+    assert clock.state_dict() == {"time_s": 15.5}
 
 
 def test_local_work_runs_each_planned_step_and_pads_an_emulated_slowdown(fake_time):
     from backends.torchmp.clock import WallClock
     from hetsim.policies import RoundPlan
 
-    clock = WallClock(torch.device("cpu"), slowdown=3.0)
-    clock.start(lambda: None)
+    clock = WallClock(torch.device("cpu"), OneRank(fake_time), slowdown=3.0)
+    clock.start()
     step, done = _stepper(fake_time, {0: 0.5, 2: 0.25})
     work = _finish(clock.local_work([2, 0], RoundPlan((4, 0)), None, step))
     assert done == [2, 2, 2, 2]  # worker 0 planned 0 steps idles: no step, no time
@@ -329,8 +358,8 @@ def test_a_time_budget_that_is_a_multiple_of_the_step_time_gives_exactly_budget_
 
     fake_time.t = 0.3  # so that the float sums drift below the budget: `elapsed < budget` would take a 3rd step
     assert (0.3 + 0.04 + 0.04) - 0.3 < 0.08
-    clock = WallClock(torch.device("cpu"))
-    clock.start(lambda: None)
+    clock = WallClock(torch.device("cpu"), OneRank(fake_time))
+    clock.start()
     step, done = _stepper(fake_time, {0: 0.04, 1: 0.5})
     work = _finish(clock.local_work([0, 1], RoundPlan((None, None), time_budget_s=0.08), None, step))
     assert work.steps == [2, 1]  # 0.08 / 0.04; a step longer than the budget still runs once
@@ -346,8 +375,8 @@ def test_cuda_steps_are_synchronised_before_they_are_timed(fake_time, monkeypatc
         events.append(("sync", str(device)))
         fake_time.t += 0.25  # the kernels the step queued
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    clock = WallClock(torch.device("cuda:1"), slowdown=2.0)
-    clock.start(lambda: None)
+    clock = WallClock(torch.device("cuda:1"), OneRank(fake_time), slowdown=2.0)
+    clock.start()
     step, done = _stepper(fake_time, {1: 0.125})
     work = _finish(clock.local_work([1], RoundPlan((2,)), None, step))
     assert events == [("sync", "cuda:1")] * 2
@@ -358,7 +387,7 @@ def test_cuda_steps_are_synchronised_before_they_are_timed(fake_time, monkeypatc
 def test_exchange_and_evaluation_advance_nothing_and_never_yield(fake_time):
     from backends.torchmp.clock import WallClock
 
-    clock = WallClock(torch.device("cpu"))
-    clock.start(lambda: None)
+    clock = WallClock(torch.device("cpu"), OneRank(fake_time))
+    clock.start()
     assert _finish(clock.exchange([0, 1], 10**6)) is None and _finish(clock.evaluation(1)) is None
     assert clock.now() == 0.0 and clock.online([2, 0]) == [2, 0]

@@ -7,41 +7,49 @@ torchrun, up to the barrier's release skew (a network latency, not a clock offse
 
 Example::
 
-    clock = WallClock(torch.device("cpu"), slowdown=2.0)
-    clock.start(comm.barrier)                       # t = 0 in every process
-    work = run_to_end(clock.local_work([rank], plan, train, core.local_step))
+    clock = WallClock(torch.device("cpu"), comm, slowdown=2.0)
+    clock.start()                                   # t = 0 in every process, after a barrier
+    work = run_to_end(clock.local_work([rank], plan, core.train, core.step))
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Generator, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from hetsim.cluster import within_budget
 from hetsim.policies import RoundPlan
-from hetsim.protocol import Clock, Work
+from hetsim.protocol import Clock, Comm, Work, run_to_end
 
 
 class WallClock(Clock):
     """Real time on one rank.
 
     device: where the rank computes (CUDA steps are synchronised before they are timed).
+    comm: the ranks' Comm (its barrier starts the timeline).
     slowdown: an emulated slowdown k pads each step with a sleep of (k - 1) x its measured time, so
     a step takes k times as long as the device's own (`cluster.devices[].emulated_slowdown`).
+    summary: what summary.json says of the devices (all ranks': devices, threads, ...).
     """
 
-    def __init__(self, device: torch.device, slowdown: float = 1.0):
+    def __init__(self, device: torch.device, comm: Comm, slowdown: float = 1.0,
+                 summary: Mapping[str, Any] | None = None):
         self.device = torch.device(device)
+        self.comm = comm
         self.slowdown = slowdown
+        self.summary = dict(summary or {})
+        self._elapsed = 0.0  # a resumed run's time at its checkpoint
         self._t0: float | None = None
 
-    def start(self, barrier: Callable[[], None], elapsed_s: float = 0.0) -> None:
-        """Start the common timeline: every rank leaves `barrier` together, at t = elapsed_s."""
-        barrier()
-        self._t0 = time.monotonic() - elapsed_s
+    def start(self) -> None:
+        """Start the common timeline: every rank leaves a barrier together, at t = the leader's time of
+        the checkpoint resumed from (0 in a fresh run), so the ranks' clocks agree from there on."""
+        elapsed, = self.comm.agree([self._elapsed])
+        self.comm.barrier()
+        self._t0 = time.monotonic() - elapsed
 
     def now(self) -> float:
         if self._t0 is None:
@@ -83,6 +91,18 @@ class WallClock(Clock):
             finish.append(self.now())
         return Work(steps, np.array(start), np.array(finish))
         yield  # a generator, as the port's contract says; the wall clock never yields
+
+    def drive(self, steps: Generator) -> None:
+        run_to_end(steps)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"fidelity": "real", **self.summary}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_s": self.now()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._elapsed = float(state["time_s"])
 
     def exchange(self, ks: Sequence[int], nbytes: int) -> Generator:
         """Nothing to advance: the exchange itself takes the real time it takes."""

@@ -1,5 +1,5 @@
 """The Comm port over torch.distributed: how the backend's processes share tallies, replicas and
-control values.
+control values. One worker per process: worker k lives on rank k.
 
 Every tensor handed to a collective lives on the communication device: the rank's GPU under nccl
 (which rejects CPU tensors), the CPU under gloo. Python values reach that device in one copy and
@@ -7,38 +7,34 @@ come back through `_host`, the one place where a communicated tensor is read on 
 
 A round costs a fixed number of collectives, whatever the workers did:
 
-- `gather_tallies`: one all_gather of a fixed-size float64 stats tensor per rank, then, only when
-  some worker observed per-sample losses, one padded all_gather of the observations (indices and
-  losses; float64 holds indices exactly below 2**53). No pickling (`all_gather_object`).
-- `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k summed over this rank's
-  workers; the replicas themselves (one padded all_gather) only for an aggregator that declared
-  itself non-linear.
+- `gather_tallies`: one all_gather of a fixed-size float64 stats row per rank, then, only when some
+  worker observed per-sample losses, one padded all_gather of the observations (indices and losses;
+  float64 holds indices exactly below 2**53). No pickling (`all_gather_object`).
+- `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k; the replicas themselves
+  (one all_gather) only for an aggregator that declared itself non-linear.
 
-Workers are placed on ranks by `owners` (worker k lives on rank owners[k]); the backend runs one
-worker per process, worker k on rank k.
-
-Example (in every process of a gloo group of 2, worker k on rank k)::
+Example (in every process of a gloo group of 2)::
 
     comm = TorchComm(rank, 2, torch.device("cpu"))
     lr, = comm.agree([0.05])                     # rank 0's value, everywhere
-    weighted_sum, _ = comm.arrivals_source([0, 1], {rank: replica}, linear=True)
+    weighted_sum, _ = comm.arrivals_source([0, 1], core.replicas, linear=True)
     new_global = weighted_sum(np.array([0.5, 0.5]))
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hetsim.training import RoundTally
+from hetsim.protocol import Comm, Work
+from hetsim.training import Tallies
 
-# the columns of a worker's row in the stats tensor gather_tallies all_gathers
-_STEPS, _TALLY_STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS = range(8)
-_COLUMNS = 8
+# the columns of a rank's row in the stats tensor that gather_tallies all_gathers
+_STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS = range(7)
+_COLUMNS = 7
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -46,22 +42,18 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-class TorchComm:
-    """The Comm port on an initialised torch.distributed process group.
+class TorchComm(Comm):
+    """The Comm port on an initialised torch.distributed process group, worker k on rank k.
 
     rank, world: this process's rank and the group's size. device: the communication device (cuda:i
-    under nccl, cpu under gloo); replicas are computed wherever they live and moved here to travel.
-    owners: the rank of each worker (default: worker k on rank k, one per process).
+    under nccl, cpu under gloo); replicas are computed wherever they live and travel through it.
     """
 
-    def __init__(self, rank: int, world: int, device: torch.device, owners: Sequence[int] | None = None):
+    def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world = rank, world
         self.leader = rank == 0
+        self.local = [rank]
         self.device = torch.device(device)
-        self.owners = list(range(world)) if owners is None else list(owners)
-        if any(not 0 <= r < world for r in self.owners):
-            raise ValueError(f"owners: every worker's rank must be in [0, {world}), got {self.owners}")
-        self.local = [k for k, r in enumerate(self.owners) if r == rank]
 
     # -- control values -----------------------------------------------------------------------------
 
@@ -71,7 +63,7 @@ class TorchComm:
 
     def share(self, worker: int, values: Sequence[float]) -> list[float]:
         """The values of the process that holds `worker` (e.g. its evaluation), in every process."""
-        return self._broadcast(values, self.owners[worker])
+        return self._broadcast(values, worker)
 
     def _broadcast(self, values: Sequence[float], src: int) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
@@ -86,110 +78,75 @@ class TorchComm:
 
     # -- a round's tallies --------------------------------------------------------------------------
 
-    def _placement(self, ks: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-        """For participants ks: each one's position among its rank's participants, how many
-        participants each rank holds, and this rank's participants (in ks order)."""
-        counts = [0] * self.world
-        position = []
-        for k in ks:
-            r = self.owners[k]
-            position.append(counts[r])
-            counts[r] += 1
-        return position, counts, [k for k in ks if self.owners[k] == self.rank]
-
-    def gather_tallies(self, ks: Sequence[int], tallies: Mapping[int, RoundTally], work: Any
-                       ) -> tuple[list[RoundTally], Any]:
-        """Every participant's tally and work, in ks order, in every process.
-
-        tallies: this process's participants' tallies (by worker); work: their Work (steps, start,
-        finish), in ks order. Returns the tallies of all ks and a Work of the same type for all ks;
-        each worker's loss observations arrive as one (indices, losses) pair."""
-        position, counts, mine = self._placement(ks)
-        if len(work.steps) != len(mine):
-            raise ValueError(f"gather_tallies: work for {len(work.steps)} workers, this rank holds {len(mine)} "
-                             f"of the participants {list(ks)}")
-        rows = max(counts, default=0)
-        if rows == 0:
-            return [], dataclasses.replace(work, steps=[], start=np.zeros(0), finish=np.zeros(0))
-        stats = np.zeros((rows, _COLUMNS))
+    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
+        """Every participant's tally and work, in ks order, in every process; `tallies` and `work` hold
+        this process's worker when it is among ks (else nothing)."""
+        ks = [int(k) for k in ks]
+        mine = self.rank in ks
+        if len(tallies.workers) != int(mine) or len(work.steps) != int(mine):
+            raise ValueError(f"gather_tallies: rank {self.rank} passed {len(tallies.workers)} tallies and work for "
+                             f"{len(work.steps)} workers; it holds {int(mine)} of the participants {ks}")
+        if not ks:
+            return Tallies.of([], []), Work([], np.zeros(0), np.zeros(0))
+        row = np.zeros(_COLUMNS)
+        if mine:
+            obs = [o for o in tallies.observations if len(o[0])]
+            row[:] = (work.steps[0], tallies.samples[0], tallies.biased[0], tallies.loss_sum[0], work.start[0],
+                      work.finish[0], sum(len(o[0]) for o in obs))
+        gathered = _host(self._all_gather(torch.from_numpy(row).to(self.device)))[ks]  # [len(ks), columns]
+        n_obs = gathered[:, _N_OBS].astype(np.int64)
         observations = []
-        for i, k in enumerate(mine):
-            t = tallies[k]
-            obs = [o for o in t.observations if len(o[0])]
-            stats[i, [_STEPS, _TALLY_STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS]] = (
-                work.steps[i], t.steps, t.samples, t.biased, t.loss_sum, work.start[i], work.finish[i],
-                sum(len(o[0]) for o in obs))
-            observations += obs
-        gathered = _host(self._all_gather(torch.from_numpy(stats).to(self.device)))  # [world, rows, columns]
-        n_obs = gathered[:, :, _N_OBS].astype(np.int64)
-        per_rank = n_obs.sum(axis=1)
-        width = int(per_rank.max())
-        if width:  # one padded gather of every rank's observations (indices in row 0, losses in row 1)
-            mine_obs = np.zeros((2, width))
-            if observations:
-                idx, losses = np.concatenate([o[0] for o in observations]), np.concatenate([o[1] for o in observations])
-                mine_obs[0, :len(idx)], mine_obs[1, :len(idx)] = idx, losses
-            all_obs = _host(self._all_gather(torch.from_numpy(mine_obs).to(self.device)))  # [world, 2, width]
-        out, steps, start, finish = [], [], [], []
-        for k, j in zip(ks, position):
-            r = self.owners[k]
-            row = gathered[r, j]
-            obs = []
-            n = int(n_obs[r, j])
-            if n:
-                offset = int(n_obs[r, :j].sum())
-                obs = [(all_obs[r, 0, offset:offset + n].astype(np.int64), all_obs[r, 1, offset:offset + n].copy())]
-            out.append(RoundTally(int(row[_TALLY_STEPS]), int(row[_SAMPLES]), int(row[_BIASED]),
-                                  float(row[_LOSS_SUM]), obs))
-            steps.append(int(row[_STEPS]))
-            start.append(row[_START])
-            finish.append(row[_FINISH])
-        return out, dataclasses.replace(work, steps=steps, start=np.array(start), finish=np.array(finish))
+        width = int(n_obs.max())
+        if width:  # one padded gather of every rank's observations: indices in row 0, losses in row 1
+            padded = np.zeros((2, width))
+            if mine and obs:
+                idx = np.concatenate([o[0] for o in obs])
+                padded[0, :len(idx)], padded[1, :len(idx)] = idx, np.concatenate([o[1] for o in obs])
+            everyone = _host(self._all_gather(torch.from_numpy(padded).to(self.device)))[ks]  # [len(ks), 2, width]
+            observations = [(everyone[i, 0, :n].astype(np.int64), everyone[i, 1, :n].copy())
+                            for i, n in enumerate(n_obs) if n]
+        steps = gathered[:, _STEPS].astype(np.int64)
+        out = Tallies(np.array(ks, dtype=np.int64), steps, gathered[:, _SAMPLES].astype(np.int64),
+                      gathered[:, _BIASED].astype(np.int64), gathered[:, _LOSS_SUM].copy(), observations)
+        return out, Work(steps.tolist(), gathered[:, _START].copy(), gathered[:, _FINISH].copy())
 
     # -- the replicas -------------------------------------------------------------------------------
 
-    def arrivals_source(self, ks: Sequence[int], local_replicas: Mapping[int, torch.Tensor], linear: bool
-                        ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[], torch.Tensor]]:
+    def arrivals_source(self, ks: Sequence[int], replicas: Callable[[list[int]], torch.Tensor], linear: bool
+                        ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[], torch.Tensor] | None]:
         """The two callables `Arrivals` takes for participants ks (nothing travels until one is called;
         every process calls them alike, as the aggregator runs in every process).
 
-        local_replicas: the flat replicas of this process's workers (non-participants among them only
-        give the shape). weighted_sum(w) -> Σ_i w[i] x_{ks[i]} by one all_reduce; replicas() -> the
-        participants' replicas [len(ks), P] by one all_gather, only when `linear` is False. Both return
-        tensors on the replicas' device."""
-        if not local_replicas:
-            raise ValueError(f"arrivals_source: rank {self.rank} holds no replica")
-        like = next(iter(local_replicas.values()))
-        position, counts, _ = self._placement(ks)
-        mine = [(i, k) for i, k in enumerate(ks) if self.owners[k] == self.rank]
+        replicas(local_ks): this process's replicas as rows (the core's). weighted_sum(w) -> Σ_i w[i]
+        x_{ks[i]} by one all_reduce; the second callable -> the participants' replicas [len(ks), P] by
+        one all_gather, or None when `linear` (the aggregator only reads weighted sums). Both return
+        tensors where the replicas live."""
+        ks = [int(k) for k in ks]
+        mine = ks.index(self.rank) if self.rank in ks else None
+        # a rank sitting the round out still takes part in the collectives, with zeros of the right shape
+        own = replicas([self.rank])[0]
 
         def weighted_sum(w: np.ndarray) -> torch.Tensor:
             w = np.asarray(w, dtype=np.float64)
             if w.shape != (len(ks),):
                 raise ValueError(f"weighted_sum: expected {len(ks)} weights (one per arrival), got shape {w.shape}")
-            x = torch.zeros(like.numel(), dtype=like.dtype, device=self.device)
-            for i, k in mine:
-                x += local_replicas[k].to(self.device) * float(w[i])
+            if mine is None:
+                x = torch.zeros(own.numel(), dtype=own.dtype, device=self.device)
+            else:
+                x = own.to(self.device) * float(w[mine])
             dist.all_reduce(x)
-            return x.to(like.device)
+            return x.to(own.device)
 
         cache: list[torch.Tensor] = []
 
-        def replicas() -> torch.Tensor:
-            if linear:
-                raise RuntimeError("arrivals.replicas: the aggregator declared linear = True, so the backend "
-                                   "only computes arrivals.weighted_sum(w); declare linear = False to read replicas")
+        def gathered() -> torch.Tensor:
             if not cache:  # gathered once: the aggregator may read them more than once
-                if not ks:
-                    return torch.zeros(0, like.numel(), dtype=like.dtype, device=like.device)
-                buf = torch.zeros(max(counts), like.numel(), dtype=like.dtype, device=self.device)
-                for j, (_, k) in enumerate(mine):
-                    buf[j] = local_replicas[k].to(self.device)
-                gathered = self._all_gather(buf)  # [world, rows, P]
-                cache.append(torch.stack([gathered[self.owners[k], j] for k, j in zip(ks, position)]).to(like.device))
+                x = own.to(self.device) if mine is not None else torch.zeros(own.numel(), dtype=own.dtype,
+                                                                             device=self.device)
+                cache.append(self._all_gather(x)[ks].to(own.device))
             return cache[0]
 
-        return weighted_sum, replicas
+        return weighted_sum, (None if linear else gathered)
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         out = [torch.empty_like(t) for _ in range(self.world)]
@@ -198,13 +155,21 @@ class TorchComm:
 
     # -- point to point -----------------------------------------------------------------------------
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Send `tensor` to the process that holds worker `dst`."""
-        dist.send(tensor.to(self.device), self.owners[dst])
+    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
+        """Send `tensor` of worker src (this process's) to the process of worker dst."""
+        if src != self.rank:
+            raise ValueError(f"send: worker {src} does not live on rank {self.rank}")
+        dist.send(tensor.to(self.device), dst)
 
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Receive into `tensor` (its shape, dtype and device) what the process of worker `src` sent."""
+    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+        """Receive into `tensor` (its shape, dtype and device) what worker src sent to worker dst (this
+        process's)."""
+        if dst != self.rank:
+            raise ValueError(f"recv: worker {dst} does not live on rank {self.rank}")
         buf = torch.empty_like(tensor, device=self.device)
-        dist.recv(buf, self.owners[src])
+        dist.recv(buf, src)
         tensor.copy_(buf)
         return tensor
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"backend": "nccl" if self.device.type == "cuda" else "gloo"}

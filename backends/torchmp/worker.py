@@ -1,25 +1,18 @@
-"""One device's process in the real backend: the simulator's protocol on the wall clock.
+"""One device's process in the real backend: the run's driver (hetsim.protocol) on this rank's ports.
 
-Every round, in every process alike::
+Each rank wires a TrainingCore of its one worker, the WallClock (backends/torchmp/clock.py: real
+time on a timeline that starts at a barrier of all ranks) and the TorchComm (backends/torchmp/comm.py:
+every communicated tensor on the communication device, so the same code runs under gloo and nccl),
+and runs the same Driver as the simulator: every process makes the same decisions, rank 0 writes the
+run directory, the evaluator (`eval.on`) evaluates and shares its result.
 
-    stop, progress = comm.agree(rank 0's)        # budgets on the common clock and accuracy
-    plan = core.plan(round)                      # the shared scheduler; identical in every process
-    clock.local_work(...)                        # the shared sampler and training core, each step timed
-    comm.gather_tallies(...)                     # the barrier: fixed-size tensors, nothing pickled
-    arrivals' weighted_sum (one all_reduce) or replicas (all_gather), by the aggregator's linearity
-    core.finish_round(...)                       # merge loss scores in worker order, as the simulator
-    rank 0: evaluate when due; write metrics, decisions, trace
-
-Times are seconds on the wall clock's common timeline (backends/torchmp/clock.py), which starts at a
-barrier of all ranks; the TorchComm (backends/torchmp/comm.py) keeps every communicated tensor on the
-communication device, so the same code runs under gloo and nccl.
+What is this module's own: the process around the run — threads, the process group, heartbeats and
+fault injection for the launcher's watch, error reports, the log, the exit without gloo's teardown.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -28,16 +21,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from hetsim._policy_bridge import adapt
 from hetsim.config import Spec
-from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
-                            strict_json, trace_event, worker_names)
-from hetsim.resolve import build_devices
-from hetsim.policies import RoundPlan
-from hetsim.training import RunSchedule, TrainingCore
+from hetsim.protocol import Driver, Hooks
+from hetsim.resolve import build_devices, build_policies
+from hetsim.results import strict_json, worker_names
+from hetsim.training import TrainingCore
 
 from backends.torchmp.clock import WallClock
 from backends.torchmp.comm import TorchComm
@@ -176,21 +168,24 @@ def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
         heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
 
 
-def _done(gen: Any) -> Any:
-    """The return value of a wall-clock generator (which never yields)."""
-    try:
-        next(gen)
-    except StopIteration as e:
-        return e.value
-    raise RuntimeError("the wall clock yielded")
+class _Hooks(Hooks):
+    """The launcher's watch on this rank (heartbeat) and the fault injection tests use."""
 
+    def __init__(self, heartbeat: Any | None, rank: int):
+        self.heartbeat, self.rank = heartbeat, rank
 
-def _rank_checkpoint(out: Path, round_: int, rank: int) -> Path:
-    return out / "checkpoints" / f"round{round_}" / f"rank{rank}.pt"
+    def round_started(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 0)
+        _inject_fault(self.rank, round)
+
+    def work_done(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 1)
 
 
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
          resume: bool, force: bool = False) -> None:
+    """Wire this rank's ports (a TrainingCore of its one worker, the WallClock, the TorchComm) and run
+    the driver; rank 0 writes the run directory."""
     devices_spec = spec.worker_devices()
     if world != len(devices_spec):
         raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
@@ -204,141 +199,21 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
-    clock = WallClock(device, devices_spec[rank].emulated_slowdown)
-    time_models = build_devices(spec)
-    core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
+    thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
-    schedule = RunSchedule(spec)
-    writer = RunWriter(out, spec, names, resume=resume) if rank == 0 else None
-    ks = list(range(world))
-    busy = np.zeros(world)
-
-    round_, elapsed = 0, 0.0
-    rows_acc = math.nan
-    config_changes: list[dict] = []
-    if resume:
-        if out is None:
-            raise ValueError("resume needs the run directory")
-        loaded = load_checkpoint(out / CHECKPOINT, "torchmp", spec, force)
-        runner, config_changes = loaded.state, loaded.config_changes
-        with restoring(out / CHECKPOINT):
-            round_, elapsed = runner["round"], runner["time_s"]
-            rank_path = _rank_checkpoint(out, round_, rank)
-            rank_state = load_checkpoint(rank_path, "torchmp", spec, force).state
-            busy = runner["busy_s"]
-            schedule.load_state_dict(runner["schedule"])
-        with restoring(rank_path):
-            core.load_state_dict(rank_state)
-        if writer:
-            writer.load_state_dict(runner["writer"])
-            rows_acc = writer.rows[-1]["test_acc"]
-
-    if writer and not resume:
-        # the initial model's accuracy anchors the curves; as in the simulator it is not on the clock
-        test_loss, rows_acc = core.evaluate()
-        writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
-                        "train_loss": None, "test_loss": test_loss, "test_acc": rows_acc})
-    # the threads each rank chose on its own node, for the summary
-    thread_counts = [int(comm.share(k, [threads])[0]) for k in ks]
-    clock.start(comm.barrier, elapsed)  # every time below is seconds since this barrier (of the first attempt)
-    wall0 = time.perf_counter()
-    now = clock.now
-
-    stopped_by = ""
-    try:
-        while True:
-            ctl = [0.0, 0.0]
-            if rank == 0:
-                reached = rows_acc >= spec.stop.target_accuracy
-                stopped_by = schedule.stop_reason(round_, now(), core.epochs, reached)
-                ctl = [float(bool(stopped_by)), schedule.progress(round_, now(), core.epochs)]
-            stop, progress = comm.agree(ctl)
-            if stop > 0:
-                break
-            lr = core.set_lr(progress)
-            round_ += 1
-            _beat(heartbeat, rank, round_, 0)
-            _inject_fault(rank, round_)
-            plan = core.plan(round_)
-            budget = plan.time_budget_s
-            work = _done(clock.local_work([rank], RoundPlan((plan.local_steps[rank],), budget), None, core.local_step))
-            _beat(heartbeat, rank, round_, 1)
-            tallies, work = comm.gather_tallies(ks, {rank: core.workers[rank].tally}, work)
-            barrier = now()
-            contributions = core.contributions(ks, tallies)
-            linear = core.aggregator.is_linear()
-            weighted_sum, replicas = comm.arrivals_source(ks, {rank: core.workers[rank].flat.get()}, linear)
-            if linear:
-                a, weights = core.aggregator.coefficients(contributions)
-                x = weighted_sum(weights)
-                new_global = x + a * core.global_flat.get() if a else x
-            else:
-                new_global, weights = core.aggregator.combine(core.global_flat.get(), replicas(), contributions)
-            gathered = [{"steps": n, "start": a_, "finish": b_} for n, a_, b_ in zip(work.steps, work.start, work.finish)]
-            comm_end = now()
-            record = core.finish_round(round_, ks, tallies, new_global, np.asarray(weights), budget)
-            schedule.check_divergence(record)  # the same record in every process: all ranks agree
-            core.observe_step_times(ks, [(g["finish"] - g["start"]) / g["steps"] for g in gathered])
-            for k, g in enumerate(gathered):
-                busy[k] += g["finish"] - g["start"]
-            if writer:
-                _record_round(writer, round_, gathered, barrier, comm_end, core.model_bytes)
-                if spec.trace.decisions:
-                    writer.add_decision(record)
-                test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
-                last = bool(schedule.stop_reason(round_, now(), core.epochs, False))
-                if schedule.eval_due(round_, core.epochs) or last:
-                    eval_start = now()
-                    test_loss, test_acc = core.evaluate()
-                    writer.add_trace(trace_event("eval", 0, eval_start, now(), round=round_))
-                rows_acc = math.nan if test_acc is None else test_acc
-                writer.add_row({"round": round_, "time_s": now(), "epoch": core.epochs, "samples": core.samples_total,
-                                "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": test_acc})
-            every = spec.run.checkpoint_every
-            if out is not None and every and round_ % every == 0:
-                _checkpoint(out, rank, round_, core, writer, busy, schedule, now(), spec, config_changes)
-    finally:
-        if writer:
-            writer.flush()  # a failing peer still leaves every finished round on disk
-    if writer:
-        total = now()
-        emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
-        writer.finish(run_summary(
-            spec, writer.rows, "torchmp", names, busy, round_, total, core.epochs, core.samples_total, stopped_by,
-            time.perf_counter() - wall0, diverged_at_round=schedule.diverged_at_round, config_changes=config_changes,
-            fidelity="real", backend=backend,
-            devices={n: d.device for n, d in zip(names, devices_spec)},
-            threads=dict(zip(names, thread_counts)),
-            emulated_slowdown=emulated, model_bytes=core.model_bytes,
-            device_sources={n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
-                            for n, d in zip(names, devices_spec)}))
+    policies = adapt(build_policies(spec))
+    core = TrainingCore(spec, policies, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in build_devices(spec)])
+    emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
+    clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
+        "devices": {n: d.device for n, d in zip(names, devices_spec)},
+        "threads": dict(zip(names, thread_counts)), "emulated_slowdown": emulated,
+        "device_sources": {n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
+                           for n, d in zip(names, devices_spec)}})
+    driver = Driver(spec, core, clock, comm, policies, engine="torchmp", run_dir=out, resume=resume, force=force,
+                    hooks=_Hooks(heartbeat, rank))
+    driver.run()
     # leave together: a process that tears its connections down while a peer still uses them can make
     # gloo abort the peer
-    dist.barrier()
-    _beat(heartbeat, rank, round_, 2)  # finished: a failure from here on is only the teardown
-
-
-def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: RunWriter | None, busy: np.ndarray,
-                schedule: RunSchedule, time_s: float, spec: Spec, config_changes: list[dict]) -> None:
-    """Every rank saves its replica's state for this round; once all have, rank 0 points checkpoint.pt
-    at the round (so a crash mid-checkpoint leaves the previous one usable) and drops older rounds."""
-    save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict(), "torchmp", spec)
-    dist.barrier()
-    if writer is not None:
-        # the files' lengths, not their contents: a checkpoint stays the same size however long the run
-        save_checkpoint(out / CHECKPOINT, {"round": round_, "time_s": time_s, "busy_s": busy.copy(),
-                                           "schedule": schedule.state_dict(), "writer": writer.state_dict()},
-                        "torchmp", spec, config_changes)
-        for old in (out / "checkpoints").iterdir():
-            if old.name != f"round{round_}":
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def _record_round(writer: RunWriter, round_: int, gathered: list[dict], barrier: float, comm_end: float,
-                  model_bytes: int) -> None:
-    for k in writer.trace_positions(round_, range(len(gathered))):  # the trace's sample of rounds and ranks
-        g = gathered[k]
-        writer.add_trace(trace_event("compute", k, g["start"], g["finish"], round=round_, steps=g["steps"]))
-        if barrier > g["finish"]:
-            writer.add_trace(trace_event("idle", k, g["finish"], barrier, round=round_))
-        writer.add_trace(trace_event("comm", k, barrier, comm_end, round=round_, bytes=model_bytes))
+    comm.barrier()
+    _beat(heartbeat, rank, driver.round, 2)  # finished: a failure from here on is only the teardown
