@@ -36,10 +36,9 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 import torch
 
-from hetsim._policy_bridge import Arrivals
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
-from hetsim.policies import RoundPlan
+from hetsim.policies import Arrivals, RoundPlan
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
                             save_checkpoint, trace_event, worker_names)
 from hetsim.seeding import numpy_rng

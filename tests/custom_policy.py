@@ -9,6 +9,9 @@ from hetsim.policies import Aggregator, NameRef, RoundPlan, Scheduler
 
 @dataclass(frozen=True)
 class EveryOther(Scheduler):
+    """Written against the OLD contract (plan(round, workers) -> RoundPlan, no state, no rng): kept as
+    the example that `policies.build` adapts, with a warning."""
+
     steps: int = 2
 
     def plan(self, round, workers):
@@ -23,8 +26,8 @@ class StepsAtRound(Scheduler):
     at: int = 3
     special: int = 2
 
-    def plan(self, round, workers):
-        return RoundPlan(tuple(self.special if round == self.at else self.steps for _ in workers))
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(self.special if round == self.at else self.steps for _ in workers)), state
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,9 @@ class NanWhenSteps(Aggregator):
 
     steps: int = 2
 
-    def weights(self, contributions):
-        n = len(contributions)
-        return np.full(n, np.nan if any(c.local_steps == self.steps for c in contributions) else 1.0 / n)
+    def weights(self, arrivals):
+        n = len(arrivals)
+        return np.full(n, np.nan if (np.asarray(arrivals.local_steps) == self.steps).any() else 1.0 / n)
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ class Pinned(Scheduler):
     name_refs = {"kind": NameRef("kind"), "workers": NameRef("worker"), "device": NameRef("device"),
                  "steps_file": NameRef("file")}
 
-    def plan(self, round, workers):
-        return RoundPlan(tuple(2 if w.index in self.workers else 1 for w in workers))
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(2 if w.index in self.workers else 1 for w in workers)), state
 
 
 @dataclass(frozen=True)
@@ -62,5 +65,5 @@ class MisDeclared(Scheduler):
 
     name_refs = {"kinds": NameRef("kind")}
 
-    def plan(self, round, workers):
-        return RoundPlan(tuple(self.steps for _ in workers))
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(self.steps for _ in workers)), state

@@ -12,6 +12,9 @@ from hetsim.policies.sampling import EpochStream, LossBiasedTopK, LossScores, Un
 from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
 
 
+RNG = np.random.default_rng(0)
+
+
 def workers(times, kinds=None, observed=None):
     kinds = kinds or ["cpu"] * len(times)
     observed = observed or [None] * len(times)
@@ -46,9 +49,10 @@ def test_proportional_rounds_half_up_and_respects_min_steps():
 
 
 def test_proportional_observed_source_uses_measured_times_when_present():
-    ws = workers([1.0, 1.0], observed=[1.0, 4.0])
-    assert Proportional(max_steps=8, source="observed").plan(0, ws).local_steps == (8, 2)
-    assert Proportional(max_steps=8, source="profile").plan(0, ws).local_steps == (8, 8)
+    ws = [WorkerInfo(0, "cpu", 1.0, 1.0, 1), WorkerInfo(1, "cpu", 1.0, 4.0, 1)]
+    observed = Proportional(max_steps=8, source="observed")
+    assert observed.plan(0, ws, RNG, observed.init_state(ws))[0].local_steps == (8, 2)
+    assert Proportional(max_steps=8, source="profile").plan(0, ws, RNG, None)[0].local_steps == (8, 8)
 
 
 def test_time_budget_plan():

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from hetsim.config import load_spec
 from hetsim.results import read_decisions, read_trace
 from hetsim.seeding import derive
-from hetsim._policy_bridge import adapt
 from hetsim.resolve import build_policies
 from hetsim.sim import Simulation, simulate
 from hetsim.training import TrainingCore, lr_at
@@ -201,7 +200,7 @@ def test_divergence_round_of_a_huge_learning_rate_is_the_first_non_finite_global
     spec = tiny_spec("optim.lr=1e6", "stop.max_rounds=20")
     # the same math driven by hand (1 cpu step, 5 gpu steps, the plain mean of the replicas), with the
     # test's own finiteness check of the global parameters and the training loss
-    core = TrainingCore(spec, adapt(build_policies(spec)))
+    core = TrainingCore(spec, build_policies(spec))
     core.set_lr(1e6)
     ks = [0, 1, 2]
     expected = None

@@ -36,7 +36,6 @@ from hetsim.cluster import PROFILE_FORMAT
 from hetsim.config import PolicySpec, Spec, spec_from_dict
 from hetsim.errors import HetsimError, SpecError
 from hetsim.results import versions, write_json
-from hetsim._policy_bridge import adapt
 from hetsim.resolve import build_policies
 from hetsim.training import TrainingCore, test_metrics
 
@@ -169,7 +168,7 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
         torch.set_num_threads(threads)
     spec = _spec(workload, batch_size, device, data_path, kind, sampler)
     dev = torch.device(device)
-    core = TrainingCore(spec, adapt(build_policies(spec)), device=dev)
+    core = TrainingCore(spec, build_policies(spec), device=dev)
     if start is not None:
         start.wait()
     samples = measure_steps(core, dev, slowdown, warmup, min_steps, max_steps, max_seconds, on_measured, keep_busy)

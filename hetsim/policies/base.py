@@ -1,19 +1,46 @@
-"""The three policy contracts and the one registry that lets a config pick a policy by name.
+"""The three policy contracts, the arrivals an aggregator combines, and the one registry that lets a
+config pick a policy by name.
 
 Each round: a Scheduler decides how much local work every worker does, a Sampler picks each local
-step's mini-batch, an Aggregator combines the replicas. Policies are small frozen dataclasses: their
-fields are the parameters a config sets, they hold no hidden state and know nothing of time sources.
-Whatever they remember (loss scores, data streams, throughput estimates) is an explicit object
-owned by the runner (see `hetsim.policies.sampling.LossScores`, `EpochStream`).
+step's mini-batch, an Aggregator turns what arrives into the next global model. Policies are small
+frozen dataclasses: their fields are the parameters a config sets. Whatever a policy remembers
+between calls is an explicit *state* value (optax's `init`/`update` shape): `init_state` makes it,
+every call takes it and returns the next one, the driver keeps it, checkpoints it and restores it on
+resume. State is tensors, numpy arrays or plain data (ints, floats, str, lists, dicts, None), so a
+checkpoint loads with `torch.load(weights_only=True)` (numpy arrays need the driver's help there;
+the built-ins keep tensors and plain data). Objects the runner owns and checkpoints itself (the
+loss-score store, data streams: `hetsim.policies.sampling.LossScores`, `EpochStream`) are passed in.
 
-A user's own policy plugs in exactly like a built-in: subclass the contract, and either decorate
-it with `@register("scheduler", "my_name")` or name it in a config as `"my_package.module:MyClass"`.
+Capabilities are class attributes that a policy *declares*; the driver reads them and never probes:
+
+| contract   | attribute               | default    | meaning                                                     |
+|------------|-------------------------|------------|-------------------------------------------------------------|
+| Scheduler  | `stateful`              | False      | `plan` reads/returns state beyond None (`init_state(workers)`) |
+| Sampler    | `uses_scores`           | True       | `batch` reads the loss-score store; runners keep per-sample losses only then |
+| Sampler    | `score_rule`            | 'latest'   | how that store merges a new loss: 'latest' or 'min' (a field or a class attribute) |
+| Sampler    | `stateful`              | False      | `batch` reads/returns per-worker state (`init_state(worker)`) |
+| Aggregator | `linear`                | True       | `combine` reaches the replicas only via `arrivals.weighted_sum(w)` (a backend: one all_reduce); False: it reads `arrivals.replicas` (all_gather) |
+| Aggregator | `stateful`              | False      | `combine` reads/returns state (`init_state(global_params)`) |
+| Aggregator | `needs_previous_global` | False      | `combine` reads `global_params`; when False the driver may pass None |
+
+A worker planned 0 local steps sits the round out: it is not among the arrivals. Aggregators must
+still be safe with a 0-step row (the built-ins give it weight 0); with no arrivals at all the driver
+does not call `combine` and the global model stays.
+
+A user's own policy plugs in exactly like a built-in: subclass the contract, and either decorate it
+with `@register("scheduler", "my_name")` or name it in a config as `"my_package.module:MyClass"`.
+Policies written against the contract before explicit state (`plan(round, workers)`,
+`batch(worker, batch_size, stream, scores)`, `combine(global_params, replicas, contributions)`) are
+wrapped by `build` and keep working, with one HetsimWarning that points at the README's migration note.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Collection, Mapping, Sequence
@@ -22,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
-from hetsim.errors import SpecError
+from hetsim.errors import HetsimWarning, SpecError
 
 if TYPE_CHECKING:
     import torch
@@ -54,8 +81,10 @@ class WorkerInfo(NamedTuple):
 class RoundPlan:
     """A scheduler's decision for one round.
 
-    local_steps[k]: exact number of local steps of worker k; None when the worker instead runs until
-    `time_budget_s` has elapsed since the round started (the step that crosses the budget completes).
+    local_steps[k]: exact number of local steps of the k-th planned worker (the order of the `workers`
+    the scheduler was given); 0 = that worker sits the round out (it trains nothing, is not among the
+    arrivals and its replica gets the new global model); None = it runs until `time_budget_s` has
+    elapsed since the round started (the step that crosses the budget completes; at least one step).
     """
 
     local_steps: tuple[int | None, ...]
@@ -146,6 +175,82 @@ class NameRef:
             raise ValueError(f"NameRef.to: expected one of {list(REF_TARGETS)}, got {self.to!r}")
 
 
+class Arrivals(Contributions):
+    """What the aggregator combines: the arriving workers' contributions as columns, plus how to reach
+    their replicas.
+
+    Columns (numpy arrays, one row per arrival, in arrival order): `workers`, `kinds`, `local_steps`,
+    `samples`, `mean_loss` (as `Contributions`) and `staleness` (how many global updates happened
+    since the worker got the model it trained from; 0 under a synchronous protocol). `round` is the
+    round (or update) being combined, `lr` the local learning rate of that round.
+
+    The replicas are reached through the Comm that built the arrivals, so that nothing travels before
+    an aggregator asks:
+
+    - `weighted_sum(w)`: Σ_k w_k x_k as one flat tensor (a distributed backend: one all_reduce);
+    - `replicas`: all replicas as a [n, P] tensor (a backend: an all_gather). Only an aggregator that
+      declares `linear = False` gets them; for a linear one the Comm supplies none and asking raises.
+
+    Example::
+
+        a = Arrivals.of_replicas([Contribution(0, "cpu", 2, 32, 0.5)], torch.ones(1, 3))
+        a.weighted_sum(np.array([0.5]))   # tensor([0.5, 0.5, 0.5])
+    """
+
+    def __init__(self, workers: np.ndarray, kinds: np.ndarray, local_steps: np.ndarray, samples: np.ndarray,
+                 mean_loss: np.ndarray, staleness: np.ndarray, round: int, lr: float, *,
+                 weighted_sum: "Callable[[np.ndarray], torch.Tensor] | None" = None,
+                 replicas: "Callable[[], torch.Tensor] | None" = None):
+        super().__init__(workers, kinds, local_steps, samples, mean_loss)
+        self.staleness = np.asarray(staleness, dtype=np.int64)
+        if self.staleness.shape != self.workers.shape:
+            raise ValueError(f"staleness: expected {len(self.workers)} values (one per arrival), "
+                             f"got shape {self.staleness.shape}")
+        self.round, self.lr = int(round), float(lr)
+        self._weighted_sum, self._replicas, self._gathered = weighted_sum, replicas, None
+
+    @classmethod
+    def of_replicas(cls, contributions: "Sequence[Contribution] | Contributions", replicas: "torch.Tensor",
+                    staleness: np.ndarray | None = None, round: int = 0, lr: float = float("nan")) -> "Arrivals":
+        """Arrivals whose replicas are rows of one in-memory [n, P] tensor (the in-process Comm, tests)."""
+        import torch
+
+        c = Contributions.of(contributions)
+        if replicas.shape[0] != len(c):
+            raise ValueError(f"replicas: expected {len(c)} rows (one per contribution), got {replicas.shape[0]}")
+
+        def weighted_sum(w: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(w, dtype=replicas.dtype, device=replicas.device) @ replicas
+
+        return cls(c.workers, c.kinds, c.local_steps, c.samples, c.mean_loss,
+                   np.zeros(len(c), dtype=np.int64) if staleness is None else staleness, round, lr,
+                   weighted_sum=weighted_sum, replicas=lambda: replicas)
+
+    @property
+    def active(self) -> np.ndarray:
+        """Which rows did at least one local step (a 0-step row is a non-participant)."""
+        return self.local_steps > 0
+
+    def weighted_sum(self, w: np.ndarray) -> "torch.Tensor":
+        """Σ_k w_k x_k over the arrivals' replicas, as one flat tensor."""
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (len(self),):
+            raise ValueError(f"weighted_sum: expected {len(self)} weights (one per arrival), got shape {w.shape}")
+        if self._weighted_sum is None:
+            raise RuntimeError("these arrivals carry no replicas (built without a weighted_sum source)")
+        return self._weighted_sum(w)
+
+    @property
+    def replicas(self) -> "torch.Tensor":
+        """All arriving replicas as a [n, P] tensor (gathered once, on first use)."""
+        if self._replicas is None:
+            raise RuntimeError("arrivals.replicas: the replicas were not gathered; an aggregator that reads them "
+                               "must declare `linear = False` (a linear one uses arrivals.weighted_sum(w))")
+        if self._gathered is None:
+            self._gathered = self._replicas()
+        return self._gathered
+
+
 class Policy(ABC):
     """What every policy declares: which of its parameters name kinds, devices, workers or files."""
 
@@ -154,22 +259,47 @@ class Policy(ABC):
 
 
 class Scheduler(Policy):
-    """Decides each worker's local work for a round (the paper's per-device 'interval')."""
+    """Decides each worker's local work for a round (the paper's per-device 'interval').
+
+    `plan(round, workers, rng, state) -> (RoundPlan, state)`: one entry of `RoundPlan.local_steps` per
+    worker of `workers`, in that order (the workers planned now: all of them under a barrier, one at a
+    time under an asynchronous protocol). `rng` is a seeded numpy Generator the driver owns and
+    checkpoints: the only randomness a scheduler may use.
+    """
+
+    #: `plan` keeps state between calls (see the module's table)
+    stateful: ClassVar[bool] = False
+
+    def init_state(self, workers: Sequence[WorkerInfo]) -> Any:
+        """The state before the first round, given all the run's workers."""
+        return None
 
     @abstractmethod
-    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan: ...
+    def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+             state: Any) -> tuple[RoundPlan, Any]: ...
 
 
 class Sampler(Policy):
-    """Chooses the samples of one local step of one worker."""
+    """Chooses the samples of one local step of one worker.
+
+    `batch(worker, batch_size, stream, scores, state) -> (Batch, state)`, with `state` this worker's
+    (`init_state(worker)`; None for a stateless sampler).
+    """
 
     #: how the loss-score store merges a new observation: 'latest' or the reference code's 'min'.
     score_rule: str = "latest"
     #: whether `batch` reads the loss scores; runners skip keeping them up to date when it does not.
-    uses_scores: bool = True
+    uses_scores: ClassVar[bool] = True
+    #: `batch` keeps per-worker state between calls
+    stateful: ClassVar[bool] = False
+
+    def init_state(self, worker: WorkerInfo) -> Any:
+        """Worker `worker`'s state before its first step."""
+        return None
 
     @abstractmethod
-    def batch(self, worker: WorkerInfo, batch_size: int, stream: "EpochStream", scores: "LossScores") -> Batch: ...
+    def batch(self, worker: WorkerInfo, batch_size: int, stream: "EpochStream", scores: "LossScores",
+              state: Any) -> tuple[Batch, Any]: ...
 
     def biased_per_step(self, worker: WorkerInfo, batch_size: int) -> int:
         """How many of a step's samples this sampler picks by loss on `worker`: what the time-only
@@ -178,34 +308,202 @@ class Sampler(Policy):
 
 
 class Aggregator(Policy):
-    """Combines replicas (rows of a [workers, parameters] matrix) into the next global model."""
+    """Turns the arrivals into the next global model.
 
-    @abstractmethod
-    def weights(self, contributions: Sequence[Contribution]) -> np.ndarray:
-        """Weight of each replica in the combination (logged every round)."""
+    `combine(global_params, arrivals, state) -> (new_global, weights, state)`; `weights` (one per
+    arrival) is what the decisions log records. A linear aggregator implements `weights` (or
+    `coefficients`, when the previous global model takes part) and inherits `combine`; any other
+    aggregator overrides `combine` and declares what it reads (see the module's table).
+    """
 
-    def coefficients(self, contributions: Sequence[Contribution]) -> tuple[float, np.ndarray]:
+    #: `combine` reads the replicas only through `arrivals.weighted_sum(w)`
+    linear: ClassVar[bool] = True
+    #: `combine` keeps state between calls
+    stateful: ClassVar[bool] = False
+    #: `combine` reads `global_params` (else the driver may pass None)
+    needs_previous_global: ClassVar[bool] = False
+
+    def init_state(self, global_params: "torch.Tensor") -> Any:
+        """The state before the first combination, given the initial global model."""
+        return None
+
+    def weights(self, arrivals: Arrivals) -> np.ndarray:
+        """Weight w_k of each arriving replica in the next global model Σ_k w_k x_k."""
+        raise NotImplementedError(f"{type(self).__name__}: a linear aggregator implements weights() or "
+                                  "coefficients(); any other overrides combine() and declares linear = False")
+
+    def coefficients(self, arrivals: Arrivals) -> tuple[float, np.ndarray]:
         """(a, w) such that the next global model is a·x + Σ_k w_k·x_k, x the current global model.
 
-        Every built-in aggregator is linear in the replicas, so a distributed runner needs only one
-        all-reduce of w_k·x_k. Default: a = 0 and w = `weights`. An aggregator that is not linear
-        overrides `combine` instead; runners then gather all replicas.
+        Default: a = 0 and w = `weights`. An aggregator returning a ≠ 0 declares
+        `needs_previous_global = True`.
         """
-        return 0.0, self.weights(contributions)
+        return 0.0, self.weights(arrivals)
 
-    def combine(self, global_params: "torch.Tensor", replicas: "torch.Tensor",
-                contributions: Sequence[Contribution]) -> tuple["torch.Tensor", np.ndarray]:
-        """Next global parameters and the weights used: a·x + w @ replicas (see `coefficients`)."""
-        import torch
-
-        a, w = self.coefficients(contributions)
-        combined = torch.as_tensor(w, dtype=replicas.dtype) @ replicas
-        return (combined + a * global_params if a else combined), w
+    def combine(self, global_params: "torch.Tensor | None", arrivals: Arrivals,
+                state: Any) -> tuple["torch.Tensor", np.ndarray, Any]:
+        """The linear form: a·x + arrivals.weighted_sum(w), with (a, w) from `coefficients`."""
+        a, w = self.coefficients(arrivals)
+        combined = arrivals.weighted_sum(w)
+        if not a:
+            return combined, w, state
+        if global_params is None:
+            raise ValueError(f"{type(self).__name__}.coefficients gave the previous global model a weight of "
+                             f"{a}, but the class declares needs_previous_global = False (so the driver passed None)")
+        return combined + a * global_params, w, state
 
     @classmethod
     def is_linear(cls) -> bool:
-        """True when `combine` is the linear form given by `coefficients` (not overridden)."""
-        return cls.combine is Aggregator.combine
+        """LEGACY SHIM (see `_legacy_shapes`): whether main's backend may combine with `coefficients`
+        and one all_reduce instead of calling `combine`."""
+        return cls.linear and not cls.stateful and cls.combine is _LINEAR_COMBINE
+
+
+# ------------------------------------------------------------------------------------------------
+# Legacy call shapes: TEMPORARY. main's engine (training.py, sim/timeonly.py) and backend still call
+# plan(round, workers), batch(worker, b, stream, scores), combine(global, replicas, contributions) and
+# is_linear(). Until the driver (hetsim/protocol.py) calls the contract above, every new-contract
+# method also accepts its old call shape; the state such calls need is kept on the instance (not
+# checkpointed: exactly main's behaviour). Remove this section, the `__init_subclass__` hooks and
+# `Aggregator.is_linear` when the driver lands.
+# ------------------------------------------------------------------------------------------------
+
+_LEGACY_STATE = "_legacy_state"
+
+
+def _legacy_state(policy: Any, key: Any, init: Callable[[], Any]) -> Any:
+    kept = policy.__dict__.setdefault(_LEGACY_STATE, {})
+    if key not in kept:
+        kept[key] = init()
+    return kept[key]
+
+
+def _keep_legacy_state(policy: Any, key: Any, state: Any) -> None:
+    policy.__dict__[_LEGACY_STATE][key] = state
+
+
+def _shim_plan(plan: Callable) -> Callable:
+    @functools.wraps(plan)
+    def plan_or_legacy_plan(self, round, workers, *rest, **kw):
+        if rest or kw:
+            return plan(self, round, workers, *rest, **kw)
+        state = _legacy_state(self, "plan", lambda: self.init_state(workers))
+        result, state = plan(self, round, workers, np.random.default_rng(round), state)
+        _keep_legacy_state(self, "plan", state)
+        return result
+    return plan_or_legacy_plan
+
+
+def _shim_batch(batch: Callable) -> Callable:
+    @functools.wraps(batch)
+    def batch_or_legacy_batch(self, worker, batch_size, stream, scores, *rest, **kw):
+        if rest or kw:
+            return batch(self, worker, batch_size, stream, scores, *rest, **kw)
+        key = ("batch", worker.index)
+        result, state = batch(self, worker, batch_size, stream, scores,
+                              _legacy_state(self, key, lambda: self.init_state(worker)))
+        _keep_legacy_state(self, key, state)
+        return result
+    return batch_or_legacy_batch
+
+
+def _shim_combine(combine: Callable) -> Callable:
+    @functools.wraps(combine)
+    def combine_or_legacy_combine(self, global_params, arrivals, *rest, **kw):
+        if isinstance(arrivals, Arrivals):
+            return combine(self, global_params, arrivals, *rest, **kw)
+        replicas, (contributions,) = arrivals, rest  # the old shape: (global, replicas, contributions)
+        state = _legacy_state(self, "combine", lambda: self.init_state(global_params))
+        new, w, state = combine(self, global_params, Arrivals.of_replicas(contributions, replicas), state)
+        _keep_legacy_state(self, "combine", state)
+        return new, w
+    return combine_or_legacy_combine
+
+
+_SHIMS = {"plan": _shim_plan, "batch": _shim_batch, "combine": _shim_combine}
+
+
+def _shim_new_methods(cls: type, method: str) -> None:
+    """Let `cls`'s own new-contract `method` (if it defines one) also answer the old call shape."""
+    f = cls.__dict__.get(method)
+    if f is not None and inspect.isfunction(f) and not _legacy_signature(method, f):
+        setattr(cls, method, _SHIMS[method](f))
+
+
+Scheduler.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "plan"))  # type: ignore
+Sampler.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "batch"))  # type: ignore
+Aggregator.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "combine"))  # type: ignore
+Aggregator.combine = _shim_combine(Aggregator.combine)  # type: ignore[method-assign]
+_LINEAR_COMBINE = Aggregator.combine
+
+# ------------------------------------------------------------------------------------------------
+# The old contract (before explicit state), adapted
+# ------------------------------------------------------------------------------------------------
+
+MIGRATION_NOTE = "README.md, 'Write your own policy' > 'Migrating from the old contract'"
+
+#: method -> how many parameters (after self) its old form takes; the new forms take one more
+#: (plan: rng and state; batch: state) or name one `state` (combine)
+_OLD_ARITY = {"plan": 2, "batch": 4, "combine": 3}
+
+
+def _legacy_signature(method: str, f: Callable) -> bool:
+    """Whether `f` (a class's `method`) has the old contract's signature."""
+    params = list(inspect.signature(f).parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return False
+    if method == "combine":
+        return len(params) == _OLD_ARITY[method] and "state" not in [p.name for p in params]
+    return len(params) == _OLD_ARITY[method]
+
+
+class _LegacyScheduler(Scheduler):
+    """Runs an old-contract scheduler's `plan(round, workers)`: no state, no rng."""
+
+    def plan(self, round, workers, rng, state):
+        return super().plan(round, workers), state
+
+
+class _LegacySampler(Sampler):
+    """Runs an old-contract sampler's `batch(worker, batch_size, stream, scores)`: no state."""
+
+    def batch(self, worker, batch_size, stream, scores, state):
+        return super().batch(worker, batch_size, stream, scores), state
+
+
+class _LegacyAggregator(Aggregator):
+    """Runs an old-contract aggregator's `combine(global_params, replicas, contributions) -> (new, w)`:
+    it reads all replicas and the previous global model."""
+
+    linear = False
+    needs_previous_global = True
+
+    def combine(self, global_params, arrivals, state):
+        new, w = super().combine(global_params, arrivals.replicas, Contributions.of(arrivals))
+        return new, np.asarray(w), state
+
+
+_ADAPTERS = {"scheduler": ("plan", _LegacyScheduler), "sampler": ("batch", _LegacySampler),
+             "aggregator": ("combine", _LegacyAggregator)}
+
+
+def legacy_adapter(category: str, cls: type) -> type | None:
+    """The adapted class of an old-contract plug-in `cls` (None when `cls` follows the contract).
+
+    The adapted class subclasses `cls`, so its fields, `name_refs` (see `check_names`) and docstring
+    are the plug-in's own; only the one old method is called through the new shape.
+    """
+    method, adapter = _ADAPTERS[category]
+    if not _legacy_signature(method, getattr(cls, method)):
+        return None
+    return type(cls.__name__, (adapter, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__,
+                                               "__qualname__": cls.__qualname__})
+
+
+def _warn_legacy(cls: type, category: str) -> None:
+    # one fixed location, so that Python's 'default' filter (the CLI's) shows it once per plug-in
+    warnings.warn(f"{category} {cls.__module__}:{cls.__qualname__} is written against the old policy contract "
+                  f"(no explicit state); it runs through an adapter. See {MIGRATION_NOTE}", HetsimWarning)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +547,16 @@ def policy_class(category: str, name: str, where: str) -> type:
 
 
 def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
-    """Instantiate the policy a spec names, checking its parameters' names, types and values."""
+    """Instantiate the policy a spec names, checking its parameters' names, types and values. A plug-in
+    written against the old contract comes back adapted (see `legacy_adapter`), with a HetsimWarning."""
     from hetsim.config import build_dataclass
 
     where = where or category
     cls = policy_class(category, spec.name, where)
+    adapted = legacy_adapter(category, cls)
+    if adapted is not None:
+        _warn_legacy(cls, category)
+        cls = adapted
     return build_dataclass(cls, spec.params, f"{where}.params")
 
 

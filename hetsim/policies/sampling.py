@@ -114,13 +114,14 @@ class Uniform(Sampler):
 
     Example::
 
-        Uniform().batch(worker, 32, stream, scores).indices   # the next 32 indices of the stream
+        Uniform().batch(worker, 32, stream, scores, None)[0].indices   # the next 32 indices of the stream
     """
 
     uses_scores = False
 
-    def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores) -> Batch:
-        return Batch(stream.take(batch_size), 0)
+    def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores,
+              state: None) -> tuple[Batch, None]:
+        return Batch(stream.take(batch_size), 0), state
 
 
 @register("sampler", "loss_topk")
@@ -142,7 +143,7 @@ class LossBiasedTopK(Sampler):
 
     Example::
 
-        LossBiasedTopK(sample_ratio=4, kinds=("cpu",)).batch(cpu_worker, 64, stream, scores)
+        LossBiasedTopK(sample_ratio=4, kinds=("cpu",)).batch(cpu_worker, 64, stream, scores, None)
     """
 
     sample_ratio: float = 4.0
@@ -165,10 +166,13 @@ class LossBiasedTopK(Sampler):
     def biased_per_step(self, worker: WorkerInfo, batch_size: int) -> int:
         return batch_size if self.biased_for(worker) else 0
 
-    def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores) -> Batch:
+    uses_scores = True
+
+    def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores,
+              state: None) -> tuple[Batch, None]:
         if not self.biased_for(worker):
-            return Batch(stream.take(batch_size), 0)
+            return Batch(stream.take(batch_size), 0), state
         pool = stream.take(min(stream.n, max(batch_size, math.ceil(self.sample_ratio * batch_size))))
         order = np.argsort(-scores.values[pool], kind="stable")
         chosen = pool[order[:batch_size]]
-        return Batch(chosen, len(chosen))
+        return Batch(chosen, len(chosen)), state

@@ -8,9 +8,10 @@ GPU_interval = 32 and CPU_interval = 1 by hand).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from hetsim.policies.base import NameRef, RoundPlan, Scheduler, WorkerInfo, register
 
@@ -25,11 +26,12 @@ class Synchronous(Scheduler):
 
     Example::
 
-        Synchronous().plan(0, workers).local_steps   # (1, 1, ..., 1)
+        Synchronous().plan(0, workers, rng, None)[0].local_steps   # (1, 1, ..., 1)
     """
 
-    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        return RoundPlan(tuple(1 for _ in workers))
+    def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+             state: None) -> tuple[RoundPlan, None]:
+        return RoundPlan(tuple(1 for _ in workers)), state
 
 
 @register("scheduler", "fixed")
@@ -44,8 +46,8 @@ class FixedSteps(Scheduler):
 
     Example::
 
-        FixedSteps(local_steps=8).plan(0, workers)                      # plain local SGD, H = 8
-        FixedSteps(per_kind={"cpu": 1, "gpu": 32}).plan(0, workers)     # reference intervals
+        FixedSteps(local_steps=8).plan(0, workers, rng, None)                   # plain local SGD, H = 8
+        FixedSteps(per_kind={"cpu": 1, "gpu": 32}).plan(0, workers, rng, None)  # reference intervals
     """
 
     local_steps: int = 1
@@ -58,8 +60,9 @@ class FixedSteps(Scheduler):
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"{kind}: expected an integer >= 1, got {steps!r}")
 
-    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        return RoundPlan(tuple(self.per_kind.get(w.kind, self.local_steps) for w in workers))
+    def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+             state: None) -> tuple[RoundPlan, None]:
+        return RoundPlan(tuple(self.per_kind.get(w.kind, self.local_steps) for w in workers)), state
 
 
 @register("scheduler", "proportional")
@@ -67,26 +70,38 @@ class FixedSteps(Scheduler):
 class Proportional(Scheduler):
     """System-aware local SGD: local steps in proportion to each device's throughput.
 
-    The fastest worker does `max_steps` (H) steps; worker k does round(H · speed_k / speed_max),
+    The fastest planned worker does `max_steps` (H) steps; worker k does round(H · speed_k / speed_max),
     rounded half up and at least `min_steps`, where speed = 1 / mean step time. With a GPU 32x faster
     than a CPU and H = 32 this gives the reference code's 32 : 1.
 
     Args:
         max_steps: H, the local steps of the fastest worker per round.
         min_steps: floor for slow workers (>= 1).
-        source: 'profile' uses the devices' profiled mean step time (fixed plan, as the paper);
-            'observed' uses the running mean of the step times each worker actually took, falling back
-            to the profile before a worker's first round.
+        source: 'profile' uses the devices' profiled mean step time (a fixed plan, as the paper);
+            'observed' uses what the workers measured: the running mean of each worker's per-round mean
+            step times, one term per round it took part in (a round it sat out adds nothing), and its
+            profile until its first observation.
+        ema_weight: with source 'observed', 0 (default) keeps the plain running mean, which settles
+            on the long-run speed; a weight in (0, 1] replaces it by an exponential moving average
+            that gives the newest round this weight (1 = the last round only), which follows a device
+            whose speed changes (`slowdown`, stragglers) at the price of noisier plans.
+
+    State (source 'observed'): tensors indexed by worker — `mean_step_s` (NaN before the first
+    observation), `count` (observations folded in) and `seen_rounds` (the worker's `observed_rounds`
+    when last folded in, so an observation is counted once).
 
     Example::
 
         # step times 0.032 s (cpu) and 0.001 s (gpu), H = 32  ->  cpu 1 step, gpu 32 steps
-        Proportional(max_steps=32).plan(0, workers)
+        Proportional(max_steps=32).plan(0, workers, rng, None)[0].local_steps
     """
 
     max_steps: int = 32
     min_steps: int = 1
     source: str = "profile"
+    ema_weight: float = 0.0
+
+    stateful = True  # with source 'observed': the running means (None with 'profile')
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -95,16 +110,49 @@ class Proportional(Scheduler):
             raise ValueError(f"min_steps: expected an integer in [1, max_steps], got {self.min_steps!r}")
         if self.source not in ("profile", "observed"):
             raise ValueError(f"source: expected 'profile' or 'observed', got {self.source!r}")
+        if not 0 <= self.ema_weight <= 1:
+            raise ValueError(f"ema_weight: expected a number in [0, 1] (0 = running mean), got {self.ema_weight!r}")
+        if self.ema_weight and self.source != "observed":
+            raise ValueError(f"ema_weight: only meaningful with source 'observed', got source {self.source!r}")
 
-    def _step_time(self, w: WorkerInfo) -> float:
-        if self.source == "observed" and w.observed_step_time_s is not None:
-            return w.observed_step_time_s
-        return w.profile_step_time_s
+    def init_state(self, workers: Sequence[WorkerInfo]) -> dict[str, torch.Tensor] | None:
+        if self.source != "observed":
+            return None
+        n = max((w.index for w in workers), default=-1) + 1
+        return {"mean_step_s": torch.full((n,), float("nan"), dtype=torch.float64),
+                "count": torch.zeros(n, dtype=torch.int64), "seen_rounds": torch.zeros(n, dtype=torch.int64)}
 
-    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        times = np.array([self._step_time(w) for w in workers])
+    def _fold_in(self, workers: Sequence[WorkerInfo], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state with every new observation of `workers` folded in (new tensors; `state` is untouched)."""
+        idx = np.fromiter((w.index for w in workers), np.int64, len(workers))
+        rounds = np.fromiter((w.observed_rounds for w in workers), np.int64, len(workers))
+        observed = np.array([np.nan if w.observed_step_time_s is None else w.observed_step_time_s for w in workers],
+                            dtype=np.float64)
+        # a worker init_state was not given (a runner that plans only the workers online) starts unobserved
+        grow = max(0, int(idx.max(initial=-1)) + 1 - len(state["count"]))
+        mean = np.concatenate([state["mean_step_s"].numpy(), np.full(grow, np.nan)])
+        count = np.concatenate([state["count"].numpy(), np.zeros(grow, np.int64)])
+        seen = np.concatenate([state["seen_rounds"].numpy(), np.zeros(grow, np.int64)])
+        new = (rounds > seen[idx]) & ~np.isnan(observed)
+        k, t = idx[new], observed[new]
+        count[k] += 1
+        weight = self.ema_weight if self.ema_weight else 1.0 / count[k]
+        mean[k] = np.where(count[k] == 1, t, mean[k] + weight * (t - mean[k]))  # the first observation starts it
+        seen[k] = rounds[new]
+        return {"mean_step_s": torch.from_numpy(mean), "count": torch.from_numpy(count),
+                "seen_rounds": torch.from_numpy(seen)}
+
+    def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+             state: dict[str, torch.Tensor] | None) -> tuple[RoundPlan, dict[str, torch.Tensor] | None]:
+        profile = np.array([w.profile_step_time_s for w in workers], dtype=np.float64)
+        if self.source == "observed":
+            state = self._fold_in(workers, state)
+            running = state["mean_step_s"].numpy()[np.fromiter((w.index for w in workers), np.int64, len(workers))]
+            times = np.where(np.isnan(running), profile, running)  # the profile until a worker's first observation
+        else:
+            times = profile
         steps = np.maximum(self.min_steps, np.floor(self.max_steps * times.min() / times + 0.5))
-        return RoundPlan(tuple(steps.astype(np.int64).tolist()))
+        return RoundPlan(tuple(steps.astype(np.int64).tolist())), state
 
 
 @register("scheduler", "time_budget")
@@ -118,7 +166,7 @@ class TimeBudget(Scheduler):
 
     Example::
 
-        TimeBudget(budget_s=0.05).plan(0, workers).time_budget_s   # 0.05
+        TimeBudget(budget_s=0.05).plan(0, workers, rng, None)[0].time_budget_s   # 0.05
     """
 
     budget_s: float = 0.1
@@ -127,5 +175,6 @@ class TimeBudget(Scheduler):
         if not self.budget_s > 0:
             raise ValueError(f"budget_s: expected a number of seconds > 0, got {self.budget_s!r}")
 
-    def plan(self, round: int, workers: Sequence[WorkerInfo]) -> RoundPlan:
-        return RoundPlan(tuple(None for _ in workers), time_budget_s=self.budget_s)
+    def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+             state: None) -> tuple[RoundPlan, None]:
+        return RoundPlan(tuple(None for _ in workers), time_budget_s=self.budget_s), state

@@ -29,7 +29,6 @@ import numpy as np
 import simpy
 import torch
 
-from hetsim._policy_bridge import adapt
 from hetsim.cluster import DeviceModel, exchange_time, within_budget
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
@@ -237,7 +236,7 @@ class Simulation:
         the result equals an uninterrupted run's. force: resume even if the config changed since the
         checkpoint (summary.json records it as resumed_with_changed_config)."""
         self.spec = spec
-        policies = adapt(build_policies(spec))
+        policies = build_policies(spec)
         groups = build_groups(spec)
         group_of = np.repeat(np.arange(len(groups)), [d.count for d in spec.cluster.devices])
         mean_times = [groups[g].step_time.mean_s for g in group_of]
