@@ -24,7 +24,6 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from hetsim._policy_bridge import adapt
 from hetsim.config import Spec
 from hetsim.protocol import Driver, Hooks
 from hetsim.resolve import build_devices, build_policies
@@ -201,7 +200,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
     thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
-    policies = adapt(build_policies(spec))
+    policies = build_policies(spec)
     core = TrainingCore(spec, policies, local=[rank], device=device,
                         profile_step_times=[d.step_time.mean_s for d in build_devices(spec)])
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
