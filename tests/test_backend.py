@@ -312,7 +312,7 @@ def test_mean_aggregation_agrees_with_torch_model_averager():
     import torch.multiprocessing as mp
 
     from backends.torchmp.launcher import free_port
-    from hetsim.policies import Contribution
+    from hetsim.policies import Arrivals, Contribution
     from hetsim.policies.aggregation import Mean
 
     params = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
@@ -320,7 +320,8 @@ def test_mean_aggregation_agrees_with_torch_model_averager():
     out = manager.dict()
     mp.start_processes(_average_with_torch, args=(f"tcp://127.0.0.1:{free_port()}", params, out), nprocs=2,
                        start_method="spawn")
-    ours, _ = Mean().combine(torch.zeros(8), torch.stack(params), [Contribution(k, "cpu", 1, 1, 0.0) for k in (0, 1)])
+    arrivals = Arrivals.of_replicas([Contribution(k, "cpu", 1, 1, 0.0) for k in (0, 1)], torch.stack(params))
+    ours, _, _ = Mean().combine(None, arrivals, None)
     for rank in (0, 1):
         assert torch.allclose(out[rank], ours, atol=1e-7)
 
@@ -440,6 +441,14 @@ def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
     assert cpu["hardware"].endswith("emulated 2x slowdown") and "emulated" not in gpu["hardware"]
 
 
+def test_profiler_measures_the_exchange_with_the_backends_own_sync():
+    from backends.torchmp.profiler import measure_exchange
+
+    link = measure_exchange(1000, repeats=2)  # at least 4 MB: the bandwidth term dominates
+    assert link["large_bytes"] == 4 << 20
+    assert link["allreduce_large_s"] > 0 and link["latency_s"] >= 0 and link["bandwidth_GBps"] > 0
+
+
 def test_profiler_pads_each_step_by_k_minus_1_times_its_measured_time(monkeypatch):
     from types import SimpleNamespace
 
@@ -462,7 +471,7 @@ def test_profiler_pads_each_step_by_k_minus_1_times_its_measured_time(monkeypatc
     def local_step(k):
         clock.t += next(durations)
 
-    core = SimpleNamespace(local_step=local_step, workers=[SimpleNamespace(tally=SimpleNamespace(observations=[]))])
+    core = SimpleNamespace(step=local_step, workers=[SimpleNamespace(tally=SimpleNamespace(observations=[]))])
     monkeypatch.setattr(profiler, "time", clock)
     samples = profiler.measure_steps(core, torch.device("cpu"), 3.0, warmup=2, min_steps=10, max_steps=40,
                                      max_seconds=1e9)
