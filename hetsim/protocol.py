@@ -197,14 +197,13 @@ class SyncProtocol(Protocol):
                 yield from d.clock.until_online()
                 continue
             lr = d.begin_round(progress)
-            plan, ks, targets = d.plan(ks)
+            plan, ks, targets = d.plan_round(ks)
             work, tallies = yield from d.local_work(ks, RoundPlan(targets, plan.time_budget_s))
             barrier = d.clock.now()
             d.trace_work(ks, work, barrier)
             yield from d.clock.exchange(ks, d.core.model_bytes)
-            record = d.combine(ks, tallies, plan.time_budget_s, lr)
+            d.aggregate(ks, tallies, plan.time_budget_s, lr)
             d.trace_comm(ks, barrier)
-            d.pending = _Pending(lr, record)
 
 
 @dataclass
@@ -259,6 +258,7 @@ class Driver:
         self.exchange_total_s = 0.0
         self.last_acc = math.nan                              # the latest evaluated accuracy
         self.stopped_by = ""
+        self.end_time = 0.0
         self.config_changes: list[dict] = []
         self.pending: _Pending | None = None
         checkpoint = None
@@ -296,7 +296,7 @@ class Driver:
         self.hooks.round_started(self.round)
         return lr
 
-    def plan(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
+    def plan_round(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
         """The scheduler's plan for the online workers ks, and its participants with their targets: a
         worker planned 0 steps sits the round out (no work, no arrival, no step-time observation)."""
         infos = self.core.infos
@@ -331,18 +331,21 @@ class Driver:
     def _step(self, k: int) -> None:
         self.core.step(k)
 
-    def combine(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float) -> RoundRecord:
+    def aggregate(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float,
+                replicas: Callable[[list[int]], torch.Tensor] | None = None) -> RoundRecord:
         """Combine the arrivals of ks with the aggregator (no combine without arrivals: the global model
-        stays), install the new global model, merge the loss scores and check divergence."""
+        stays), install the new global model, merge the loss scores, check divergence and record the
+        decisions; the round's row follows (`end_round`). replicas(local_ks): where this process's
+        replicas of ks are (default: the core's; a protocol that delivers them by comm.send passes its own)."""
         samples = int(tallies.samples.sum())
         weights: np.ndarray = np.zeros(0)
         new_global = None
         if ks:
             agg = self.aggregator
-            weighted_sum, replicas = self.comm.arrivals_source(ks, self.core.replicas, agg.linear)
+            weighted_sum, gathered = self.comm.arrivals_source(ks, replicas or self.core.replicas, agg.linear)
             arrivals = Arrivals(tallies.workers, self.kinds[ks], tallies.steps, tallies.samples, tallies.mean_loss(),
                                 self.version - self.pulled[ks], self.round, lr, weighted_sum=weighted_sum,
-                                replicas=replicas)
+                                replicas=gathered)
             previous = self.core.global_params() if agg.needs_previous_global else None
             new_global, weights, self.aggregator_state = agg.combine(previous, arrivals, self.aggregator_state)
             self.core.install(new_global)
@@ -360,6 +363,7 @@ class Driver:
         self.schedule.check_divergence(record)
         if self.writer is not None and self.spec.trace.decisions:
             self.writer.add_decision(record)
+        self.pending = _Pending(lr, record)
         return record
 
     def end_round(self, reason: str) -> Steps:
@@ -450,10 +454,11 @@ class Driver:
             yield from self.end_round("")
         self.clock.start()
         self.stopped_by = yield from self.protocol.run(self)
+        self.end_time = self.clock.now()  # work still in flight when the protocol stopped does not count
 
     def summary(self, wall_s: float) -> dict:
         return run_summary(
-            self.spec, self.writer.rows, self.engine, self.names, self.busy_s, self.round, self.clock.now(),
+            self.spec, self.writer.rows, self.engine, self.names, self.busy_s, self.round, self.end_time,
             self.core.epochs, self.core.samples_total, self.stopped_by, wall_s,
             diverged_at_round=self.schedule.diverged_at_round, config_changes=self.config_changes,
             **self.clock.summary_fields(), **self.comm.summary_fields(), **self.core.summary_fields(),

@@ -1,0 +1,313 @@
+"""The driver (hetsim/protocol.py): an event loop that a protocol drives, non-participants, stateful
+policies across a resume, evaluation placement, and the simulator's two clocks agreeing."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetsim.policies import Aggregator, RoundPlan, Scheduler
+from hetsim.policies.sampling import EpochStream
+from hetsim.protocol import Protocol
+from hetsim.results import CHECKPOINT, load_checkpoint
+from hetsim.seeding import derive
+from hetsim.sim import Simulation, simulate
+
+
+def exchange(model_bytes, n, latency=1e-4, bw=1e9):
+    """TINY's ring all-reduce among n workers."""
+    return 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / bw
+
+
+def same(a, b):
+    """Equal, NaN (a cell that was not computed) equal to NaN."""
+    return np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), equal_nan=True)
+
+
+def two_devices(cpu_s=0.01, gpu_s=0.002):
+    return (f"cluster.devices=[{{kind='cpu', count=1, step_time={{dist='constant', mean_s={cpu_s}}}}}, "
+            f"{{kind='gpu', count=1, step_time={{dist='constant', mean_s={gpu_s}}}}}]")
+
+
+# -- policies defined here, in the contract's terms ----------------------------------------------
+
+@dataclass(frozen=True)
+class OnlyWorkers(Scheduler):
+    """`steps` local steps for the listed workers, 0 (sit the round out) for the others."""
+
+    workers: tuple[int, ...] = (0,)
+    steps: int = 3
+
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(self.steps if w.index in self.workers else 0 for w in workers)), state
+
+
+@dataclass(frozen=True)
+class RandomSteps(Scheduler):
+    """Each worker draws 1..max_steps local steps from the driver's seeded RNG; the state counts plans
+    (so a resume that lost the RNG or the state would plan differently)."""
+
+    max_steps: int = 4
+    stateful = True
+
+    def init_state(self, workers):
+        return {"plans": 0}
+
+    def plan(self, round, workers, rng, state):
+        steps = rng.integers(1, self.max_steps + 1, size=len(workers)) + state["plans"] % 2
+        return RoundPlan(tuple(steps.tolist())), {"plans": state["plans"] + 1}
+
+
+@dataclass(frozen=True)
+class ServerMomentum(Aggregator):
+    """x ← x − v, v ← beta·v + (x − mean of the replicas): server momentum over the pseudo-gradient."""
+
+    beta: float = 0.9
+    stateful = True
+    needs_previous_global = True
+
+    def init_state(self, global_params):
+        return {"v": torch.zeros_like(global_params)}
+
+    def combine(self, global_params, arrivals, state):
+        w = np.full(len(arrivals), 1.0 / len(arrivals))
+        v = self.beta * state["v"] + (global_params - arrivals.weighted_sum(w))
+        return global_params - v, w, {"v": v}
+
+
+@dataclass(frozen=True)
+class StaleMix(Aggregator):
+    """FedAsync-style: x ← (1 − a) x + a x_k with a = alpha / (1 + staleness), one arrival at a time. Its
+    state logs (worker, staleness) of every arrival, which the test reads back."""
+
+    alpha: float = 0.5
+    stateful = True
+    needs_previous_global = True
+
+    def init_state(self, global_params):
+        return []
+
+    def combine(self, global_params, arrivals, state):
+        a = self.alpha / (1 + arrivals.staleness.astype(np.float64))
+        new = arrivals.weighted_sum(a) + (1 - a.sum()) * global_params
+        return new, a, state + [[int(k), int(s)] for k, s in zip(arrivals.workers, arrivals.staleness)]
+
+
+SERVER = 0  # the worker whose process combines (the leader's)
+
+
+class OneArrivalAtATime(Protocol):
+    """A test-only asynchronous protocol on the driver's building blocks: every worker is planned and
+    trains on its own; its replica travels by comm.send/recv; each arrival is combined at once, with
+    staleness = the updates since that worker pulled; then the worker pulls and goes on. Runs on the
+    emulated clock's SimPy environment (concurrent work is the simulator's)."""
+
+    def run(self, d):
+        env = d.clock.env
+
+        def work(k):
+            plan, ks, targets = d.plan_round([k])
+            _, tallies = yield from d.local_work(ks, RoundPlan(targets, plan.time_budget_s))
+            d.comm.send(d.core.replicas([k])[0], src=k, dst=SERVER)
+            return k, tallies
+
+        running = {k: env.process(work(k)) for k in d.workers}
+        while True:
+            reason, progress = d.stop_check()
+            if d.pending is not None and (yield from d.end_round(reason)):
+                continue
+            if reason:
+                return reason
+            fired = list((yield env.any_of(list(running.values()))).values())
+            assert len(fired) == 1, "the timelines below have no ties"
+            k, tallies = fired[0]
+            received = d.comm.recv(torch.empty_like(d.core.global_params()), src=k, dst=SERVER)
+            lr = d.begin_round(progress)
+            d.aggregate([k], tallies, None, lr, replicas=lambda ks: received.unsqueeze(0))
+            running[k] = env.process(work(k))
+
+
+def test_an_asynchronous_protocol_combines_arrival_by_arrival_with_staleness(tiny_spec):
+    # worker 0 steps in 1 s, worker 1 in 2.5 s, one step per update: arrivals at t = 1 (w0), 2 (w0),
+    # 2.5 (w1, which pulled version 0 and finds version 2: staleness 2), 3 (w0, pulled version 2 at t = 2,
+    # finds 3: staleness 1), 4 (w0, pulled 4 at t = 3: staleness 0)
+    spec = tiny_spec(two_devices(1.0, 2.5), "scheduler={name='fixed', params={local_steps=1}}",
+                     "aggregator={name='test_protocol:StaleMix', params={alpha=0.5}}",
+                     "optim.momentum=0.0", "optim.weight_decay=0.0", "stop.max_rounds=5")
+    sim = Simulation(spec)
+    sim.driver.protocol = OneArrivalAtATime()
+    init = sim.core.global_params().clone()
+    result = sim.run()
+    timeline = [(0, 0), (0, 0), (1, 2), (0, 1), (0, 0)]  # (worker, staleness) per arrival
+    assert result.metrics["time_s"] == pytest.approx([0, 1, 2, 2.5, 3, 4], abs=1e-12)
+    assert [d["workers"] for d in result.decisions] == [[k] for k, _ in timeline]
+    assert sim.driver.aggregator_state == [list(t) for t in timeline]
+    assert result.decisions[2]["weights"] == pytest.approx([0.5 / 3])
+    # the math, replayed by hand: each worker trains one SGD step from the model it pulled
+    w = sim.core.workload
+    model = w.make_model()
+    streams = [EpochStream(w.n_train, np.random.default_rng(derive(spec.seed, "data", k))) for k in range(2)]
+    x, pulled = init.clone(), {0: init.clone(), 1: init.clone()}
+    for k, s in timeline:
+        torch.nn.utils.vector_to_parameters(pulled[k], model.parameters())
+        idx = torch.from_numpy(streams[k].take(8))
+        model.zero_grad()
+        F.cross_entropy(model(w.train_x[idx]), w.train_y[idx]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        a = 0.5 / (1 + s)
+        x = (1 - a) * x + a * torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        pulled[k] = x.clone()
+    assert torch.allclose(sim.core.global_params(), x, atol=1e-6)
+
+
+# -- non-participants ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregator", ["{name='mean'}", "{name='biased', params={strength=1.0}}", "{name='fednova'}",
+                                        "{name='outer_sgd', params={outer_lr=0.7, momentum=0.9}}"])
+def test_a_worker_planned_zero_steps_sits_out_and_the_run_equals_one_without_it(tiny_spec, aggregator):
+    common = ("scheduler={name='test_protocol:OnlyWorkers', params={workers=[0], steps=3}}",
+              f"aggregator={aggregator}", "eval.on='cpu0'", "cluster.devices.0.eval_time_s=0.004")
+    with_idle = Simulation(tiny_spec(two_devices(), *common))
+    a = with_idle.run()
+    alone_spec = tiny_spec("cluster.devices=[{kind='cpu', count=1, step_time={dist='constant', mean_s=0.01}, "
+                           "eval_time_s=0.004}]", *common[:3])
+    alone = Simulation(alone_spec)
+    b = alone.run()
+    assert torch.equal(with_idle.core.global_params(), alone.core.global_params())
+    for column in ("time_s", "train_loss", "test_loss", "test_acc", "samples"):
+        assert same(a.metrics[column], b.metrics[column]), column
+    assert all(math.isfinite(x) for x in a.metrics["test_acc"])
+    assert [d["workers"] for d in a.decisions] == [[0]] * 4
+    assert [d["weights"] for d in a.decisions] == [d["weights"] for d in b.decisions]
+    assert a.summary["rounds_participated"] == {"cpu0": 4, "gpu0": 0}
+    assert a.summary["utilization"]["gpu0"] == 0.0
+    # the idle worker was never observed: no NaN step time reaches what policies see
+    info = with_idle.core.infos[1]
+    assert info.observed_step_time_s is None and info.observed_rounds == 0
+    assert with_idle.core.infos[0].observed_step_time_s == pytest.approx(0.01)
+    assert with_idle.core.infos[0].observed_rounds == 4
+
+
+def test_a_round_where_nobody_works_keeps_the_global_model(tiny_spec):
+    sim = Simulation(tiny_spec("scheduler={name='test_protocol:OnlyWorkers', params={workers=[]}}",
+                               "stop.max_rounds=2"))
+    init = sim.core.global_params().clone()
+    r = sim.run()
+    assert torch.equal(sim.core.global_params(), init)
+    assert r.metrics["time_s"] == [0.0, 0.0, 0.0] and [d["workers"] for d in r.decisions] == [[], []]
+    assert r.metrics["test_acc"][0] == r.metrics["test_acc"][-1]
+
+
+# -- stateful policies across a resume ------------------------------------------------------------
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("policies", [
+    ("aggregator={name='test_protocol:ServerMomentum', params={beta=0.9}}",),
+    ("aggregator={name='outer_sgd', params={outer_lr=0.7, momentum=0.9, nesterov=true}}",),
+    ("scheduler={name='proportional', params={max_steps=8, source='observed'}}",
+     "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}"),
+    ("scheduler={name='test_protocol:RandomSteps', params={max_steps=4}}",),
+], ids=["server-momentum", "outer_sgd", "proportional-observed", "random-steps"])
+def test_stateful_policies_resume_bit_identically(tiny_spec, tmp_path, policies):
+    spec = tiny_spec(*policies, "stop.max_rounds=6", "run.checkpoint_every=2")
+    whole = Simulation(spec)
+    expected = whole.run()
+
+    def crash(row):
+        if row["round"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Simulation(spec, tmp_path, progress=crash).run()
+    state = load_checkpoint(tmp_path / CHECKPOINT, "sim", spec).state
+    assert state["round"] == 2
+    resumed = Simulation(spec, tmp_path, resume=True)
+    got = resumed.run()
+    assert torch.equal(resumed.core.global_params(), whole.core.global_params())
+    assert got.metrics.keys() == expected.metrics.keys()
+    assert all(same(got.metrics[c], expected.metrics[c]) for c in got.metrics)
+    assert list(got.decisions) == list(expected.decisions)
+    if "aggregator" in policies[0]:
+        # the checkpoint held the server optimizer's state (not a fresh one): a resume could not equal
+        # the uninterrupted run otherwise
+        assert state["run"]["aggregator_state"] is not None
+
+
+# -- evaluation placement ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("on, evaluator, eval_s", [("cpu0", 0, 0.005), ("gpu1", 2, 0.003), ("fastest", 1, 0.002)])
+def test_eval_on_places_and_charges_the_evaluation(tiny_spec, on, evaluator, eval_s):
+    # eval times: cpu0 0.005, gpu0 0.002, gpu1 0.003 (TINY's gpus are one group: gpu1's is set per group,
+    # so use a third group for it)
+    r = simulate(tiny_spec(
+        "cluster.devices=[{kind='cpu', count=1, step_time={dist='constant', mean_s=0.01}, eval_time_s=0.005}, "
+        "{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}, eval_time_s=0.002}, "
+        "{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}, eval_time_s=0.003}]",
+        f"eval.on='{on}'", "eval.every_rounds=2"))
+    e = r.summary["exchange_s"]
+    assert r.metrics["time_s"] == pytest.approx([0, 0.01 + e, 2 * (0.01 + e) + eval_s, 3 * (0.01 + e) + eval_s,
+                                                 4 * (0.01 + e) + 2 * eval_s])
+    evals = [ev for ev in r.trace if ev.get("name") == "eval"]
+    assert {ev["tid"] for ev in evals} == {evaluator} and len(evals) == 2
+    assert all(ev["dur"] == pytest.approx(eval_s * 1e6) for ev in evals)
+    idle_while_evaluating = [ev for ev in r.trace if ev.get("name") == "idle" and ev["ts"] == evals[0]["ts"]]
+    assert {ev["tid"] for ev in idle_while_evaluating} == {0, 1, 2} - {evaluator}
+    assert r.summary["evaluator"] == ["cpu0", "gpu0", "gpu1"][evaluator]
+
+
+# -- the two simulated clocks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", [
+    "scheduler={name='fixed', params={per_kind={cpu=1, gpu=5}}}",
+    "scheduler={name='time_budget', params={budget_s=0.01}}",
+    "scheduler={name='test_protocol:OnlyWorkers', params={workers=[0, 2], steps=2}}",
+])
+def test_emulated_and_time_only_clocks_agree_exactly_on_constant_speeds(tiny_spec, scheduler):
+    args = (scheduler, "cluster.devices.1.step_time.mean_s=0.003", "cluster.devices.0.eval_time_s=0.004",
+            "eval.on='cpu0'", "eval.every_rounds=2", "stop.max_rounds=5")
+    emulated = simulate(tiny_spec(*args))
+    time_only = simulate(tiny_spec(*args, "sim.fidelity='time_only'"))
+    # exact up to float summation order (steps one by one vs k x the step time)
+    assert time_only.metrics["time_s"] == pytest.approx(emulated.metrics["time_s"], rel=1e-12)
+    for a, b in zip(emulated.decisions, time_only.decisions, strict=True):
+        assert (a["workers"], a["local_steps"], a["weights"]) == (b["workers"], b["local_steps"], b["weights"])
+    assert time_only.summary["utilization"] == pytest.approx(emulated.summary["utilization"], rel=1e-12)
+
+
+def test_several_processes_checkpoint_per_rank_and_resume_from_the_latest_round(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.sim import engine
+
+    class RankZeroOfTwo(engine.InProcessComm):
+        """The in-process comm posing as the leader of two processes (it still holds every worker)."""
+
+        def __init__(self, n):
+            super().__init__(n)
+            self.world = 2
+
+    spec = tiny_spec("aggregator={name='test_protocol:ServerMomentum'}", "stop.max_rounds=6", "run.checkpoint_every=2")
+    expected = simulate(spec)
+    monkeypatch.setattr(engine, "InProcessComm", RankZeroOfTwo)
+
+    def crash(row):
+        if row["round"] == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Simulation(spec, tmp_path, progress=crash).run()
+    # this rank's state of round 4, the run's state pointing at it; round 2's files are gone
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "checkpoints").rglob("*")) == [
+        "checkpoints/round4", "checkpoints/round4/rank0.pt"]
+    run_state = load_checkpoint(tmp_path / CHECKPOINT, "sim", spec).state
+    assert run_state["round"] == 4 and "rank" not in run_state
+    assert "core" in load_checkpoint(tmp_path / "checkpoints/round4/rank0.pt", "sim", spec).state["rank"]
+    got = Simulation(spec, tmp_path, resume=True).run()
+    assert all(same(got.metrics[c], expected.metrics[c]) for c in got.metrics)
+    assert list(got.decisions) == list(expected.decisions)
