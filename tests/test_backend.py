@@ -45,21 +45,22 @@ def test_backend_makes_the_simulators_decisions_and_accuracy(tiny_spec, tmp_path
     assert s["device_sources"]["cpu0"].startswith("emulated")
     report = compare_runs(load_run(tmp_path / "sim"), load_run(tmp_path / "real"))
     assert report["same_decisions"] is True and report["accuracy_abs_diff_max"] <= 1e-6
-    kinds = {e["name"] for e in read_trace(tmp_path / "real" / "trace.json") if e["ph"] == "X"}
-    assert {"compute", "comm", "eval"} <= kinds
+    events = [e for e in read_trace(tmp_path / "real" / "trace.json") if e["ph"] == "X"]
+    assert {"compute", "comm", "eval"} <= {e["name"] for e in events}
+    # evaluated where the simulator charges it: the fastest device (gpu0, rank 1), not rank 0
+    assert {e["tid"] for e in events if e["name"] == "eval"} == {1} and s["evaluator"] == "gpu0"
     assert not (tmp_path / "real" / "logs").exists()  # the workers' logs stayed empty and were removed
 
 
 class _RecordingClock:
-    """The worker's `time` module, recording every perf_counter reading and every sleep requested (and
+    """The wall clock's `time` module, recording every monotonic reading and every sleep requested (and
     not sleeping): what the padding decides, whatever the machine's load."""
 
     def __init__(self):
         self.events = []
-        self.time = time.time
 
-    def perf_counter(self):
-        t = time.perf_counter()
+    def monotonic(self):
+        t = time.monotonic()
         self.events.append(("t", t))
         return t
 
@@ -68,10 +69,11 @@ class _RecordingClock:
 
 
 def _worker_with_recorded_clock(rank, world, spec, run_dir, init, out):
+    import backends.torchmp.clock
     import backends.torchmp.worker as worker
 
     clock = _RecordingClock()
-    worker.time = clock
+    backends.torchmp.clock.time = clock
     worker.worker_main(rank, world, spec, run_dir, init)
     (out / f"rank{rank}.json").write_text(json.dumps(clock.events))
     worker.exit_now(0)
@@ -310,7 +312,7 @@ def test_mean_aggregation_agrees_with_torch_model_averager():
     import torch.multiprocessing as mp
 
     from backends.torchmp.launcher import free_port
-    from hetsim.policies import Contribution
+    from hetsim.policies import Arrivals, Contribution
     from hetsim.policies.aggregation import Mean
 
     params = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
@@ -318,7 +320,8 @@ def test_mean_aggregation_agrees_with_torch_model_averager():
     out = manager.dict()
     mp.start_processes(_average_with_torch, args=(f"tcp://127.0.0.1:{free_port()}", params, out), nprocs=2,
                        start_method="spawn")
-    ours, _ = Mean().combine(torch.zeros(8), torch.stack(params), [Contribution(k, "cpu", 1, 1, 0.0) for k in (0, 1)])
+    arrivals = Arrivals.of_replicas([Contribution(k, "cpu", 1, 1, 0.0) for k in (0, 1)], torch.stack(params))
+    ours, _, _ = Mean().combine(None, arrivals, None)
     for rank in (0, 1):
         assert torch.allclose(out[rank], ours, atol=1e-7)
 
@@ -339,19 +342,72 @@ def test_profiler_writes_a_profile_the_simulator_reads(tiny_spec, tmp_path):
     assert r.metrics["time_s"][-1] > 0
 
 
-def test_backend_resume_continues_to_the_uninterrupted_result(tiny_spec, tmp_path, monkeypatch):
-    spec = tiny_spec(*TWO, "run.checkpoint_every=2", "run.fault_timeout_s=20")
+SIT_OUT = ["scheduler={name='backend_policies:SitOutInTurn'}"]
+
+
+def _same_decisions(a, b):
+    keys = ("round", "workers", "local_steps", "samples", "biased_samples")
+    return len(a) == len(b) and all({k: x[k] for k in keys} == {k: y[k] for k in keys} and
+                                    np.allclose(x["weights"], y["weights"], rtol=1e-12) for x, y in zip(a, b))
+
+
+def test_backend_resume_restores_policy_state_to_the_uninterrupted_decisions(tiny_spec, tmp_path, monkeypatch):
+    # a stateful, seeded scheduler that sits a worker out every round but one in three, and a server
+    # optimizer with momentum: a resume that lost either state decides or computes differently
+    spec = tiny_spec(*TWO, *SIT_OUT, "aggregator={name='outer_sgd', params={outer_lr=0.7, momentum=0.9}}",
+                     "run.checkpoint_every=2", "run.fault_timeout_s=20")
     whole = run(spec, tmp_path / "whole")
+    sim = simulate(spec)
+    assert _same_decisions(whole.decisions, sim.decisions)
+    assert [d["workers"] for d in whole.decisions][:3] == [[1], [0], [0, 1]]  # the sit-outs did happen
+    assert np.allclose(whole.metrics["train_loss"][1:], sim.metrics["train_loss"][1:], atol=1e-4)
     monkeypatch.setenv(FAULT_ENV, "crash:1:6")
     with pytest.raises(HetsimError, match="failed in round 6"):
         run(spec, tmp_path / "cut")
     monkeypatch.delenv(FAULT_ENV)
-    resumed = run(spec, tmp_path / "cut", resume=True)
-    assert resumed.decisions == whole.decisions or [d["local_steps"] for d in resumed.decisions] == \
-        [d["local_steps"] for d in whole.decisions]
-    assert len(resumed.decisions) == 8
+    resumed = run(spec, tmp_path / "cut", resume=True)  # from round 4's checkpoint
+    assert len(resumed.decisions) == 8 and _same_decisions(resumed.decisions, whole.decisions)
     assert np.allclose(resumed.metrics["train_loss"][1:], whole.metrics["train_loss"][1:], atol=1e-6)
     assert np.allclose(resumed.metrics["test_acc"], whole.metrics["test_acc"], equal_nan=True)
+    assert np.isfinite(resumed.metrics["train_loss"][1:]).all()
+
+
+def _worker_without_pickles(rank, world, spec, run_dir, init):
+    """A backend process in which every pickling collective raises: the hot path must not need one."""
+    import torch.distributed as dist
+
+    import backends.torchmp.worker as worker
+
+    def refuse(*a, **kw):
+        raise AssertionError("a pickling collective (all_gather_object & co.) in the backend")
+    for name in ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list"):
+        setattr(dist, name, refuse)
+    worker.worker_main(rank, world, spec, run_dir, init)
+    worker.exit_now(0)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "fednova"])
+def test_a_worker_sitting_a_round_out_idles_its_rank_as_in_the_simulator(tiny_spec, tmp_path, aggregator):
+    import torch.multiprocessing as mp
+
+    spec = tiny_spec(*TWO, *SIT_OUT, f"aggregator={{name='{aggregator}'}}", "stop.max_rounds=6",
+                     "eval.on='cpu0'")
+    mp.start_processes(_worker_without_pickles, nprocs=2, start_method="spawn",
+                       args=(2, spec, str(tmp_path / "run"), f"file://{tmp_path}/store"))
+    real, sim = load_run(tmp_path / "run"), simulate(spec)
+    assert _same_decisions(real.decisions, sim.decisions)
+    rounds_alone = [d for d in real.decisions if len(d["workers"]) == 1]
+    assert len(rounds_alone) == 4 and all(d["weights"] == [1.0] for d in rounds_alone)
+    assert np.isfinite(real.metrics["train_loss"][1:]).all()
+    assert np.allclose(real.metrics["train_loss"][1:], sim.metrics["train_loss"][1:], atol=1e-4)
+    assert np.allclose(real.metrics["test_acc"], sim.metrics["test_acc"], atol=1e-6, equal_nan=True)
+    assert real.summary["rounds_participated"] == {"cpu0": 4, "gpu0": 4}
+    # eval.on names the device that evaluates
+    events = [e for e in read_trace(tmp_path / "run" / "trace.json") if e["ph"] == "X"]
+    assert {e["tid"] for e in events if e["name"] == "eval"} == {0} and real.summary["evaluator"] == "cpu0"
+    # the rank that sat a round out did no work in it
+    computed = {(e["args"]["round"], e["tid"]) for e in events if e["name"] == "compute"}
+    assert computed == {(d["round"], k) for d in real.decisions for k in d["workers"]}
 
 
 def test_backend_divergence_stops_every_rank_where_the_simulator_does_and_exits_3(tiny_spec, tmp_path, capsys):
@@ -385,6 +441,14 @@ def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
     assert cpu["hardware"].endswith("emulated 2x slowdown") and "emulated" not in gpu["hardware"]
 
 
+def test_profiler_measures_the_exchange_with_the_backends_own_sync():
+    from backends.torchmp.profiler import measure_exchange
+
+    link = measure_exchange(1000, repeats=2)  # at least 4 MB: the bandwidth term dominates
+    assert link["large_bytes"] == 4 << 20
+    assert link["allreduce_large_s"] > 0 and link["latency_s"] >= 0 and link["bandwidth_GBps"] > 0
+
+
 def test_profiler_pads_each_step_by_k_minus_1_times_its_measured_time(monkeypatch):
     from types import SimpleNamespace
 
@@ -407,7 +471,7 @@ def test_profiler_pads_each_step_by_k_minus_1_times_its_measured_time(monkeypatc
     def local_step(k):
         clock.t += next(durations)
 
-    core = SimpleNamespace(local_step=local_step, workers=[SimpleNamespace(tally=SimpleNamespace(observations=[]))])
+    core = SimpleNamespace(step=local_step, workers=[SimpleNamespace(tally=SimpleNamespace(observations=[]))])
     monkeypatch.setattr(profiler, "time", clock)
     samples = profiler.measure_steps(core, torch.device("cpu"), 3.0, warmup=2, min_steps=10, max_steps=40,
                                      max_seconds=1e9)

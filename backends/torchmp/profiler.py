@@ -8,7 +8,7 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   samples are stored (dist 'empirical'), with median / p10 / p90 for readers;
 - evaluation time: the median of 3 evaluations of the test set;
 - exchange (optional, `--exchange`): two gloo processes on loopback run the backend's round
-  synchronisation (control broadcast, tally gather, all-reduce) with a tiny and a large model (at least
+  synchronisation through its TorchComm (stop check, tally gather, all-reduce) with a tiny and a large model (at least
   4 MB, so that bandwidth rather than latency dominates); for a ring of 2, T = 2a + S/B gives the
   latency a (which absorbs the fixed per-round costs) and the bandwidth B;
 - `--config CONFIG`: every device of a config is measured at the same time, each in its own process
@@ -119,24 +119,31 @@ def measure_exchange(model_bytes: int, repeats: int = 20) -> dict[str, float]:
 
 
 def _exchange_worker(rank: int, init: str, nbytes: int, repeats: int, result: Any) -> None:
-    """Time the backend's whole synchronisation, not just the all-reduce: the round's control
-    broadcast, the all_gather_object of tallies and one all-reduce of n floats. Its fixed costs end up
+    """Time the backend's whole synchronisation, not just the all-reduce: the round's stop check
+    (comm.agree), the tally gather (comm.gather_tallies) and the combine's one all-reduce of n floats
+    (a linear aggregator's weighted_sum), through the backend's own TorchComm. Its fixed costs end up
     in the fitted latency, which is what the simulator should charge per exchange."""
     import torch.distributed as dist
+
+    from backends.torchmp.comm import TorchComm
+    from hetsim.protocol import Work
+    from hetsim.training import RoundTally, Tallies
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
+        comm = TorchComm(rank, 2, torch.device("cpu"))
         times = []
-        tally = {"steps": 8, "samples": 512, "biased": 0, "loss_sum": 1.0, "idx": None, "loss": None,
-                 "start": 0.0, "finish": 0.0}
+        tallies = Tallies.of([rank], [RoundTally(8, 512, 0, 1.0)])
+        work = Work([8], np.zeros(1), np.ones(1))
+        weights = np.array([0.5, 0.5])
         for n in (1, max(1, nbytes // 4)):
-            x = torch.ones(n)
+            x = torch.ones(1, n)
 
             def sync() -> None:
-                dist.broadcast(torch.zeros(2, dtype=torch.float64), 0)
-                dist.all_gather_object([None, None], tally)
-                dist.all_reduce(x)
+                comm.agree([0.0, 0.0])
+                comm.gather_tallies([0, 1], tallies, work)
+                comm.arrivals_source([0, 1], lambda ks: x, linear=True)[0](weights)
 
             for _ in range(3):
                 sync()

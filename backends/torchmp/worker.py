@@ -1,42 +1,37 @@
-"""One device's process in the real backend: the simulator's protocol on the wall clock.
+"""One device's process in the real backend: the run's driver (hetsim.protocol) on this rank's ports.
 
-Every round, in every process alike::
+Each rank wires a TrainingCore of its one worker, the WallClock (backends/torchmp/clock.py: real
+time on a timeline that starts at a barrier of all ranks) and the TorchComm (backends/torchmp/comm.py:
+every communicated tensor on the communication device, so the same code runs under gloo and nccl),
+and runs the same Driver as the simulator: every process makes the same decisions, rank 0 writes the
+run directory, the evaluator (`eval.on`) evaluates and shares its result.
 
-    stop, progress = broadcast from rank 0       # budgets on rank 0's clock and accuracy
-    plan = core.plan(round)                      # the shared scheduler; identical in every process
-    local steps on this process's replica        # the shared sampler and training core, each step timed
-    all_gather_object(tally, loss observations, timings)   # the barrier
-    all_reduce(w_k x_k)                          # the shared aggregator's linear coefficients
-    core.finish_round(...)                       # merge loss scores in worker order, as the simulator
-    rank 0: evaluate when due; write metrics, decisions, trace
-
-Times are seconds since rank 0's start (time.time(), one clock on one node). An emulated slowdown k
-pads each step with a sleep of (k - 1) x its measured time.
+What is this module's own: the process around the run — threads, the process group, heartbeats and
+fault injection for the launcher's watch, error reports, the log, the exit without gloo's teardown.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import signal
 import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from hetsim.cluster import within_budget
 from hetsim.config import Spec
-from hetsim.results import (CHECKPOINT, RunWriter, load_checkpoint, restoring, run_summary, save_checkpoint,
-                            strict_json, trace_event, worker_names)
-from hetsim.resolve import build_devices
-from hetsim.training import RoundTally, RunSchedule, TrainingCore
+from hetsim.protocol import Driver, Hooks
+from hetsim.resolve import build_devices, build_policies
+from hetsim.results import strict_json, worker_names
+from hetsim.training import TrainingCore
+
+from backends.torchmp.clock import WallClock
+from backends.torchmp.comm import TorchComm
 
 FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"
 
@@ -88,9 +83,21 @@ def _inject_fault(rank: int, round: int) -> None:
             time.sleep(3600)
 
 
-def _threads(spec: Spec, rank: int, world: int) -> int:
+def local_world_size(init_method: str, world: int, environ: Mapping[str, str] = os.environ) -> int:
+    """How many ranks share this node's cores: torchrun's LOCAL_WORLD_SIZE (env://); the spawn
+    launcher runs the whole world on one node."""
+    if init_method != "env://" or "LOCAL_WORLD_SIZE" not in environ:
+        return world
+    value = environ["LOCAL_WORLD_SIZE"]
+    if not value.isdigit() or not 1 <= int(value) <= world:
+        raise ValueError(f"LOCAL_WORLD_SIZE={value!r}: expected an integer in [1, {world}] (WORLD_SIZE={world})")
+    return int(value)
+
+
+def _threads(spec: Spec, rank: int, local_world: int) -> int:
+    """Torch threads of a rank: the device's `threads`, else this node's cores split among its ranks."""
     d = spec.worker_devices()[rank]
-    return d.threads or max(1, (os.cpu_count() or 1) // world)
+    return d.threads or max(1, (os.cpu_count() or 1) // local_world)
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
@@ -160,16 +167,29 @@ def _beat(heartbeat: Any | None, rank: int, round: int, phase: int) -> None:
         heartbeat[3 * rank], heartbeat[3 * rank + 1], heartbeat[3 * rank + 2] = round, phase, time.time()
 
 
-def _rank_checkpoint(out: Path, round_: int, rank: int) -> Path:
-    return out / "checkpoints" / f"round{round_}" / f"rank{rank}.pt"
+class _Hooks(Hooks):
+    """The launcher's watch on this rank (heartbeat) and the fault injection tests use."""
+
+    def __init__(self, heartbeat: Any | None, rank: int):
+        self.heartbeat, self.rank = heartbeat, rank
+
+    def round_started(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 0)
+        _inject_fault(self.rank, round)
+
+    def work_done(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 1)
 
 
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
          resume: bool, force: bool = False) -> None:
+    """Wire this rank's ports (a TrainingCore of its one worker, the WallClock, the TorchComm) and run
+    the driver; rank 0 writes the run directory."""
     devices_spec = spec.worker_devices()
     if world != len(devices_spec):
         raise ValueError(f"{world} processes for a cluster of {len(devices_spec)} devices")
-    torch.set_num_threads(_threads(spec, rank, world))
+    threads = _threads(spec, rank, local_world_size(init_method, world))
+    torch.set_num_threads(threads)
     all_cuda = all(d.device.startswith("cuda") for d in devices_spec)
     backend = "nccl" if all_cuda else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
@@ -177,163 +197,22 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     device = torch.device(devices_spec[rank].device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm_device = device if backend == "nccl" else torch.device("cpu")
-    slowdown = devices_spec[rank].emulated_slowdown
-    time_models = build_devices(spec)
-    core = TrainingCore(spec, local=[rank], profile_step_times=[d.step_time.mean_s for d in time_models], device=device)
+    comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
+    thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
-    schedule = RunSchedule(spec)
-    writer = RunWriter(out, spec, names, resume=resume) if rank == 0 else None
-    ks = list(range(world))
-    busy = np.zeros(world)
-
-    round_, elapsed = 0, 0.0
-    rows_acc = math.nan
-    config_changes: list[dict] = []
-    if resume:
-        if out is None:
-            raise ValueError("resume needs the run directory")
-        loaded = load_checkpoint(out / CHECKPOINT, "torchmp", spec, force)
-        runner, config_changes = loaded.state, loaded.config_changes
-        with restoring(out / CHECKPOINT):
-            round_, elapsed = runner["round"], runner["time_s"]
-            rank_path = _rank_checkpoint(out, round_, rank)
-            rank_state = load_checkpoint(rank_path, "torchmp", spec, force).state
-            busy = runner["busy_s"]
-            schedule.load_state_dict(runner["schedule"])
-        with restoring(rank_path):
-            core.load_state_dict(rank_state)
-        if writer:
-            writer.load_state_dict(runner["writer"])
-            rows_acc = writer.rows[-1]["test_acc"]
-
-    if writer and not resume:
-        # the initial model's accuracy anchors the curves; as in the simulator it is not on the clock
-        test_loss, rows_acc = core.evaluate()
-        writer.add_row({"round": 0, "time_s": 0.0, "epoch": 0.0, "samples": 0, "lr": core.set_lr(0.0),
-                        "train_loss": None, "test_loss": test_loss, "test_acc": rows_acc})
-    t0 = torch.tensor([time.time() - elapsed], dtype=torch.float64)
-    dist.broadcast(t0, 0)  # every time below is seconds since rank 0's start (of the first attempt)
-    wall0 = time.perf_counter()
-
-    def now() -> float:
-        return time.time() - float(t0)
-
-    stopped_by = ""
-    try:
-        while True:
-            ctl = torch.zeros(2, dtype=torch.float64)
-            if rank == 0:
-                reached = rows_acc >= spec.stop.target_accuracy
-                stopped_by = schedule.stop_reason(round_, now(), core.epochs, reached)
-                ctl[0], ctl[1] = float(bool(stopped_by)), schedule.progress(round_, now(), core.epochs)
-            dist.broadcast(ctl, 0)
-            if ctl[0] > 0:
-                break
-            lr = core.set_lr(float(ctl[1]))
-            round_ += 1
-            _beat(heartbeat, rank, round_, 0)
-            _inject_fault(rank, round_)
-            plan = core.plan(round_)
-            target, budget = plan.local_steps[rank], plan.time_budget_s
-            start = now()
-            steps = 0
-            while (steps < target) if target is not None else (steps == 0 or within_budget(now() - start, budget)):
-                t_step = time.perf_counter()
-                core.local_step(rank)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if slowdown > 1:
-                    time.sleep((slowdown - 1) * (time.perf_counter() - t_step))
-                steps += 1
-            finish = now()
-            _beat(heartbeat, rank, round_, 1)
-            t = core.workers[rank].tally
-            obs = t.observations
-            mine = {"steps": t.steps, "samples": t.samples, "biased": t.biased, "loss_sum": t.loss_sum,
-                    "idx": np.concatenate([o[0] for o in obs]) if obs else None,
-                    "loss": np.concatenate([o[1] for o in obs]) if obs else None, "start": start, "finish": finish}
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, mine)
-            barrier = now()
-            tallies = [RoundTally(g["steps"], g["samples"], g["biased"], g["loss_sum"],
-                                  [(g["idx"], g["loss"])] if g["idx"] is not None else []) for g in gathered]
-            contributions = core.contributions(ks, tallies)
-            flat = core.workers[rank].flat.get().to(comm_device)
-            if core.aggregator.is_linear():
-                a, weights = core.aggregator.coefficients(contributions)
-                x = flat * float(weights[rank])
-                dist.all_reduce(x)
-                new_global = x.to(device) + a * core.global_flat.get() if a else x.to(device)
-            else:
-                replicas = [torch.empty_like(flat) for _ in ks]
-                dist.all_gather(replicas, flat)
-                new_global, weights = core.aggregator.combine(core.global_flat.get(), torch.stack(replicas).to(device),
-                                                              contributions)
-            comm_end = now()
-            record = core.finish_round(round_, ks, tallies, new_global, np.asarray(weights), budget)
-            schedule.check_divergence(record)  # the same record in every process: all ranks agree
-            core.observe_step_times(ks, [(g["finish"] - g["start"]) / g["steps"] for g in gathered])
-            for k, g in enumerate(gathered):
-                busy[k] += g["finish"] - g["start"]
-            if writer:
-                _record_round(writer, round_, gathered, barrier, comm_end, core.model_bytes)
-                if spec.trace.decisions:
-                    writer.add_decision(record)
-                test_loss = test_acc = None  # not evaluated this round (an empty cell, unlike a computed NaN)
-                last = bool(schedule.stop_reason(round_, now(), core.epochs, False))
-                if schedule.eval_due(round_, core.epochs) or last:
-                    eval_start = now()
-                    test_loss, test_acc = core.evaluate()
-                    writer.add_trace(trace_event("eval", 0, eval_start, now(), round=round_))
-                rows_acc = math.nan if test_acc is None else test_acc
-                writer.add_row({"round": round_, "time_s": now(), "epoch": core.epochs, "samples": core.samples_total,
-                                "lr": lr, "train_loss": record.train_loss, "test_loss": test_loss, "test_acc": test_acc})
-            every = spec.run.checkpoint_every
-            if out is not None and every and round_ % every == 0:
-                _checkpoint(out, rank, round_, core, writer, busy, schedule, now(), spec, config_changes)
-    finally:
-        if writer:
-            writer.flush()  # a failing peer still leaves every finished round on disk
-    if writer:
-        total = now()
-        emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
-        writer.finish(run_summary(
-            spec, writer.rows, "torchmp", names, busy, round_, total, core.epochs, core.samples_total, stopped_by,
-            time.perf_counter() - wall0, diverged_at_round=schedule.diverged_at_round, config_changes=config_changes,
-            fidelity="real", backend=backend,
-            devices={n: d.device for n, d in zip(names, devices_spec)},
-            threads={n: _threads(spec, k, world) for k, n in enumerate(names)},
-            emulated_slowdown=emulated, model_bytes=core.model_bytes,
-            device_sources={n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
-                            for n, d in zip(names, devices_spec)}))
+    policies = build_policies(spec)
+    core = TrainingCore(spec, policies, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in build_devices(spec)])
+    emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
+    clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
+        "devices": {n: d.device for n, d in zip(names, devices_spec)},
+        "threads": dict(zip(names, thread_counts)), "emulated_slowdown": emulated,
+        "device_sources": {n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
+                           for n, d in zip(names, devices_spec)}})
+    driver = Driver(spec, core, clock, comm, policies, engine="torchmp", run_dir=out, resume=resume, force=force,
+                    hooks=_Hooks(heartbeat, rank))
+    driver.run()
     # leave together: a process that tears its connections down while a peer still uses them can make
     # gloo abort the peer
-    dist.barrier()
-    _beat(heartbeat, rank, round_, 2)  # finished: a failure from here on is only the teardown
-
-
-def _checkpoint(out: Path, rank: int, round_: int, core: TrainingCore, writer: RunWriter | None, busy: np.ndarray,
-                schedule: RunSchedule, time_s: float, spec: Spec, config_changes: list[dict]) -> None:
-    """Every rank saves its replica's state for this round; once all have, rank 0 points checkpoint.pt
-    at the round (so a crash mid-checkpoint leaves the previous one usable) and drops older rounds."""
-    save_checkpoint(_rank_checkpoint(out, round_, rank), core.state_dict(), "torchmp", spec)
-    dist.barrier()
-    if writer is not None:
-        # the files' lengths, not their contents: a checkpoint stays the same size however long the run
-        save_checkpoint(out / CHECKPOINT, {"round": round_, "time_s": time_s, "busy_s": busy.copy(),
-                                           "schedule": schedule.state_dict(), "writer": writer.state_dict()},
-                        "torchmp", spec, config_changes)
-        for old in (out / "checkpoints").iterdir():
-            if old.name != f"round{round_}":
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def _record_round(writer: RunWriter, round_: int, gathered: list[dict], barrier: float, comm_end: float,
-                  model_bytes: int) -> None:
-    for k in writer.trace_positions(round_, range(len(gathered))):  # the trace's sample of rounds and ranks
-        g = gathered[k]
-        writer.add_trace(trace_event("compute", k, g["start"], g["finish"], round=round_, steps=g["steps"]))
-        if barrier > g["finish"]:
-            writer.add_trace(trace_event("idle", k, g["finish"], barrier, round=round_))
-        writer.add_trace(trace_event("comm", k, barrier, comm_end, round=round_, bytes=model_bytes))
+    comm.barrier()
+    _beat(heartbeat, rank, driver.round, 2)  # finished: a failure from here on is only the teardown

@@ -1,0 +1,175 @@
+"""The Comm port over torch.distributed: how the backend's processes share tallies, replicas and
+control values. One worker per process: worker k lives on rank k.
+
+Every tensor handed to a collective lives on the communication device: the rank's GPU under nccl
+(which rejects CPU tensors), the CPU under gloo. Python values reach that device in one copy and
+come back through `_host`, the one place where a communicated tensor is read on the host.
+
+A round costs a fixed number of collectives, whatever the workers did:
+
+- `gather_tallies`: one all_gather of a fixed-size float64 stats row per rank, then, only when some
+  worker observed per-sample losses, one padded all_gather of the observations (indices and losses;
+  float64 holds indices exactly below 2**53). No pickling (`all_gather_object`).
+- `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k; the replicas themselves
+  (one all_gather) only for an aggregator that declared itself non-linear.
+
+Example (in every process of a gloo group of 2)::
+
+    comm = TorchComm(rank, 2, torch.device("cpu"))
+    lr, = comm.agree([0.05])                     # rank 0's value, everywhere
+    weighted_sum, _ = comm.arrivals_source([0, 1], core.replicas, linear=True)
+    new_global = weighted_sum(np.array([0.5, 0.5]))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hetsim.protocol import Comm, Work
+from hetsim.training import Tallies
+
+# the columns of a rank's row in the stats tensor that gather_tallies all_gathers
+_STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS = range(7)
+_COLUMNS = 7
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A communicated tensor's values on the host (float64 numpy)."""
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+class TorchComm(Comm):
+    """The Comm port on an initialised torch.distributed process group, worker k on rank k.
+
+    rank, world: this process's rank and the group's size. device: the communication device (cuda:i
+    under nccl, cpu under gloo); replicas are computed wherever they live and travel through it.
+    """
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world = rank, world
+        self.leader = rank == 0
+        self.local = [rank]
+        self.device = torch.device(device)
+
+    # -- control values -----------------------------------------------------------------------------
+
+    def agree(self, values: Sequence[float]) -> list[float]:
+        """The leader's `values` in every process (every process passes as many)."""
+        return self._broadcast(values, 0)
+
+    def share(self, worker: int, values: Sequence[float]) -> list[float]:
+        """The values of the process that holds `worker` (e.g. its evaluation), in every process."""
+        return self._broadcast(values, worker)
+
+    def _broadcast(self, values: Sequence[float], src: int) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src)
+        return _host(t).tolist()
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":  # nccl's barrier otherwise guesses the device from the rank
+            dist.barrier(device_ids=[self.device.index if self.device.index is not None else 0])
+        else:
+            dist.barrier()
+
+    # -- a round's tallies --------------------------------------------------------------------------
+
+    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
+        """Every participant's tally and work, in ks order, in every process; `tallies` and `work` hold
+        this process's worker when it is among ks (else nothing)."""
+        ks = [int(k) for k in ks]
+        mine = self.rank in ks
+        if len(tallies.workers) != int(mine) or len(work.steps) != int(mine):
+            raise ValueError(f"gather_tallies: rank {self.rank} passed {len(tallies.workers)} tallies and work for "
+                             f"{len(work.steps)} workers; it holds {int(mine)} of the participants {ks}")
+        if not ks:
+            return Tallies.of([], []), Work([], np.zeros(0), np.zeros(0))
+        row = np.zeros(_COLUMNS)
+        if mine:
+            obs = [o for o in tallies.observations if len(o[0])]
+            row[:] = (work.steps[0], tallies.samples[0], tallies.biased[0], tallies.loss_sum[0], work.start[0],
+                      work.finish[0], sum(len(o[0]) for o in obs))
+        gathered = _host(self._all_gather(torch.from_numpy(row).to(self.device)))[ks]  # [len(ks), columns]
+        n_obs = gathered[:, _N_OBS].astype(np.int64)
+        observations = []
+        width = int(n_obs.max())
+        if width:  # one padded gather of every rank's observations: indices in row 0, losses in row 1
+            padded = np.zeros((2, width))
+            if mine and obs:
+                idx = np.concatenate([o[0] for o in obs])
+                padded[0, :len(idx)], padded[1, :len(idx)] = idx, np.concatenate([o[1] for o in obs])
+            everyone = _host(self._all_gather(torch.from_numpy(padded).to(self.device)))[ks]  # [len(ks), 2, width]
+            observations = [(everyone[i, 0, :n].astype(np.int64), everyone[i, 1, :n].copy())
+                            for i, n in enumerate(n_obs) if n]
+        steps = gathered[:, _STEPS].astype(np.int64)
+        out = Tallies(np.array(ks, dtype=np.int64), steps, gathered[:, _SAMPLES].astype(np.int64),
+                      gathered[:, _BIASED].astype(np.int64), gathered[:, _LOSS_SUM].copy(), observations)
+        return out, Work(steps.tolist(), gathered[:, _START].copy(), gathered[:, _FINISH].copy())
+
+    # -- the replicas -------------------------------------------------------------------------------
+
+    def arrivals_source(self, ks: Sequence[int], replicas: Callable[[list[int]], torch.Tensor], linear: bool
+                        ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[], torch.Tensor] | None]:
+        """The two callables `Arrivals` takes for participants ks (nothing travels until one is called;
+        every process calls them alike, as the aggregator runs in every process).
+
+        replicas(local_ks): this process's replicas as rows (the core's). weighted_sum(w) -> Σ_i w[i]
+        x_{ks[i]} by one all_reduce; the second callable -> the participants' replicas [len(ks), P] by
+        one all_gather, or None when `linear` (the aggregator only reads weighted sums). Both return
+        tensors where the replicas live."""
+        ks = [int(k) for k in ks]
+        mine = ks.index(self.rank) if self.rank in ks else None
+        # a rank sitting the round out still takes part in the collectives, with zeros of the right shape
+        own = replicas([self.rank])[0]
+
+        def weighted_sum(w: np.ndarray) -> torch.Tensor:
+            w = np.asarray(w, dtype=np.float64)
+            if w.shape != (len(ks),):
+                raise ValueError(f"weighted_sum: expected {len(ks)} weights (one per arrival), got shape {w.shape}")
+            if mine is None:
+                x = torch.zeros(own.numel(), dtype=own.dtype, device=self.device)
+            else:
+                x = own.to(self.device) * float(w[mine])
+            dist.all_reduce(x)
+            return x.to(own.device)
+
+        cache: list[torch.Tensor] = []
+
+        def gathered() -> torch.Tensor:
+            if not cache:  # gathered once: the aggregator may read them more than once
+                x = own.to(self.device) if mine is not None else torch.zeros(own.numel(), dtype=own.dtype,
+                                                                             device=self.device)
+                cache.append(self._all_gather(x)[ks].to(own.device))
+            return cache[0]
+
+        return weighted_sum, (None if linear else gathered)
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return torch.stack(out)
+
+    # -- point to point -----------------------------------------------------------------------------
+
+    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
+        """Send `tensor` of worker src (this process's) to the process of worker dst."""
+        if src != self.rank:
+            raise ValueError(f"send: worker {src} does not live on rank {self.rank}")
+        dist.send(tensor.to(self.device), dst)
+
+    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+        """Receive into `tensor` (its shape, dtype and device) what worker src sent to worker dst (this
+        process's)."""
+        if dst != self.rank:
+            raise ValueError(f"recv: worker {dst} does not live on rank {self.rank}")
+        buf = torch.empty_like(tensor, device=self.device)
+        dist.recv(buf, src)
+        tensor.copy_(buf)
+        return tensor
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"backend": "nccl" if self.device.type == "cuda" else "gloo"}
