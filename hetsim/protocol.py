@@ -36,9 +36,9 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 import torch
 
-from hetsim.config import Spec
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals, RoundPlan
+from hetsim.resolve import Experiment
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
                             save_checkpoint, trace_event, worker_names)
 from hetsim.seeding import numpy_rng
@@ -215,29 +215,43 @@ class _Pending:
     record: RoundRecord | None = None
 
 
-def evaluator_index(spec: Spec, profile_step_times: Sequence[float]) -> int:
-    """`eval.on`: "fastest" = the lowest profiled mean step time (ties: the lowest index), or a worker
-    name as in results (cpu0, gpu1)."""
-    if spec.eval.on == "fastest":
-        return int(np.argmin(profile_step_times))
-    return worker_names(spec.worker_kinds()).index(spec.eval.on)
+#: consecutive rounds in which nobody works before the run is stopped as making no progress
+MAX_IDLE_ROUNDS = 1000
+
+
+def _valid_target(t: Any, budget_s: float | None) -> bool:
+    if t is None:
+        return budget_s is not None
+    return isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0
+
+
+def _valid_targets(targets: Sequence[Any], budget_s: float | None) -> bool:
+    """Whether a plan's local steps are integers >= 0 (None = the time budget, when there is one); one
+    vectorised pass for the common all-integer plan of 10^4 workers."""
+    if budget_s is None:
+        a = np.asarray(targets)
+        if a.dtype.kind in "iu":
+            return a.size == 0 or a.min() >= 0
+    return all(_valid_target(t, budget_s) for t in targets)
 
 
 class Driver:
     """Owns a run: its decisions, its policy states and RNG, what it writes, its checkpoints.
 
-    core: a training core (hetsim.training.TrainingCore, or the time-only core) holding this process's
-    replicas; policies: the run's scheduler, sampler, aggregator (the core holds the sampler too);
+    experiment: the resolved spec (`hetsim.resolve.resolve`: its policies, built once and shared with the
+    core, which holds the sampler; the evaluator `eval.on` names); core: a training core
+    (hetsim.training.TrainingCore, or the time-only core) holding this process's replicas;
     clock / comm: the engine's ports; engine: "sim" or "torchmp" (checkpoints and summary.json say which).
     run_dir: where the leader writes the run (None: in memory); resume: continue from its checkpoint
     (force: even if the config changed); progress: called with every metrics row (on the leader).
     """
 
-    def __init__(self, spec: Spec, core: Any, clock: Clock, comm: Comm, policies: Any, *, engine: str,
+    def __init__(self, experiment: Experiment, core: Any, clock: Clock, comm: Comm, *, engine: str,
                  run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
                  progress: ProgressFn | None = None, hooks: Hooks | None = None, protocol: Protocol | None = None):
+        spec = experiment.spec
         self.spec, self.core, self.clock, self.comm = spec, core, clock, comm
-        self.scheduler, self.aggregator = policies.scheduler, policies.aggregator
+        self.scheduler, self.aggregator = experiment.policies.scheduler, experiment.policies.aggregator
         self.engine = engine
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -247,7 +261,7 @@ class Driver:
         self.workers = list(range(self.n))
         self.names = worker_names(spec.worker_kinds())
         self.kinds = np.array(spec.worker_kinds())
-        self.evaluator = evaluator_index(spec, [i.profile_step_time_s for i in core.infos])
+        self.evaluator = experiment.evaluator
         self.schedule = RunSchedule(spec)
         self.scheduler_rng = numpy_rng(spec.seed, "scheduler")
         self.round = 0
@@ -261,6 +275,7 @@ class Driver:
         self.end_time = 0.0
         self.config_changes: list[dict] = []
         self.pending: _Pending | None = None
+        self.idle_rounds = 0                                  # consecutive rounds in which nobody worked
         checkpoint = None
         if resume:  # read and checked before anything is written: a refused resume changes nothing
             if self.run_dir is None:
@@ -306,9 +321,20 @@ class Driver:
             raise HetsimError(f"scheduler {self.spec.scheduler.name!r} planned {len(plan.local_steps)} workers "
                               f"in round {self.round}, {len(ks)} were online")
         targets = plan.local_steps
+        if not _valid_targets(targets, plan.time_budget_s):
+            bad = next(t for t in targets if not _valid_target(t, plan.time_budget_s))
+            raise HetsimError(f"scheduler {self.spec.scheduler.name!r} planned {bad!r} local steps in round "
+                              f"{self.round}: expected integers >= 0" +
+                              (" or None (run for the time budget)" if plan.time_budget_s is not None else ""))
         if 0 in targets:
             kept = [(k, t) for k, t in zip(ks, targets) if t != 0]
             ks, targets = [k for k, _ in kept], tuple(t for _, t in kept)
+        # a scheduler that sits everyone out for good would spin forever under a time or epoch budget
+        self.idle_rounds = 0 if ks else self.idle_rounds + 1
+        if self.idle_rounds >= MAX_IDLE_ROUNDS:
+            raise HetsimError(f"scheduler {self.spec.scheduler.name!r} planned 0 local steps for every online "
+                              f"worker in {MAX_IDLE_ROUNDS} rounds in a row (up to round {self.round}): the run "
+                              f"makes no progress")
         return plan, ks, targets
 
     def local_work(self, ks: list[int], plan: RoundPlan) -> Steps:

@@ -2,7 +2,9 @@
 policies across a resume, evaluation placement, and the simulator's two clocks agreeing."""
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,6 +225,49 @@ def test_a_plan_for_the_wrong_number_of_workers_is_a_one_line_error(tiny_spec):
     with pytest.raises(HetsimError, match=r"^scheduler 'test_protocol:ForgetsOne' planned 2 workers in round 1, "
                                           r"3 were online$"):
         simulate(tiny_spec("scheduler={name='test_protocol:ForgetsOne'}"))
+
+
+@dataclass(frozen=True)
+class PlansValue(Scheduler):
+    """Plans `value` local steps for worker 0 and 1 for the others: a possibly broken policy."""
+
+    value: Any = -1
+
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(self.value if w.index == 0 else 1 for w in workers)), state
+
+
+@pytest.mark.parametrize("value, shown", [(-1, "-1"), (1.5, "1.5"), ("2", "'2'"), (None, "None")])
+def test_a_plan_of_negative_or_non_integer_steps_is_a_one_line_error(tiny_spec, value, shown):
+    from hetsim.errors import HetsimError
+
+    params = "{}" if value is None else f"{{value={value!r}}}".replace("'", '"')
+    spec = tiny_spec(f"scheduler={{name='test_protocol:PlansValue', params={params}}}")
+    if value is None:
+        spec = tiny_spec("scheduler={name='test_protocol:PlansNone'}")
+    with pytest.raises(HetsimError, match=rf"^scheduler '[^']+' planned {re.escape(shown)} local steps in round 1: "
+                                          r"expected integers >= 0$"):
+        simulate(spec)
+
+
+@dataclass(frozen=True)
+class PlansNone(Scheduler):
+    """None (run for the budget) without a time budget."""
+
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(None for _ in workers)), state
+
+
+def test_a_scheduler_that_sits_everyone_out_for_good_stops_the_run_instead_of_spinning(tiny_spec):
+    from hetsim.errors import HetsimError
+    from hetsim.protocol import MAX_IDLE_ROUNDS
+
+    # only a time budget: without the guard no round would advance the clock, and the run would never end
+    spec = tiny_spec("scheduler={name='test_protocol:OnlyWorkers', params={workers=[]}}", "stop.max_rounds=0",
+                     "stop.max_time_s=1.0")
+    with pytest.raises(HetsimError, match=rf"planned 0 local steps for every online worker in {MAX_IDLE_ROUNDS} "
+                                          rf"rounds in a row \(up to round {MAX_IDLE_ROUNDS}\)"):
+        simulate(spec)
 
 
 def test_a_round_where_nobody_works_keeps_the_global_model(tiny_spec):

@@ -23,6 +23,7 @@ from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_
 from hetsim.analysis import load_run
 from hetsim.config import Spec
 from hetsim.errors import HetsimError
+from hetsim.resolve import check
 from hetsim.results import CHECKPOINT, RunResult, load_checkpoint, worker_names
 from hetsim.rundir import claim_run_dir
 
@@ -104,6 +105,7 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
     if any(d.offline or d.slowdown or d.slowdown_trace or d.straggler_prob for d in spec.cluster.devices):
         raise HetsimError("offline windows, slowdown schedules and stragglers are simulator conditions; "
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
+    check(spec)  # a spec built without hetsim.resolve: every check before anything is written
     check_devices(spec)
     run_dir = claim_run_dir(run_dir, spec, "torchmp", overwrite=overwrite, resume=resume)
     world = spec.n_workers

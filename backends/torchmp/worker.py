@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from hetsim.config import Spec
 from hetsim.protocol import Driver, Hooks
-from hetsim.resolve import build_devices, build_policies
+from hetsim.resolve import resolve
 from hetsim.results import strict_json, worker_names
 from hetsim.training import TrainingCore
 
@@ -200,16 +200,16 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
     thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
-    policies = build_policies(spec)
-    core = TrainingCore(spec, policies, local=[rank], device=device,
-                        profile_step_times=[d.step_time.mean_s for d in build_devices(spec)])
+    experiment = resolve(spec)
+    core = TrainingCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in experiment.devices])
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
     clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
         "devices": {n: d.device for n, d in zip(names, devices_spec)},
         "threads": dict(zip(names, thread_counts)), "emulated_slowdown": emulated,
         "device_sources": {n: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
                            for n, d in zip(names, devices_spec)}})
-    driver = Driver(spec, core, clock, comm, policies, engine="torchmp", run_dir=out, resume=resume, force=force,
+    driver = Driver(experiment, core, clock, comm, engine="torchmp", run_dir=out, resume=resume, force=force,
                     hooks=_Hooks(heartbeat, rank))
     driver.run()
     # leave together: a process that tears its connections down while a peer still uses them can make

@@ -40,7 +40,6 @@ wrapped by `build` and keep working, with one HetsimWarning that points at the R
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 import warnings
@@ -358,89 +357,6 @@ class Aggregator(Policy):
                              f"{a}, but the class declares needs_previous_global = False (so the driver passed None)")
         return combined + a * global_params, w, state
 
-    @classmethod
-    def is_linear(cls) -> bool:
-        """LEGACY SHIM (see 'Legacy call shapes' below): whether main's backend may combine with
-        `coefficients` and one all_reduce instead of calling `combine`. The driver reads `linear`."""
-        return cls.linear and not cls.stateful and cls.combine is _LINEAR_COMBINE
-
-
-# ------------------------------------------------------------------------------------------------
-# Legacy call shapes: TEMPORARY. main's engine (training.py, sim/timeonly.py) and backend still call
-# plan(round, workers), batch(worker, b, stream, scores), combine(global, replicas, contributions) and
-# is_linear(). Until the driver (hetsim/protocol.py) calls the contract above, every new-contract
-# method also accepts its old call shape; the state such calls need is kept on the instance (not
-# checkpointed: exactly main's behaviour). Remove this section, the `__init_subclass__` hooks and
-# `Aggregator.is_linear` when the driver lands.
-# ------------------------------------------------------------------------------------------------
-
-_LEGACY_STATE = "_legacy_state"
-
-
-def _legacy_state(policy: Any, key: Any, init: Callable[[], Any]) -> Any:
-    kept = policy.__dict__.setdefault(_LEGACY_STATE, {})
-    if key not in kept:
-        kept[key] = init()
-    return kept[key]
-
-
-def _keep_legacy_state(policy: Any, key: Any, state: Any) -> None:
-    policy.__dict__[_LEGACY_STATE][key] = state
-
-
-def _shim_plan(plan: Callable) -> Callable:
-    @functools.wraps(plan)
-    def plan_or_legacy_plan(self, round, workers, *rest, **kw):
-        if rest or kw:
-            return plan(self, round, workers, *rest, **kw)
-        state = _legacy_state(self, "plan", lambda: self.init_state(workers))
-        result, state = plan(self, round, workers, np.random.default_rng(round), state)
-        _keep_legacy_state(self, "plan", state)
-        return result
-    return plan_or_legacy_plan
-
-
-def _shim_batch(batch: Callable) -> Callable:
-    @functools.wraps(batch)
-    def batch_or_legacy_batch(self, worker, batch_size, stream, scores, *rest, **kw):
-        if rest or kw:
-            return batch(self, worker, batch_size, stream, scores, *rest, **kw)
-        key = ("batch", worker.index)
-        result, state = batch(self, worker, batch_size, stream, scores,
-                              _legacy_state(self, key, lambda: self.init_state(worker)))
-        _keep_legacy_state(self, key, state)
-        return result
-    return batch_or_legacy_batch
-
-
-def _shim_combine(combine: Callable) -> Callable:
-    @functools.wraps(combine)
-    def combine_or_legacy_combine(self, global_params, arrivals, *rest, **kw):
-        if isinstance(arrivals, Arrivals):
-            return combine(self, global_params, arrivals, *rest, **kw)
-        replicas, (contributions,) = arrivals, rest  # the old shape: (global, replicas, contributions)
-        state = _legacy_state(self, "combine", lambda: self.init_state(global_params))
-        new, w, state = combine(self, global_params, Arrivals.of_replicas(contributions, replicas), state)
-        _keep_legacy_state(self, "combine", state)
-        return new, w
-    return combine_or_legacy_combine
-
-
-_SHIMS = {"plan": _shim_plan, "batch": _shim_batch, "combine": _shim_combine}
-
-
-def _shim_new_methods(cls: type, method: str) -> None:
-    """Let `cls`'s own new-contract `method` (if it defines one) also answer the old call shape."""
-    f = cls.__dict__.get(method)
-    if f is not None and inspect.isfunction(f) and not _legacy_signature(method, f):
-        setattr(cls, method, _SHIMS[method](f))
-
-
-Scheduler.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "plan"))  # type: ignore
-Sampler.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "batch"))  # type: ignore
-Aggregator.__init_subclass__ = classmethod(lambda cls, **kw: _shim_new_methods(cls, "combine"))  # type: ignore
-Aggregator.combine = _shim_combine(Aggregator.combine)  # type: ignore[method-assign]
-_LINEAR_COMBINE = Aggregator.combine
 
 # ------------------------------------------------------------------------------------------------
 # The old contract (before explicit state), adapted

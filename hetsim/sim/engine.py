@@ -33,7 +33,7 @@ from hetsim.cluster import DeviceModel, exchange_time, within_budget
 from hetsim.config import Spec
 from hetsim.policies import RoundPlan
 from hetsim.protocol import Clock, Comm, Driver, ProgressFn, Steps, Work
-from hetsim.resolve import build_groups, build_policies
+from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult, worker_names
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
@@ -231,23 +231,25 @@ class Simulation:
     """A spec on the simulator: the cores and ports of its fidelity, run by the driver."""
 
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
-                 workload: Workload | None = None, resume: bool = False, force: bool = False):
+                 workload: Workload | None = None, resume: bool = False, force: bool = False,
+                 experiment: Experiment | None = None):
         """resume: continue from `run_dir`'s checkpoint (written every run.checkpoint_every rounds);
         the result equals an uninterrupted run's. force: resume even if the config changed since the
-        checkpoint (summary.json records it as resumed_with_changed_config)."""
+        checkpoint (summary.json records it as resumed_with_changed_config). experiment: `spec` already
+        resolved (`hetsim.resolve.resolve`; checked and built once), else it is resolved here."""
         self.spec = spec
-        policies = build_policies(spec)
-        groups = build_groups(spec)
+        exp = experiment if experiment is not None else resolve(spec)
+        groups = list(exp.groups)
         group_of = np.repeat(np.arange(len(groups)), [d.count for d in spec.cluster.devices])
-        mean_times = [groups[g].step_time.mean_s for g in group_of]
+        mean_times = [d.step_time.mean_s for d in exp.devices]
         if spec.sim.fidelity == "time_only":
-            self.core: Any = TimeOnlyCore(spec, policies, mean_times, FlatParams(build_model(spec.workload)).nbytes)
+            self.core: Any = TimeOnlyCore(spec, exp.policies, mean_times, FlatParams(build_model(spec.workload)).nbytes)
             self.clock: SimClock = TimeOnlyClock(spec, groups, group_of)
         else:
-            self.core = TrainingCore(spec, policies, workload, mean_times)
+            self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
             self.clock = EmulatedClock(spec, groups, group_of)
         self.comm = InProcessComm(len(group_of))
-        self.driver = Driver(spec, self.core, self.clock, self.comm, policies, engine="sim", run_dir=run_dir,
+        self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
                              resume=resume, force=force, progress=progress)
         self.writer = self.driver.writer
 
@@ -274,12 +276,13 @@ def simulate(spec: Spec, out: str | Path | None = None, progress: ProgressFn | N
     Torch runs with `spec.sim.threads` threads (0: one) for the run, recorded as summary.json's
     torch_threads; the caller's setting is restored afterwards.
     """
+    experiment = resolve(spec)  # every check before anything is written
     if out is not None:
         from hetsim.rundir import claim_run_dir
 
         claim_run_dir(out, spec, "sim", overwrite=overwrite, resume=resume)
     with _torch_threads(spec.sim.threads or 1):
-        return Simulation(spec, out, progress, resume=resume, force=force).run()
+        return Simulation(spec, out, progress, resume=resume, force=force, experiment=experiment).run()
 
 
 @contextlib.contextmanager

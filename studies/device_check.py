@@ -1,6 +1,6 @@
 """The backend's GPU checks, as one short script for a machine with a CUDA device (a few minutes):
 
-    python -m backends.torchmp.device_check OUT_DIR [--gpu cuda:0]
+    python studies/device_check.py OUT_DIR [--gpu cuda:0]
 
 1. world 1 over nccl: one `cuda:i` device, so the backend picks nccl and every control value,
    tally and replica travels on the GPU;
