@@ -85,6 +85,20 @@ class StepTimeModel:
             return float(rng.lognormal(math.log(self.mean_s) - sigma2 / 2, math.sqrt(sigma2)))
         return self.samples_s[int(rng.integers(len(self.samples_s)))]
 
+    def sample_many(self, rng: np.random.Generator, shape: int | tuple[int, ...]) -> np.ndarray:
+        """Independent draws of `sample`'s distribution in an array of `shape` (one numpy call, so not
+        the same stream of numbers as calling `sample` that many times)."""
+        if self.dist == "constant" or (self.dist == "lognormal" and self.std_s == 0):
+            return np.full(shape, self.mean_s)
+        if self.dist == "lognormal":
+            sigma2 = math.log1p((self.std_s / self.mean_s) ** 2)
+            # exp(mu + sigma Z), as rng.lognormal draws it, but with numpy's vectorised exp (faster on arrays)
+            d = rng.standard_normal(shape)
+            d *= math.sqrt(sigma2)
+            d += math.log(self.mean_s) - sigma2 / 2
+            return np.exp(d, out=d)
+        return np.asarray(self.samples_s)[rng.integers(len(self.samples_s), size=shape)]
+
 
 def _piecewise(pairs: Sequence[Sequence[float]], t: float, default: float) -> float:
     """Value of a piecewise-constant schedule [[time, value], ...] at time t."""
@@ -128,6 +142,23 @@ class DeviceModel:
         if self.straggler_prob > 0 and rng.random() < self.straggler_prob:
             d *= self.straggler_factor
         return d
+
+    def draw_steps(self, rng: np.random.Generator, shape: int | tuple[int, ...], t: float) -> np.ndarray:
+        """Durations of independent local steps in an array of `shape`: `draw_step`'s distribution (the
+        profile's draw x the slowdown in force at time t x a straggler factor drawn per step)."""
+        d = self.step_time.sample_many(rng, shape) * self.slowdown_at(t)
+        if self.straggler_prob > 0:
+            d = np.where(rng.random(shape) < self.straggler_prob, d * self.straggler_factor, d)
+        return d
+
+    def step_moments(self, t: float) -> tuple[float, float]:
+        """(mean, std) of one step's duration drawn at time t (`draw_step`), stragglers included."""
+        factor = self.slowdown_at(t)
+        m, s = self.step_time.mean_s * factor, self.step_time.std_s * factor
+        p, f = self.straggler_prob, self.straggler_factor
+        mean = m * (1 - p + p * f)
+        second = (s * s + m * m) * (1 - p + p * f * f)  # E[X^2] of the two-point mixture
+        return mean, math.sqrt(max(second - mean * mean, 0.0))
 
 
 BUDGET_RTOL = 1e-9

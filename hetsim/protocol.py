@@ -314,7 +314,8 @@ class Driver:
     def local_work(self, ks: list[int], plan: RoundPlan) -> Steps:
         """Workers ks pull the global model and do their planned work (this process's, through the clock);
         returns everybody's Work and Tallies (through the comm) and observes their step times."""
-        self.pulled[ks] = self.version
+        at = np.asarray(ks, dtype=np.int64)  # one conversion for the per-worker arrays below (10^4 workers)
+        self.pulled[at] = self.version
         local = ks if self.comm.world == 1 else [k for k in ks if k in self.comm.local]
         targets = plan.local_steps if local is ks else tuple(t for k, t in zip(ks, plan.local_steps) if k in local)
         self.core.pull(local)
@@ -323,8 +324,8 @@ class Driver:
         self.hooks.work_done(self.round)
         tallies, work = self.comm.gather_tallies(ks, self.core.tallies(local), work)
         busy = work.finish - work.start
-        self.busy_s[ks] += busy
-        self.participation[ks] += 1
+        self.busy_s[at] += busy
+        self.participation[at] += 1
         self.core.observe_step_times(ks, (busy / np.asarray(work.steps)).tolist())
         return work, tallies
 
@@ -343,8 +344,9 @@ class Driver:
         if ks:
             agg = self.aggregator
             weighted_sum, gathered = self.comm.arrivals_source(ks, replicas or self.core.replicas, agg.linear)
-            arrivals = Arrivals(tallies.workers, self.kinds[ks], tallies.steps, tallies.samples, tallies.mean_loss(),
-                                self.version - self.pulled[ks], self.round, lr, weighted_sum=weighted_sum,
+            at = tallies.workers
+            arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
+                                self.version - self.pulled[at], self.round, lr, weighted_sum=weighted_sum,
                                 replicas=gathered)
             previous = self.core.global_params() if agg.needs_previous_global else None
             new_global, weights, self.aggregator_state = agg.combine(previous, arrivals, self.aggregator_state)

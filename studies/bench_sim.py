@@ -1,7 +1,8 @@
 """Benchmark of the simulator: ratios measured side by side in one run (absolute times vary by machine).
 
-    python studies/bench_sim.py            # ~3-4 minutes on 2 cores
+    python studies/bench_sim.py            # ~7-8 minutes on 2 cores
     python studies/bench_sim.py --quick    # smaller sizes, for a smoke test
+    python studies/bench_sim.py --fidelity # only target 7
 
 Prints PASS or FAIL for each target and exits with status 1 when any is missed:
   1. per-replica emulation / a bare torch loop doing the same local-SGD steps    (target <= 1.05)
@@ -11,6 +12,8 @@ Prints PASS or FAIL for each target and exits with status 1 when any is missed:
   5. the quickstart's wall time beside one competing CPU-bound process, as on a shared machine (< 60 s)
   6. time-only 10,000 devices x 1,000 rounds with default settings (`hetsim simulate`, run files written):
      wall time (target < 60 s), peak RSS (target < 2 GB) and peak RSS against 100 rounds (target <= 1.1)
+  7. for every shipped example (examples/*.toml), the time-only against the emulated clock: mean round
+     time, relative difference (target within 3%); `--fidelity` runs only this part (~4 minutes)
 """
 
 from __future__ import annotations
@@ -179,10 +182,56 @@ def bare_simpy(devices: int, rounds: int) -> tuple[float, float]:
     return sequential, time.perf_counter() - t0
 
 
+#: Emulated rounds per shipped example: a standard error of the mean round time well under 1% (per-round
+#: cv ~3%, synthetic's time budget ~20%; validate_cpu2: a multiple of its eval.every_rounds). Unlisted
+#: examples get DEFAULT_FIDELITY_ROUNDS.
+FIDELITY_ROUNDS = {"digits.toml": 200, "fashion_mnist.toml": 40, "paper_cluster.toml": 150, "synthetic.toml": 3000,
+                   "validate_cpu2.toml": 60}
+DEFAULT_FIDELITY_ROUNDS = 100
+TIME_ONLY_ROUNDS = 10_000
+
+
+def fidelity_agreement(targets: Targets, quick: bool) -> None:
+    """Target 7: each shipped example as shipped, stopped by rounds alone, in both fidelities with the same
+    seed; time-only runs many more rounds (it is cheap), so the difference carries the emulated run's
+    sampling error, printed beside it. The test set is cut to 500 samples: evaluation's cost on the clock
+    is the profile's eval_time_s, whatever the test set's size."""
+    from hetsim.config import load_spec, replace
+    from hetsim.errors import HetsimError, SpecError
+    from hetsim.sim import simulate
+
+    for path in sorted((ROOT / "examples").glob("*.toml")):
+        what = f"7. time-only vs emulated mean round time, {path.name}: |relative difference|"
+        rounds = max(20, FIDELITY_ROUNDS.get(path.name, DEFAULT_FIDELITY_ROUNDS) // (5 if quick else 1))
+        rounds = -(-rounds // 10) * 10  # whole periods of any eval.every_rounds up to 10
+        means = {}
+        try:
+            spec = load_spec(path, overrides=["stop.max_time_s=0", "stop.max_epochs=0", "stop.max_rounds=1",
+                                              "workload.n_test=500", "trace.decisions=false"])
+            for fidelity, n in (("emulated", rounds), ("time_only", TIME_ONLY_ROUNDS // (5 if quick else 1))):
+                r = simulate(replace(spec, [f"stop.max_rounds={n}", f"sim.fidelity='{fidelity}'"]))
+                # standard error from the means of 10-round blocks: periodic evaluations are not noise
+                blocks = np.diff(r.metrics["time_s"]).reshape(-1, 10).mean(axis=1)
+                means[fidelity] = (float(blocks.mean()), float(blocks.std(ddof=1) / np.sqrt(len(blocks))), n)
+        except (HetsimError, SpecError) as e:
+            targets.check(what, None, "<=", 0.03, f"(could not run: {e})")
+            continue
+        (e_mean, e_se, e_n), (t_mean, _, t_n) = means["emulated"], means["time_only"]
+        rel = t_mean / e_mean - 1
+        targets.check(what, abs(rel), "<=", 0.03,
+                      f"({rel:+.2%}; emulated {e_mean * 1e3:.4g} ms +- {e_se / e_mean:.2%} (standard error) over "
+                      f"{e_n} rounds, time-only {t_mean * 1e3:.4g} ms over {t_n} rounds)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    ap.add_argument("--fidelity", action="store_true", help="only target 7 (time-only vs emulated clock)")
     args = ap.parse_args()
+    if args.fidelity:
+        targets = Targets()
+        fidelity_agreement(targets, args.quick)
+        sys.exit(targets.summary())
     rounds = 20 if args.quick else 60
     scale_rounds = 100 if args.quick else 1000
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, simpy {simpy.__version__}")
@@ -225,6 +274,7 @@ def main() -> None:
     targets.check(f"5. quickstart ({seeds} seed{'s' if seeds > 1 else ''} x 5 policies) beside one busy process (s)",
                   wall, "<", 60, f"({_cores()} cores{'; ' + error if error else ''})")
     default_settings_scale(devices, scale_rounds, targets)
+    fidelity_agreement(targets, args.quick)
     sys.exit(targets.summary())
 
 

@@ -40,7 +40,7 @@ class NanWhenSteps(Aggregator):
 
     def weights(self, arrivals):
         n = len(arrivals)
-        return np.full(n, np.nan if (np.asarray(arrivals.local_steps) == self.steps).any() else 1.0 / n)
+        return np.full(n, np.nan if any(a.local_steps == self.steps for a in arrivals) else 1.0 / n)
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,39 @@ class MisDeclared(Scheduler):
 
     def plan(self, round, workers, rng, state):
         return RoundPlan(tuple(self.steps for _ in workers)), state
+
+
+@dataclass(frozen=True)
+class SitOut(Scheduler):
+    """`steps` local steps for every worker, except worker `worker`, which sits out (0 steps) every
+    round divisible by `every`: a non-participant in known rounds."""
+
+    steps: int = 2
+    worker: int = 0
+    every: int = 2
+
+    name_refs = {"worker": NameRef("worker")}
+
+    def plan(self, round, workers, rng, state):
+        out = round % self.every == 0
+        return RoundPlan(tuple(0 if out and w.index == self.worker else self.steps for w in workers)), state
+
+
+@dataclass(frozen=True)
+class RandomSitOut(Scheduler):
+    """`steps` local steps for every worker but one, drawn from the scheduler's rng each round, that
+    sits out. Stateful: the state counts how often each worker sat out (so a resumed run must restore
+    both the rng and the state to plan alike)."""
+
+    steps: int = 2
+
+    stateful = True
+
+    def init_state(self, workers):
+        return {"sat_out": [0] * len(workers)}
+
+    def plan(self, round, workers, rng, state):
+        out = workers[int(rng.integers(len(workers)))].index
+        sat_out = list(state["sat_out"])
+        sat_out[out] += 1
+        return RoundPlan(tuple(0 if w.index == out else self.steps for w in workers)), {"sat_out": sat_out}

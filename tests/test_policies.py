@@ -1,15 +1,20 @@
 """Every policy against hand-computed values."""
 
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
 from hetsim.config import PolicySpec
-from hetsim.errors import SpecError
-from hetsim.policies import Contribution, WorkerInfo, build
+from hetsim.errors import HetsimWarning, SpecError
+from hetsim.policies import (Aggregator, Arrivals, Batch, Contribution, NameRef, RoundPlan, Sampler, Scheduler,
+                             WorkerInfo, build, check_names, names)
 from hetsim.policies.aggregation import Biased, FedNova, Mean, SampleWeighted
 from hetsim.policies.sampling import EpochStream, LossBiasedTopK, LossScores, Uniform
 from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
+from hetsim.policies.server import OuterSGD
 
 
 RNG = np.random.default_rng(0)
@@ -24,12 +29,12 @@ def workers(times, kinds=None, observed=None):
 # -- scheduling ------------------------------------------------------------------------------
 
 def test_sync_plans_one_step_each():
-    assert Synchronous().plan(0, workers([0.1, 0.2, 0.3])).local_steps == (1, 1, 1)
+    assert Synchronous().plan(0, workers([0.1, 0.2, 0.3]), RNG, None)[0].local_steps == (1, 1, 1)
 
 
 def test_fixed_steps_per_kind_and_default():
     ws = workers([1, 1, 1], ["cpu", "gpu", "tpu"])
-    assert FixedSteps(local_steps=4, per_kind={"cpu": 1, "gpu": 32}).plan(0, ws).local_steps == (1, 32, 4)
+    assert FixedSteps(local_steps=4, per_kind={"cpu": 1, "gpu": 32}).plan(0, ws, RNG, None)[0].local_steps == (1, 32, 4)
 
 
 def test_fixed_steps_rejects_zero():
@@ -40,12 +45,12 @@ def test_fixed_steps_rejects_zero():
 def test_proportional_matches_hand_computation():
     # fastest 0.001 s does H = 32; 0.002 -> 16; 0.0045 -> 32/4.5 = 7.11 -> 7; 0.032 -> 1
     ws = workers([0.032, 0.001, 0.002, 0.0045])
-    assert Proportional(max_steps=32).plan(0, ws).local_steps == (1, 32, 16, 7)
+    assert Proportional(max_steps=32).plan(0, ws, RNG, None)[0].local_steps == (1, 32, 16, 7)
 
 
 def test_proportional_rounds_half_up_and_respects_min_steps():
     ws = workers([1.0, 2.0, 100.0])  # H=5: 5, 2.5 -> 3, 0.05 -> 0 -> min 2
-    assert Proportional(max_steps=5, min_steps=2).plan(0, ws).local_steps == (5, 3, 2)
+    assert Proportional(max_steps=5, min_steps=2).plan(0, ws, RNG, None)[0].local_steps == (5, 3, 2)
 
 
 def test_proportional_observed_source_uses_measured_times_when_present():
@@ -56,7 +61,7 @@ def test_proportional_observed_source_uses_measured_times_when_present():
 
 
 def test_time_budget_plan():
-    plan = TimeBudget(budget_s=0.05).plan(3, workers([1, 2]))
+    plan, _ = TimeBudget(budget_s=0.05).plan(3, workers([1, 2]), RNG, None)
     assert plan.local_steps == (None, None) and plan.time_budget_s == 0.05
 
 
@@ -111,14 +116,14 @@ def test_loss_topk_pool_crossing_an_epoch_has_no_repeated_index():
     scores.values[:] = np.random.default_rng(3).random(8)
     sampler = LossBiasedTopK(sample_ratio=2, kinds=("*",))
     for _ in range(40):
-        batch = sampler.batch(workers([1])[0], 3, s, scores)
+        batch, _ = sampler.batch(workers([1])[0], 3, s, scores, None)
         assert len(set(batch.indices.tolist())) == 3
 
 
 def test_uniform_takes_the_next_indices_of_the_stream():
     twin = EpochStream(20, np.random.default_rng(5))
     s = EpochStream(20, np.random.default_rng(5))
-    batch = Uniform().batch(workers([1])[0], 6, s, LossScores(20))
+    batch, _ = Uniform().batch(workers([1])[0], 6, s, LossScores(20), None)
     assert list(batch.indices) == list(twin.take(6)) and batch.n_biased == 0
 
 
@@ -128,7 +133,7 @@ def test_loss_topk_keeps_highest_scores_of_the_candidate_pool():
     scores = LossScores(8)
     scores.values[:] = np.arange(8) * 1.0  # score = index
     s = EpochStream(8, np.random.default_rng(1))
-    batch = LossBiasedTopK(sample_ratio=2, kinds=("cpu",)).batch(workers([1])[0], 2, s, scores)
+    batch, _ = LossBiasedTopK(sample_ratio=2, kinds=("cpu",)).batch(workers([1])[0], 2, s, scores, None)
     assert sorted(batch.indices) == sorted(pool)[-2:]
     assert batch.n_biased == 2
 
@@ -138,14 +143,14 @@ def test_loss_topk_prefers_unseen_samples():
     scores.values[:] = 1.0
     scores.values[[2, 5]] = np.inf
     s = EpochStream(8, np.random.default_rng(0))
-    batch = LossBiasedTopK(sample_ratio=4, kinds=("*",)).batch(workers([1])[0], 2, s, scores)  # pool = all 8
+    batch, _ = LossBiasedTopK(sample_ratio=4, kinds=("*",)).batch(workers([1])[0], 2, s, scores, None)  # pool = all 8
     assert sorted(batch.indices) == [2, 5]
 
 
 def test_loss_topk_only_biases_listed_kinds():
     s = EpochStream(8, np.random.default_rng(0))
     gpu = workers([1], ["gpu"])[0]
-    batch = LossBiasedTopK(kinds=("cpu",)).batch(gpu, 4, s, LossScores(8))
+    batch, _ = LossBiasedTopK(kinds=("cpu",)).batch(gpu, 4, s, LossScores(8), None)
     assert batch.n_biased == 0 and len(batch.indices) == 4
 
 
@@ -173,32 +178,36 @@ def contribs(steps, samples=None, losses=None):
     return [Contribution(i, "x", t, m, l) for i, (t, m, l) in enumerate(zip(steps, samples, losses))]
 
 
+def arrivals(replicas, steps, samples=None, losses=None, **kw):
+    return Arrivals.of_replicas(contribs(steps, samples, losses), torch.as_tensor(replicas, dtype=torch.float32), **kw)
+
+
 def test_mean_weights_and_combination():
-    w = Mean().weights(contribs([1, 1, 3, 3]))
+    w = Mean().weights(arrivals(torch.zeros(4, 1), [1, 1, 3, 3]))
     assert np.allclose(w, 0.25)
-    g, used = Mean().combine(torch.zeros(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), contribs([1, 1]))
-    assert torch.allclose(g, torch.tensor([2.0, 3.0])) and np.allclose(used, 0.5)
+    g, used, state = Mean().combine(None, arrivals([[1.0, 2.0], [3.0, 4.0]], [1, 1]), None)
+    assert torch.allclose(g, torch.tensor([2.0, 3.0])) and np.allclose(used, 0.5) and state is None
 
 
 def test_sample_weighted():
-    assert np.allclose(SampleWeighted().weights(contribs([1, 3], samples=[16, 48])), [0.25, 0.75])
+    assert np.allclose(SampleWeighted().weights(arrivals(torch.zeros(2, 1), [1, 3], samples=[16, 48])), [0.25, 0.75])
 
 
 def test_fednova_hand_example():
     # tau = (1, 3), samples (16, 48): p = (.25, .75), tau_eff = 2.5, c = 2.5 * (.25/1, .75/3) = (.625, .625)
-    c = contribs([1, 3], samples=[16, 48])
-    assert np.allclose(FedNova().weights(c), [0.625, 0.625])
+    a = arrivals([[1.0], [2.0]], [1, 3], samples=[16, 48])
+    assert np.allclose(FedNova().weights(a), [0.625, 0.625])
     # x+ = x - tau_eff * sum p_k (x - x_k) / tau_k with x = 0, x_1 = 1, x_2 = 2  ->  1.875
-    g, _ = FedNova().combine(torch.zeros(1), torch.tensor([[1.0], [2.0]]), c)
+    g, _, _ = FedNova().combine(torch.zeros(1), a, None)
     assert torch.allclose(g, torch.tensor([1.875]))
 
 
 def test_biased_family():
-    c = contribs([1, 3], losses=[2.0, 1.0])
-    assert np.allclose(Biased(strength=0).weights(c), [0.5, 0.5])  # zero strength = uniform mean
-    assert np.allclose(Biased(strength=1).weights(c), [0.25, 0.75])
-    assert np.allclose(Biased(strength=2).weights(c), [0.1, 0.9])
-    assert np.allclose(Biased(strength=1, basis="loss").weights(c), [2 / 3, 1 / 3])
+    a = arrivals(torch.zeros(2, 1), [1, 3], losses=[2.0, 1.0])
+    assert np.allclose(Biased(strength=0).weights(a), [0.5, 0.5])  # zero strength = uniform mean
+    assert np.allclose(Biased(strength=1).weights(a), [0.25, 0.75])
+    assert np.allclose(Biased(strength=2).weights(a), [0.1, 0.9])
+    assert np.allclose(Biased(strength=1, basis="loss").weights(a), [2 / 3, 1 / 3])
 
 
 # -- registry --------------------------------------------------------------------------------
@@ -214,7 +223,350 @@ def test_registry_builds_by_name_and_checks_params():
 
 
 def test_user_policy_by_import_path():
-    policy = build("scheduler", PolicySpec("custom_policy:EveryOther", {"steps": 3}))
-    assert policy.plan(0, workers([1, 1, 1])).local_steps == (3, 1, 3)
+    policy = build("scheduler", PolicySpec("custom_policy:StepsAtRound", {"steps": 3, "at": 1, "special": 5}))
+    assert policy.plan(0, workers([1, 1]), RNG, None)[0].local_steps == (3, 3)
+    assert policy.plan(1, workers([1, 1]), RNG, None)[0].local_steps == (5, 5)
     with pytest.raises(SpecError, match="cannot import"):
         build("scheduler", PolicySpec("custom_policy:Missing"))
+
+
+# -- the contract: declared capabilities and arrivals ------------------------------------------
+
+def test_builtins_declare_their_capabilities_on_the_class():
+    assert (Mean.linear, Mean.stateful, Mean.needs_previous_global) == (True, False, False)
+    assert (FedNova.linear, FedNova.stateful, FedNova.needs_previous_global) == (True, False, True)
+    assert (OuterSGD.linear, OuterSGD.stateful, OuterSGD.needs_previous_global) == (True, True, True)
+    assert (Proportional.stateful, FixedSteps.stateful, TimeBudget.stateful) == (True, False, False)
+    assert (Uniform.uses_scores, Uniform.score_rule, Uniform.stateful) == (False, "latest", False)
+    assert (LossBiasedTopK.uses_scores, LossBiasedTopK(score_rule="min").score_rule) == (True, "min")
+
+
+def test_arrivals_carry_staleness_round_and_lr_and_reach_replicas_by_weighted_sum():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    a = Arrivals([3, 5], ["cpu", "gpu"], [1, 2], [16, 32], [0.5, 0.25], [0, 2], 7, 0.05,
+                 weighted_sum=lambda w: torch.as_tensor(w, dtype=x.dtype) @ x)
+    assert list(a.staleness) == [0, 2] and a.round == 7 and a.lr == 0.05 and list(a.workers) == [3, 5]
+    assert torch.equal(a.weighted_sum(np.array([0.5, 0.25])), torch.tensor([1.25, 2.0]))  # .5·(1,2) + .25·(3,4)
+    with pytest.raises(ValueError, match="expected 2 weights"):
+        a.weighted_sum(np.ones(3))
+    with pytest.raises(RuntimeError, match="must declare `linear = False`"):
+        a.replicas
+
+
+def test_arrivals_gather_the_replicas_once():
+    calls = []
+    a = Arrivals([0], ["cpu"], [1], [8], [1.0], [0], 1, 0.1,
+                 replicas=lambda: calls.append(1) or torch.ones(1, 2))
+    assert torch.equal(a.replicas, torch.ones(1, 2)) and torch.equal(a.replicas, torch.ones(1, 2))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name,params", [("mean", {}), ("samples", {}), ("fednova", {}), ("biased", {"strength": 2.0}),
+                                         ("outer_sgd", {"momentum": 0.9, "nesterov": True})])
+def test_a_linear_aggregator_reaches_the_replicas_only_through_weighted_sum(name, params):
+    aggregator = build("aggregator", PolicySpec(name, params))
+    assert aggregator.linear
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    # no replicas source: asking for them raises, so combine succeeding proves it never did
+    a = Arrivals([0, 1], ["cpu", "gpu"], [1, 3], [16, 48], [1.0, 2.0], [0, 0], 1, 0.1,
+                 weighted_sum=lambda w: torch.as_tensor(w, dtype=x.dtype) @ x)
+    new, w, _ = aggregator.combine(torch.zeros(2), a, aggregator.init_state(torch.zeros(2)))
+    assert new.shape == (2,) and torch.isfinite(new).all() and len(w) == 2
+
+
+@dataclass(frozen=True)
+class KeepsHalfTheGlobal(Aggregator):
+    """x⁺ = 0.5·x + 0.5·mean: a coefficients() with a ≠ 0 that forgot to declare needs_previous_global."""
+
+    def coefficients(self, arrivals):
+        return 0.5, np.full(len(arrivals), 0.5 / len(arrivals))
+
+
+def test_an_undeclared_use_of_the_previous_global_model_is_named():
+    a = arrivals([[2.0]], [1])
+    assert torch.equal(KeepsHalfTheGlobal().combine(torch.tensor([4.0]), a, None)[0], torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="KeepsHalfTheGlobal.coefficients gave the previous global model a weight "
+                                         "of 0.5, but the class declares needs_previous_global = False"):
+        KeepsHalfTheGlobal().combine(None, a, None)
+
+
+# -- non-participants: a 0-step row has weight 0 -------------------------------------------------
+
+# workers 0 and 2 took 2 and 4 steps; worker 1 sat the round out with a replica far away (100)
+IDLE = dict(replicas=[[1.0], [100.0], [3.0]], steps=[2, 0, 4], samples=[32, 0, 64], losses=[1.0, 0.0, 3.0])
+
+
+@pytest.mark.parametrize("aggregator,weights,new", [
+    (Mean(), [0.5, 0, 0.5], 2.0),
+    (SampleWeighted(), [1 / 3, 0, 2 / 3], 1 / 3 + 2),
+    (Biased(strength=0), [0.5, 0, 0.5], 2.0),                      # 0 ** 0 would be 1: the idle row is masked
+    (Biased(strength=1), [1 / 3, 0, 2 / 3], 1 / 3 + 2),
+    (Biased(strength=1, basis="loss"), [0.25, 0, 0.75], 0.25 + 2.25),
+    # p = (1/3, 0, 2/3), tau_eff = 2/3 + 8/3 = 10/3, c = tau_eff·p/tau = (5/9, 0, 5/9); x = 0: 5/9 + 15/9
+    (FedNova(), [5 / 9, 0, 5 / 9], 20 / 9),
+    (OuterSGD(), [0.5, 0, 0.5], 2.0),
+])
+def test_aggregators_average_over_the_workers_that_took_steps(aggregator, weights, new):
+    a = arrivals(IDLE["replicas"], IDLE["steps"], IDLE["samples"], IDLE["losses"])
+    result, w, _ = aggregator.combine(torch.zeros(1), a, aggregator.init_state(torch.zeros(1)))
+    assert np.allclose(w, weights) and np.isfinite(w).all()
+    assert torch.allclose(result, torch.tensor([new]))
+
+
+@pytest.mark.parametrize("aggregator", [Mean(), SampleWeighted(), Biased(), FedNova()])
+def test_aggregators_refuse_arrivals_where_nobody_took_a_step(aggregator):
+    with pytest.raises(ValueError, match="no arrival did a local step"):
+        aggregator.combine(torch.zeros(1), arrivals([[1.0], [2.0]], [0, 0], [0, 0]), None)
+
+
+# -- server optimizers ---------------------------------------------------------------------------
+
+def rounds_of_replicas(n_rounds, n_workers=3, size=500, seed=0):
+    """Replicas near a moving point, as local SGD leaves them (independent of the global model)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(size, generator=g) * 0.1
+    out = []
+    for _ in range(n_rounds):
+        centre = centre + 0.01 * torch.randn(size, generator=g)
+        out.append(centre + 0.01 * torch.randn(n_workers, size, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("base,base_params", [("mean", {}), ("fednova", {}), ("biased", {"strength": 2.0})])
+def test_outer_sgd_at_lr_1_without_momentum_is_its_base_aggregator(base, base_params):
+    outer = build("aggregator", PolicySpec("outer_sgd", {"base": base, "base_params": base_params}))
+    inner = build("aggregator", PolicySpec(base, base_params))
+    x = rounds_of_replicas(1)[0][0].clone()
+    state = outer.init_state(x)
+    for r, replicas in enumerate(rounds_of_replicas(4, seed=1), start=1):
+        a = arrivals(replicas, [1, 2, 4], **{"round": r})
+        ours, w, state = outer.combine(x, a, state)
+        theirs, w_base, _ = inner.combine(x, a, None)
+        torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=0)
+        assert np.array_equal(w, w_base)
+        x = theirs
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_outer_sgd_with_momentum_is_torch_sgd_on_the_pseudo_gradient(nesterov):
+    outer = OuterSGD(outer_lr=0.7, momentum=0.9, nesterov=nesterov)
+    x0 = rounds_of_replicas(1)[0][0]
+    peer = x0.clone()
+    optimizer = torch.optim.SGD([peer], lr=0.7, momentum=0.9, nesterov=nesterov)
+    x, state = x0.clone(), outer.init_state(x0)
+    for replicas in rounds_of_replicas(5, seed=2):
+        x, _, state = outer.combine(x, arrivals(replicas, [2, 2, 2]), state)
+        peer.grad = peer.detach() - replicas.mean(0)  # the pseudo-gradient, by hand
+        optimizer.step()
+        torch.testing.assert_close(x, peer.detach(), atol=1e-6, rtol=0)
+
+
+def test_outer_sgd_nesterov_by_hand():
+    # mu = 0.5, lr = 1, x0 = 0. Round 1, replicas at 1: g = -1, v = -1, step g + mu·v = -1.5 -> x = 1.5.
+    # Round 2, replicas at 2: g = -0.5, v = 0.5·(-1) - 0.5 = -1, step -0.5 - 0.5 = -1 -> x = 2.5.
+    outer = OuterSGD(outer_lr=1.0, momentum=0.5, nesterov=True)
+    state = outer.init_state(torch.zeros(1))
+    x, _, state = outer.combine(torch.zeros(1), arrivals([[1.0], [1.0]], [1, 1]), state)
+    assert torch.allclose(x, torch.tensor([1.5]))
+    x, _, state = outer.combine(x, arrivals([[2.0], [2.0]], [1, 1]), state)
+    assert torch.allclose(x, torch.tensor([2.5]))
+
+
+def test_outer_sgd_state_loads_without_unpickling_code_and_resumes_bit_identically(tmp_path):
+    outer = OuterSGD(outer_lr=0.7, momentum=0.9, nesterov=True, base="fednova")
+    rounds = rounds_of_replicas(6, seed=3)
+    x0 = rounds[0][0].clone()
+
+    def run(x, state, replicas):
+        for r in replicas:
+            x, _, state = outer.combine(x, arrivals(r, [1, 2, 3]), state)
+        return x, state
+
+    straight, _ = run(x0, outer.init_state(x0), rounds)
+    x, state = run(x0, outer.init_state(x0), rounds[:3])
+    torch.save({"x": x, "state": state}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed, _ = run(loaded["x"], loaded["state"], rounds[3:])
+    assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"outer_lr": 0.0}, r"aggregator.params.outer_lr: expected a number > 0, got 0.0$"),
+    ({"momentum": 1.0}, r"aggregator.params.momentum: expected a number in \[0, 1\), got 1.0$"),
+    ({"nesterov": True}, r"aggregator.params.nesterov: needs momentum > 0, got momentum 0.0$"),
+    ({"base": "median"}, r"aggregator.params.base: expected one of \[.*'mean'.*\] or 'module:Class', got 'median'$"),
+    ({"base": "outer_sgd"}, r"aggregator.params.base: expected an aggregator that is linear .* got 'outer_sgd'$"),
+    ({"base": "test_policies:LegacyMedian"}, r"aggregator.params.base: expected an aggregator that is linear "),
+    ({"base": "biased", "base_params": {"strength": -1}}, r"base_params.strength: expected a number >= 0, got -1"),
+])
+def test_outer_sgd_parameters_are_validated_in_one_line(params, message):
+    with pytest.raises(SpecError, match=message) as e:
+        build("aggregator", PolicySpec("outer_sgd", params))
+    assert "\n" not in str(e.value)
+
+
+# -- proportional, observed: a running mean of the measured step times --------------------------
+
+def observe(times, rounds, profile=(1.0, 0.5)):
+    return [WorkerInfo(k, "cpu", p, t, n) for k, (p, t, n) in enumerate(zip(profile, times, rounds))]
+
+
+# (observed step time, observed_rounds) of workers 0 and 1 before each of four rounds: worker 1 sits
+# round 2 out (its observation does not change, and must not count twice)
+OBSERVATIONS = [((None, None), (0, 0)), ((2.0, 0.5), (1, 1)), ((1.0, 0.5), (2, 1)), ((0.6, 1.5), (3, 2))]
+
+
+@pytest.mark.parametrize("ema_weight,expected", [
+    # profile (1, 0.5) -> (4, 8); running means (2, .5) -> 8·.5/2 = 2; (1.5, .5) -> 2.67 -> 3;
+    # (3.6/3, 2/2) = (1.2, 1) -> 8·1/1.2 = 6.67 -> 7
+    (0.0, [(4, 8), (2, 8), (3, 8), (7, 8)]),
+    # EMA, newest weighted .25: worker 0: 2 -> 1.75 -> 1.4625, worker 1: .5 -> .75;
+    # round 3: 8·.5/1.75 = 2.29 -> 2, round 4: 8·.75/1.4625 = 4.1 -> 4
+    (0.25, [(4, 8), (2, 8), (2, 8), (4, 8)]),
+    # weight 1 = the last round only: round 4 (.6, 1.5) -> (8, 3.2 -> 3)
+    (1.0, [(4, 8), (2, 8), (4, 8), (8, 3)]),
+])
+def test_proportional_observed_plans_from_the_running_mean(ema_weight, expected):
+    scheduler = Proportional(max_steps=8, source="observed", ema_weight=ema_weight)
+    state = scheduler.init_state(observe((None, None), (0, 0)))
+    plans = []
+    for (times, rounds) in OBSERVATIONS:
+        plan, state = scheduler.plan(len(plans) + 1, observe(times, rounds), RNG, state)
+        plans.append(plan.local_steps)
+    assert plans == expected
+    assert state["count"].tolist() == [3, 2] and state["seen_rounds"].tolist() == [3, 2]
+
+
+def test_proportional_observed_counts_an_observation_once_when_planned_again():
+    scheduler = Proportional(max_steps=8, source="observed")
+    ws = observe((2.0, 0.5), (1, 1))
+    _, state = scheduler.plan(1, ws, RNG, scheduler.init_state(ws))
+    _, state = scheduler.plan(2, observe((1.0, 0.5), (2, 1)), RNG, state)
+    _, state = scheduler.plan(3, observe((1.0, 0.5), (2, 1)), RNG, state)  # nothing new: planned again
+    assert state["mean_step_s"].tolist() == [1.5, 0.5] and state["count"].tolist() == [2, 1]
+
+
+def test_proportional_observed_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    scheduler = Proportional(max_steps=8, source="observed")
+    ws = observe((2.0, 0.5), (1, 1))
+    _, state = scheduler.plan(1, ws, RNG, scheduler.init_state(ws))
+    torch.save(state, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    nxt = observe((1.0, 0.25), (2, 2))
+    assert scheduler.plan(2, nxt, RNG, loaded)[0] == scheduler.plan(2, nxt, RNG, state)[0]
+
+
+def test_proportional_parameters_are_validated():
+    with pytest.raises(ValueError, match=r"ema_weight: expected a number in \[0, 1\]"):
+        Proportional(source="observed", ema_weight=1.5)
+    with pytest.raises(ValueError, match="ema_weight: only meaningful with source 'observed'"):
+        Proportional(ema_weight=0.5)
+
+
+def test_every_builtins_initial_state_loads_weights_only(tmp_path):
+    ws = workers([1.0, 0.5])
+    states = {f"{c}:{n}": build(c, PolicySpec(n, {"source": "observed"} if n == "proportional" else {}))
+              for c in ("scheduler", "sampler", "aggregator") for n in names(c)}
+    for key, policy in states.items():
+        category = key.split(":")[0]
+        arg = {"scheduler": ws, "sampler": ws[0], "aggregator": torch.zeros(3)}[category]
+        torch.save(policy.init_state(arg), tmp_path / "s.pt")
+        torch.load(tmp_path / "s.pt", weights_only=True)  # raises on anything but tensors and plain data
+
+
+# -- the old contract, adapted --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LegacyKinds(Scheduler):
+    """An old-contract scheduler whose parameter names device kinds."""
+
+    kinds: tuple[str, ...] = ("cpu",)
+    name_refs = {"kinds": NameRef("kind")}
+
+    def plan(self, round, workers):
+        return RoundPlan(tuple(2 if w.kind in self.kinds else 1 for w in workers))
+
+
+@dataclass(frozen=True)
+class LegacyFirst(Sampler):
+    """An old-contract sampler: batch(worker, batch_size, stream, scores) -> Batch."""
+
+    uses_scores = False
+
+    def batch(self, worker, batch_size, stream, scores):
+        return Batch(stream.take(batch_size), 0)
+
+
+@dataclass(frozen=True)
+class LegacyMedian(Aggregator):
+    """An old-contract aggregator overriding combine(global, replicas, contributions) -> (new, weights)."""
+
+    def combine(self, global_params, replicas, contributions):
+        return replicas.median(dim=0).values, np.full(len(contributions), 1.0 / len(contributions))
+
+
+def build_warned(category, name, params=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = build(category, PolicySpec(name, params or {}))
+    return policy, [w for w in caught if issubclass(w.category, HetsimWarning)]
+
+
+def test_an_old_contract_scheduler_runs_through_the_adapter_with_one_warning():
+    policy, caught = build_warned("scheduler", "custom_policy:EveryOther", {"steps": 3})
+    assert len(caught) == 1
+    assert "custom_policy:EveryOther" in str(caught[0].message)
+    assert "'Write your own policy' > 'Migrating from the old contract'" in str(caught[0].message)
+    assert policy.plan(0, workers([1, 1, 1]), RNG, None) == (RoundPlan((3, 1, 3)), None)
+    assert policy.steps == 3 and not policy.stateful
+
+
+def test_the_old_contract_warning_shows_once_under_the_clis_filter():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", HetsimWarning)  # what cli.main installs
+        for _ in range(3):
+            build("scheduler", PolicySpec("custom_policy:EveryOther"))
+    assert len(caught) == 1
+
+
+def test_an_adapted_policy_keeps_its_name_checks():
+    policy, _ = build_warned("scheduler", "test_policies:LegacyKinds", {"kinds": ["tpu"]})
+    with pytest.raises(SpecError, match=r"scheduler.params.kinds: expected device kinds of this cluster \('cpu'\), "
+                                        r"got 'tpu'"):
+        check_names(policy, "scheduler.params", ["cpu"], ["cpu"], 2)
+
+
+def test_an_old_contract_sampler_runs_through_the_adapter():
+    sampler, caught = build_warned("sampler", "test_policies:LegacyFirst")
+    twin = EpochStream(10, np.random.default_rng(1))
+    batch, state = sampler.batch(workers([1])[0], 4, EpochStream(10, np.random.default_rng(1)), LossScores(10), None)
+    assert len(caught) == 1 and list(batch.indices) == list(twin.take(4)) and state is None
+    assert sampler.uses_scores is False
+
+
+def test_an_old_contract_combine_is_adapted_as_a_nonlinear_aggregator():
+    aggregator, caught = build_warned("aggregator", "test_policies:LegacyMedian")
+    assert len(caught) == 1 and not aggregator.linear and aggregator.needs_previous_global
+    new, w, state = aggregator.combine(torch.zeros(1), arrivals([[1.0], [5.0], [2.0]], [1, 1, 1]), None)
+    assert torch.equal(new, torch.tensor([2.0])) and np.allclose(w, 1 / 3) and state is None
+
+
+def test_an_old_contract_aggregator_that_only_gives_weights_needs_no_adapter():
+    aggregator, caught = build_warned("aggregator", "custom_policy:NanWhenSteps")
+    assert caught == [] and type(aggregator).__name__ == "NanWhenSteps"
+    new, w, _ = aggregator.combine(None, arrivals([[1.0], [3.0]], [1, 1]), None)
+    assert torch.equal(new, torch.tensor([2.0]))
+
+
+def test_the_sit_out_plug_ins_give_a_worker_zero_steps():
+    ws = workers([1.0, 1.0, 1.0])
+    sit_out = build("scheduler", PolicySpec("custom_policy:SitOut", {"worker": 1, "every": 2}))
+    assert [sit_out.plan(r, ws, RNG, None)[0].local_steps for r in (1, 2)] == [(2, 2, 2), (2, 0, 2)]
+    random = build("scheduler", PolicySpec("custom_policy:RandomSitOut"))
+    twin = np.random.default_rng(5)
+    draws = [int(twin.integers(3)) for _ in range(4)]  # the same draws, by hand
+    rng, state = np.random.default_rng(5), random.init_state(ws)
+    for r, out in enumerate(draws, start=1):
+        plan, state = random.plan(r, ws, rng, state)
+        assert plan.local_steps == tuple(0 if k == out else 2 for k in range(3))
+    assert state["sat_out"] == np.bincount(draws, minlength=3).tolist()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetsim.policies import Aggregator, RoundPlan, Scheduler
+from hetsim.policies import Aggregator, Batch, RoundPlan, Sampler, Scheduler
 from hetsim.policies.sampling import EpochStream
 from hetsim.protocol import Protocol
 from hetsim.results import CHECKPOINT, load_checkpoint
@@ -59,6 +59,22 @@ class RandomSteps(Scheduler):
     def plan(self, round, workers, rng, state):
         steps = rng.integers(1, self.max_steps + 1, size=len(workers)) + state["plans"] % 2
         return RoundPlan(tuple(steps.tolist())), {"plans": state["plans"] + 1}
+
+
+@dataclass(frozen=True)
+class SkipsAhead(Sampler):
+    """Uniform batches, except that a worker's step n first skips n mod 3 samples of its stream: the
+    worker's state (its step count) decides the data, so a resume must restore it per worker (at the
+    round-2 checkpoint the counts are 2 and 10, neither a multiple of 3)."""
+
+    uses_scores = False
+    stateful = True
+
+    def init_state(self, worker):
+        return 0
+
+    def batch(self, worker, batch_size, stream, scores, state):
+        return Batch(stream.take(batch_size + state % 3)[state % 3:], 0), state + 1
 
 
 @dataclass(frozen=True)
@@ -193,6 +209,22 @@ def test_a_worker_planned_zero_steps_sits_out_and_the_run_equals_one_without_it(
     assert with_idle.core.infos[0].observed_rounds == 4
 
 
+@dataclass(frozen=True)
+class ForgetsOne(Scheduler):
+    """Plans one worker fewer than it was given: a broken policy."""
+
+    def plan(self, round, workers, rng, state):
+        return RoundPlan(tuple(1 for _ in workers[1:])), state
+
+
+def test_a_plan_for_the_wrong_number_of_workers_is_a_one_line_error(tiny_spec):
+    from hetsim.errors import HetsimError
+
+    with pytest.raises(HetsimError, match=r"^scheduler 'test_protocol:ForgetsOne' planned 2 workers in round 1, "
+                                          r"3 were online$"):
+        simulate(tiny_spec("scheduler={name='test_protocol:ForgetsOne'}"))
+
+
 def test_a_round_where_nobody_works_keeps_the_global_model(tiny_spec):
     sim = Simulation(tiny_spec("scheduler={name='test_protocol:OnlyWorkers', params={workers=[]}}",
                                "stop.max_rounds=2"))
@@ -215,7 +247,8 @@ class Interrupt(Exception):
     ("scheduler={name='proportional', params={max_steps=8, source='observed'}}",
      "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}"),
     ("scheduler={name='test_protocol:RandomSteps', params={max_steps=4}}",),
-], ids=["server-momentum", "outer_sgd", "proportional-observed", "random-steps"])
+    ("sampler={name='test_protocol:SkipsAhead'}",),
+], ids=["server-momentum", "outer_sgd", "proportional-observed", "random-steps", "sampler"])
 def test_stateful_policies_resume_bit_identically(tiny_spec, tmp_path, policies):
     spec = tiny_spec(*policies, "stop.max_rounds=6", "run.checkpoint_every=2")
     whole = Simulation(spec)
@@ -239,6 +272,29 @@ def test_stateful_policies_resume_bit_identically(tiny_spec, tmp_path, policies)
         # the checkpoint held the server optimizer's state (not a fresh one): a resume could not equal
         # the uninterrupted run otherwise
         assert state["run"]["aggregator_state"] is not None
+    if "sampler" in policies[0]:  # each worker's sampler state, with the worker: steps taken by round 2
+        assert [w["sampler"] for w in state["rank"]["core"]["workers"].values()] == [2, 10, 10]
+
+
+def test_hooks_see_every_round_start_its_work_and_the_end(tiny_spec):
+    from hetsim.protocol import Hooks
+
+    seen = []
+
+    class Recording(Hooks):
+        def round_started(self, round):
+            seen.append(("started", round))
+
+        def work_done(self, round):
+            seen.append(("work done", round))
+
+        def finished(self, round):
+            seen.append(("finished", round))
+
+    sim = Simulation(tiny_spec("stop.max_rounds=2"))
+    sim.driver.hooks = Recording()
+    sim.run()
+    assert seen == [("started", 1), ("work done", 1), ("started", 2), ("work done", 2), ("finished", 2)]
 
 
 # -- evaluation placement ---------------------------------------------------------------------------
@@ -311,3 +367,93 @@ def test_several_processes_checkpoint_per_rank_and_resume_from_the_latest_round(
     got = Simulation(spec, tmp_path, resume=True).run()
     assert all(same(got.metrics[c], expected.metrics[c]) for c in got.metrics)
     assert list(got.decisions) == list(expected.decisions)
+
+
+# -- a clock without an event loop ------------------------------------------------------------------
+
+def test_the_driver_runs_without_simpy_on_a_clock_that_never_yields(tiny_spec):
+    """A wall-clock-like port: local work runs step(k) per step and advances a counter by the device's
+    constant step time; nothing yields, run_to_end drives the driver. Same decisions and the same math as
+    the emulated clock (which runs the same steps worker by worker at the barrier)."""
+    from hetsim.cluster import within_budget
+    from hetsim.protocol import Clock, Work, run_to_end
+
+    class TickClock(Clock):
+        def __init__(self, step_s):
+            self.t, self.step_s, self.started = 0.0, step_s, 0
+
+        def now(self):
+            return self.t
+
+        def online(self, ks):
+            return list(ks)
+
+        def until_online(self):
+            raise AssertionError("always online")
+            yield
+
+        def local_work(self, ks, plan, train, step):
+            start, steps, finish = self.t, [], []
+            for k, target in zip(ks, plan.local_steps):
+                n, t = 0, start
+                while (n < target) if target is not None else (n == 0 or within_budget(t - start, plan.time_budget_s)):
+                    step(k)
+                    n, t = n + 1, t + self.step_s[k]
+                steps.append(n)
+                finish.append(t)
+            self.t = max(finish, default=start)
+            return Work(steps, np.full(len(ks), start), np.array(finish))
+            yield
+
+        def exchange(self, ks, nbytes):
+            return
+            yield
+
+        def evaluation(self, evaluator):
+            return
+            yield
+
+        def start(self):
+            self.started += 1
+
+        def drive(self, steps):
+            run_to_end(steps)
+
+        def summary_fields(self):
+            return {"fidelity": "ticks"}
+
+        def state_dict(self):
+            return {"t": self.t}
+
+        def load_state_dict(self, state):
+            self.t = state["t"]
+
+    spec = tiny_spec("scheduler={name='time_budget', params={budget_s=0.01}}",
+                     "cluster.devices.1.step_time.mean_s=0.003")
+    emulated = Simulation(spec)
+    expected = emulated.run()
+    ticking = Simulation(spec)
+    ticking.driver.clock = clock = TickClock([0.01, 0.003, 0.003])
+    got = ticking.run()
+    assert clock.started == 1 and got.summary["fidelity"] == "ticks"
+    # rounds of max(1 x 0.01, 4 x 0.003) = 0.012 s; this clock charges no exchange
+    assert got.metrics["time_s"] == pytest.approx([0, 0.012, 0.024, 0.036, 0.048], abs=1e-12)
+    assert [d["local_steps"] for d in got.decisions] == [[1, 4, 4]] * 4
+    assert list(got.decisions) == list(expected.decisions)
+    assert torch.equal(ticking.core.global_params(), emulated.core.global_params())
+    assert same(got.metrics["test_acc"], expected.metrics["test_acc"])
+
+
+def test_run_to_end_refuses_a_clock_that_yields():
+    from hetsim.protocol import run_to_end
+
+    def returns():
+        return 7
+        yield
+
+    def yields():
+        yield "an event"
+
+    assert run_to_end(returns()) == 7
+    with pytest.raises(RuntimeError, match="a clock without an event loop yielded 'an event'"):
+        run_to_end(yields())

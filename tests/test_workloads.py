@@ -152,13 +152,13 @@ def test_shakespeare_missing_folder_is_named():
 
 
 def test_sequence_loss_and_accuracy_are_per_position(plays):
-    from hetsim.training import evaluate, per_sample_loss
+    from hetsim.training import per_sample_loss, test_metrics
 
     w = build_workload(WorkloadSpec("shakespeare", path=str(plays)))
     out = torch.zeros(2, 96, 64)
     y = torch.zeros(2, 64, dtype=torch.long)
     assert torch.allclose(per_sample_loss(out, y), torch.full((2,), float(np.log(96))))
-    loss, acc = evaluate(w.make_model(), w)
+    loss, acc = test_metrics(w.make_model(), w)
     assert 0 <= acc <= 1 and loss == pytest.approx(np.log(96), rel=0.1)
 
 
@@ -173,10 +173,11 @@ def test_lstm_language_model_trains_in_the_simulator(plays, tiny_spec):
 
 
 def test_a_batch_larger_than_data_dependent_training_set_is_named_when_the_data_load(plays, tiny_spec):
+    from hetsim.resolve import build_policies
     from hetsim.training import TrainingCore
 
     n = build_workload(WorkloadSpec("shakespeare", path=str(plays))).n_train  # ~220 chunks of 65 characters
     spec = tiny_spec(f"workload={{name='shakespeare', path='{plays}'}}", f"optim.batch_size={n + 1}")  # size unknown on load
     with pytest.raises(SpecError, match=rf"^optim.batch_size: expected at most the {n} training samples of "
                                         rf"shakespeare, got {n + 1}$"):
-        TrainingCore(spec)
+        TrainingCore(spec, build_policies(spec))

@@ -26,10 +26,11 @@ class Averaging(Aggregator):
 
     def weights(self, arrivals: Arrivals) -> np.ndarray:
         c = Contributions.of(arrivals)
-        active = c.local_steps > 0
+        active = c.active
         if not active.any():
             # all-zero weights would make the next global model the zero vector
-            raise ValueError(f"{type(self).__name__}: no arrival did a local step (the driver combines participants only)")
+            raise ValueError(f"{type(self).__name__}: no arrival did a local step "
+                             "(the driver combines participants only)")
         b = np.where(active, self.unnormalised_weights(c), 0.0)
         return b / b.sum()
 
@@ -74,7 +75,7 @@ class FedNova(Aggregator):
 
     def weights(self, arrivals: Arrivals) -> np.ndarray:
         c = Contributions.of(arrivals)
-        active = c.local_steps > 0
+        active = c.active
         if not active.any():
             raise ValueError("FedNova: no arrival did a local step (the driver combines participants only)")
         m, tau = np.where(active, c.samples, 0.0), np.where(active, c.local_steps, 1.0)  # 1: no 0/0 on idle rows

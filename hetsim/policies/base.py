@@ -13,15 +13,18 @@ loss-score store, data streams: `hetsim.policies.sampling.LossScores`, `EpochStr
 
 Capabilities are class attributes that a policy *declares*; the driver reads them and never probes:
 
-| contract   | attribute               | default    | meaning                                                     |
-|------------|-------------------------|------------|-------------------------------------------------------------|
-| Scheduler  | `stateful`              | False      | `plan` reads/returns state beyond None (`init_state(workers)`) |
-| Sampler    | `uses_scores`           | True       | `batch` reads the loss-score store; runners keep per-sample losses only then |
-| Sampler    | `score_rule`            | 'latest'   | how that store merges a new loss: 'latest' or 'min' (a field or a class attribute) |
-| Sampler    | `stateful`              | False      | `batch` reads/returns per-worker state (`init_state(worker)`) |
-| Aggregator | `linear`                | True       | `combine` reaches the replicas only via `arrivals.weighted_sum(w)` (a backend: one all_reduce); False: it reads `arrivals.replicas` (all_gather) |
-| Aggregator | `stateful`              | False      | `combine` reads/returns state (`init_state(global_params)`) |
-| Aggregator | `needs_previous_global` | False      | `combine` reads `global_params`; when False the driver may pass None |
+| contract   | attribute               | default  | meaning                                                   |
+|------------|-------------------------|----------|-----------------------------------------------------------|
+| Scheduler  | `stateful`              | False    | `plan` keeps state (`init_state(workers)`)                |
+| Sampler    | `uses_scores`           | True     | `batch` reads the loss-score store (else it is not kept)  |
+| Sampler    | `score_rule`            | 'latest' | how that store merges a new loss: 'latest' or 'min'       |
+|            |                         |          | (a field or a class attribute; always present)            |
+| Sampler    | `stateful`              | False    | `batch` keeps per-worker state (`init_state(worker)`)     |
+| Aggregator | `linear`                | True     | `combine` reaches the replicas only through               |
+|            |                         |          | `arrivals.weighted_sum(w)` (a backend: one all_reduce);   |
+|            |                         |          | False: it reads `arrivals.replicas` (an all_gather)       |
+| Aggregator | `stateful`              | False    | `combine` keeps state (`init_state(global_params)`)       |
+| Aggregator | `needs_previous_global` | False    | `combine` reads `global_params`; False: it may be None    |
 
 A worker planned 0 local steps sits the round out: it is not among the arrivals. Aggregators must
 still be safe with a 0-step row (the built-ins give it weight 0); with no arrivals at all the driver
@@ -133,6 +136,11 @@ class Contributions(Sequence):
                    np.array([x.local_steps for x in c]), np.array([x.samples for x in c]),
                    np.array([x.mean_loss for x in c]))
 
+    @property
+    def active(self) -> np.ndarray:
+        """Which rows did at least one local step (a 0-step row is a worker that sat the round out)."""
+        return self.local_steps > 0
+
     def __len__(self) -> int:
         return len(self.workers)
 
@@ -225,11 +233,6 @@ class Arrivals(Contributions):
         return cls(c.workers, c.kinds, c.local_steps, c.samples, c.mean_loss,
                    np.zeros(len(c), dtype=np.int64) if staleness is None else staleness, round, lr,
                    weighted_sum=weighted_sum, replicas=lambda: replicas)
-
-    @property
-    def active(self) -> np.ndarray:
-        """Which rows did at least one local step (a 0-step row is a non-participant)."""
-        return self.local_steps > 0
 
     def weighted_sum(self, w: np.ndarray) -> "torch.Tensor":
         """Σ_k w_k x_k over the arrivals' replicas, as one flat tensor."""
@@ -354,8 +357,8 @@ class Aggregator(Policy):
 
     @classmethod
     def is_linear(cls) -> bool:
-        """LEGACY SHIM (see `_legacy_shapes`): whether main's backend may combine with `coefficients`
-        and one all_reduce instead of calling `combine`."""
+        """LEGACY SHIM (see 'Legacy call shapes' below): whether main's backend may combine with
+        `coefficients` and one all_reduce instead of calling `combine`. The driver reads `linear`."""
         return cls.linear and not cls.stateful and cls.combine is _LINEAR_COMBINE
 
 
@@ -442,8 +445,8 @@ _LINEAR_COMBINE = Aggregator.combine
 
 MIGRATION_NOTE = "README.md, 'Write your own policy' > 'Migrating from the old contract'"
 
-#: method -> how many parameters (after self) its old form takes; the new forms take one more
-#: (plan: rng and state; batch: state) or name one `state` (combine)
+#: method -> how many parameters (after self) its old form takes; the new plan takes 4 (+ rng, state),
+#: batch 5 (+ state), and combine names its third `state`
 _OLD_ARITY = {"plan": 2, "batch": 4, "combine": 3}
 
 
@@ -460,12 +463,16 @@ def _legacy_signature(method: str, f: Callable) -> bool:
 class _LegacyScheduler(Scheduler):
     """Runs an old-contract scheduler's `plan(round, workers)`: no state, no rng."""
 
+    stateful = False
+
     def plan(self, round, workers, rng, state):
         return super().plan(round, workers), state
 
 
 class _LegacySampler(Sampler):
     """Runs an old-contract sampler's `batch(worker, batch_size, stream, scores)`: no state."""
+
+    stateful = False
 
     def batch(self, worker, batch_size, stream, scores, state):
         return super().batch(worker, batch_size, stream, scores), state
@@ -476,6 +483,7 @@ class _LegacyAggregator(Aggregator):
     it reads all replicas and the previous global model."""
 
     linear = False
+    stateful = False
     needs_previous_global = True
 
     def combine(self, global_params, arrivals, state):

@@ -8,7 +8,7 @@ GPU_interval = 32 and CPU_interval = 1 by hand).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -122,12 +122,10 @@ class Proportional(Scheduler):
         return {"mean_step_s": torch.full((n,), float("nan"), dtype=torch.float64),
                 "count": torch.zeros(n, dtype=torch.int64), "seen_rounds": torch.zeros(n, dtype=torch.int64)}
 
-    def _fold_in(self, workers: Sequence[WorkerInfo], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The state with every new observation of `workers` folded in (new tensors; `state` is untouched)."""
-        idx = np.fromiter((w.index for w in workers), np.int64, len(workers))
-        rounds = np.fromiter((w.observed_rounds for w in workers), np.int64, len(workers))
-        observed = np.array([np.nan if w.observed_step_time_s is None else w.observed_step_time_s for w in workers],
-                            dtype=np.float64)
+    def _fold_in(self, idx: np.ndarray, observed: np.ndarray, rounds: np.ndarray,
+                 state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state with every new observation folded in (new tensors; `state` is untouched). Row i:
+        worker idx[i] measured `observed[i]` s per step (NaN: never), its `rounds[i]`-th observation."""
         # a worker init_state was not given (a runner that plans only the workers online) starts unobserved
         grow = max(0, int(idx.max(initial=-1)) + 1 - len(state["count"]))
         mean = np.concatenate([state["mean_step_s"].numpy(), np.full(grow, np.nan)])
@@ -144,13 +142,16 @@ class Proportional(Scheduler):
 
     def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
              state: dict[str, torch.Tensor] | None) -> tuple[RoundPlan, dict[str, torch.Tensor] | None]:
-        profile = np.array([w.profile_step_time_s for w in workers], dtype=np.float64)
         if self.source == "observed":
-            state = self._fold_in(workers, state)
-            running = state["mean_step_s"].numpy()[np.fromiter((w.index for w in workers), np.int64, len(workers))]
-            times = np.where(np.isnan(running), profile, running)  # the profile until a worker's first observation
+            # one pass over the workers: (index, profile, observed or NaN, observed_rounds) per row
+            rows = np.array([(w[0], w[2], np.nan if w[3] is None else w[3], w[4]) for w in workers],
+                            dtype=np.float64).reshape(-1, 4)
+            idx, rounds = rows[:, 0].astype(np.int64), rows[:, 3].astype(np.int64)
+            state = self._fold_in(idx, rows[:, 2], rounds, state)
+            running = state["mean_step_s"].numpy()[idx]
+            times = np.where(np.isnan(running), rows[:, 1], running)  # the profile until a worker's first observation
         else:
-            times = profile
+            times = np.array([w.profile_step_time_s for w in workers], dtype=np.float64)
         steps = np.maximum(self.min_steps, np.floor(self.max_steps * times.min() / times + 0.5))
         return RoundPlan(tuple(steps.astype(np.int64).tolist())), state
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hetsim.errors import SpecError
-from hetsim.policies.base import Aggregator, Arrivals, policy_class, register
+from hetsim.policies.base import Aggregator, Arrivals, legacy_adapter, policy_class, register
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class ServerOptimizer(Aggregator):
             cls = policy_class("aggregator", self.base, "base")
         except SpecError as e:  # "base.name: expected ..." -> "base: expected ...", joined to this policy's key
             raise ValueError(f"base: {str(e).split(': ', 1)[1]}") from None
-        if not cls.linear or issubclass(cls, ServerOptimizer):
+        # an old-contract combine reads all replicas (its adapter is linear = False)
+        if not cls.linear or issubclass(cls, ServerOptimizer) or legacy_adapter("aggregator", cls) is not None:
             raise ValueError(f"base: expected an aggregator that is linear in the replicas and not itself a server "
                              f"optimizer, got {self.base!r}")
         from hetsim.config import build_dataclass

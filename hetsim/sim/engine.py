@@ -61,6 +61,8 @@ class SimClock(Clock):
     """What both simulated clocks share: a SimPy environment, the devices' time models, offline windows,
     the exchange and evaluation costs."""
 
+    fidelity_notes: str  # what the clock's fidelity replaces (summary.json)
+
     def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray):
         self.spec = spec
         self.groups = list(groups)
@@ -102,8 +104,6 @@ class SimClock(Clock):
         names = worker_names(self.spec.worker_kinds())
         return {"fidelity": self.spec.sim.fidelity, "fidelity_notes": self.fidelity_notes,
                 "device_sources": {name: d.source for name, d in zip(names, self.devices)}}
-
-    fidelity_notes = ""
 
 
 class EmulatedClock(SimClock):
