@@ -230,6 +230,27 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_any_process_starts(
     assert len(simulate(spec).decisions) == 8
 
 
+def test_two_devices_on_one_gpu_over_nccl_are_refused_before_any_process_starts(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = ("cluster.devices=[{kind='gpu', count=2, device='cuda:1', step_time={dist='constant', mean_s=0.002}}, "
+            "{kind='big', count=1, device='cuda', step_time={dist='constant', mean_s=0.001}}]")
+    # every device a GPU: nccl, which refuses two ranks on one GPU at the first collective, mid-start
+    with pytest.raises(HetsimError, match=r"^devices gpu0 and gpu1 both run on cuda:1: nccl \(used when every device "
+                                          r"is a GPU\) needs one GPU per process; give each device its own"):
+        run(tiny_spec(gpus, "scheduler={name='sync'}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    one_each = gpus.replace("count=2, device='cuda:1'", "count=1, device='cuda:1'")
+    with pytest.raises(HetsimError, match=r"^devices gpu0 and big0 both run on cuda:0"):  # 'cuda' is cuda:0
+        run(tiny_spec(one_each.replace("device='cuda:1'", "device='cuda:0'"), "scheduler={name='sync'}"),
+            tmp_path / "run")
+    from backends.torchmp.launcher import check_one_gpu_per_process
+
+    check_one_gpu_per_process(tiny_spec(one_each, "scheduler={name='sync'}"))  # cuda:1 and cuda: one GPU each
+    # with a CPU in the cluster the run is over gloo, where devices may share a GPU
+    check_one_gpu_per_process(tiny_spec(*TWO, "cluster.devices.1.device='cuda:0'", "cluster.devices.1.count=2"))
+
+
 def test_a_cuda_device_on_a_cpu_only_torch_is_refused_under_torchrun_too(tiny_spec, tmp_path, monkeypatch, capsys):
     from hetsim.cli import main
 
