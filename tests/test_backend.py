@@ -391,6 +391,9 @@ def test_backend_resume_restores_policy_state_to_the_uninterrupted_decisions(tin
     assert np.allclose(resumed.metrics["train_loss"][1:], whole.metrics["train_loss"][1:], atol=1e-6)
     assert np.allclose(resumed.metrics["test_acc"], whole.metrics["test_acc"], equal_nan=True)
     assert np.isfinite(resumed.metrics["train_loss"][1:]).all()
+    # the wall clock continues the checkpoint's time (its common zero is the resumed elapsed time)
+    assert (np.diff(resumed.metrics["time_s"]) > 0).all()
+    assert resumed.summary["time_s"] >= resumed.metrics["time_s"][-1] > resumed.metrics["time_s"][4]
 
 
 def _worker_without_pickles(rank, world, spec, run_dir, init):
