@@ -204,6 +204,26 @@ class _Hooks(Hooks):
         _beat(self.heartbeat, self.rank, round, 1)
 
 
+class _WatchedCore(TrainingCore):
+    """This rank's training core, with its evaluations on the launcher's watch: the evaluator (`eval.on`)
+    shows as computing (phase 0) while the other ranks wait for its result (phase 1), so a hang in an
+    evaluation names the evaluator, not the lowest rank among those waiting. The initial model's
+    evaluation (round 0, before any rank is watched) is left alone."""
+
+    def __init__(self, *args: Any, heartbeat: Any | None, rank: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.heartbeat, self.rank = heartbeat, rank
+
+    def test_metrics(self) -> tuple[float, float]:
+        round_ = int(self.heartbeat[3 * self.rank]) if self.heartbeat is not None else 0
+        if round_ == 0:
+            return super().test_metrics()
+        _beat(self.heartbeat, self.rank, round_, 0)
+        metrics = super().test_metrics()
+        _beat(self.heartbeat, self.rank, round_, 1)
+        return metrics
+
+
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
          resume: bool, force: bool = False) -> None:
     """Wire this rank's ports (a TrainingCore of its one worker, the WallClock, the TorchComm) and run
@@ -226,8 +246,9 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
     policies = build_policies(spec)
-    core = TrainingCore(spec, policies, local=[rank], device=device,
-                        profile_step_times=[d.step_time.mean_s for d in build_devices(spec)])
+    core = _WatchedCore(spec, policies, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in build_devices(spec)],
+                        heartbeat=heartbeat, rank=rank)
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
     clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
         "devices": {n: d.device for n, d in zip(names, devices_spec)},
