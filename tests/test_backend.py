@@ -502,6 +502,17 @@ def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
     assert cpu["hardware"].endswith("emulated 2x slowdown") and "emulated" not in gpu["hardware"]
 
 
+def test_concurrent_profiling_gives_each_device_the_threads_a_run_gives_it(tiny_spec, monkeypatch):
+    from backends.torchmp.profiler import _device_kwargs
+
+    # a job given 8 of a 64-core host's cores, three devices without `threads`: 8 // 3 = 2 threads each, as the
+    # launcher's run gives them (not 64 // 3 = 21, which would profile 63 threads on 8 cores)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert [kw["threads"] for kw in _device_kwargs(tiny_spec(), 2.0)] == [2, 2, 2]
+    assert [kw["threads"] for kw in _device_kwargs(tiny_spec("cluster.devices.1.threads=3"), 2.0)] == [2, 3, 3]
+
+
 def test_profiler_measures_the_exchange_with_the_backends_own_sync():
     from backends.torchmp.profiler import measure_exchange
 
