@@ -211,6 +211,18 @@ def test_every_tensor_the_comm_communicates_lives_on_the_comm_device(fake_nccl):
     assert len(fake_nccl) == 2 + 3 + 3 + 1 + 3 + 2
 
 
+def test_a_rank_sitting_the_round_out_takes_part_from_the_comm_device(fake_nccl):
+    comm = TorchComm(1, 2, FAKE_CUDA)  # worker 1 planned 0 steps: not among the participants [0]
+    tallies, work = comm.gather_tallies([0], Tallies.of([], []), Work([], np.zeros(0), np.zeros(0)))
+    assert tallies.workers.tolist() == [0] and len(work.steps) == 1
+    replica = torch.ones(4, device=FAKE_CUDA)
+    weighted_sum, replicas = comm.arrivals_source([0], lambda ks: replica.expand(len(ks), 4), linear=False)
+    assert weighted_sum(np.array([1.0])).device == FAKE_CUDA  # its zeros are built on the comm device
+    assert replicas().shape == (1, 4)
+    # the stats and observations all_gathers (1 + 2 tensors each), the all_reduce, the replicas' all_gather
+    assert len(fake_nccl) == 3 + 3 + 1 + 3
+
+
 def test_the_wall_clocks_start_agrees_on_the_comm_device(fake_nccl):
     from backends.torchmp.clock import WallClock
 
