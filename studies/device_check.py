@@ -1,6 +1,6 @@
 """The backend's GPU checks, as one short script for a machine with a CUDA device (a few minutes):
 
-    python -m backends.torchmp.device_check OUT_DIR [--gpu cuda:0]
+    python studies/device_check.py OUT_DIR [--gpu cuda:0]
 
 1. world 1 over nccl: one `cuda:i` device, so the backend picks nccl and every control value,
    tally and replica travels on the GPU;
@@ -10,7 +10,8 @@
 Each runs a few rounds of the synthetic task for real and in the simulator; a check passes when the
 backend is the expected one and the decisions and accuracies are the simulator's. One JSON line per
 check; the exit status is 1 when any fails. `--gpu cpu` runs the same checks on the CPU (both over
-gloo), to try the script where there is no GPU.
+gloo), to try the script where there is no GPU. It lives in studies/, not backends/, because it
+runs the simulator too: the backend imports nothing of hetsim.sim.
 """
 
 from __future__ import annotations
