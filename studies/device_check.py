@@ -10,7 +10,8 @@
 Each runs a few rounds of the synthetic task for real and in the simulator; a check passes when the
 backend is the expected one and the decisions and accuracies are the simulator's. One JSON line per
 check; the exit status is 1 when any fails. `--gpu cpu` runs the same checks on the CPU (both over
-gloo), to try the script where there is no GPU.
+gloo), to try the script where there is no GPU. It lives in studies/, not backends/, because it
+runs the simulator too: the backend imports nothing of hetsim.sim.
 """
 
 from __future__ import annotations

@@ -230,6 +230,27 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_any_process_starts(
     assert len(simulate(spec).decisions) == 8
 
 
+def test_two_devices_on_one_gpu_over_nccl_are_refused_before_any_process_starts(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = ("cluster.devices=[{kind='gpu', count=2, device='cuda:1', step_time={dist='constant', mean_s=0.002}}, "
+            "{kind='big', count=1, device='cuda', step_time={dist='constant', mean_s=0.001}}]")
+    # every device a GPU: nccl, which refuses two ranks on one GPU at the first collective, mid-start
+    with pytest.raises(HetsimError, match=r"^devices gpu0 and gpu1 both run on cuda:1: nccl \(used when every device "
+                                          r"is a GPU\) needs one GPU per process; give each device its own"):
+        run(tiny_spec(gpus, "scheduler={name='sync'}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    one_each = gpus.replace("count=2, device='cuda:1'", "count=1, device='cuda:1'")
+    with pytest.raises(HetsimError, match=r"^devices gpu0 and big0 both run on cuda:0"):  # 'cuda' is cuda:0
+        run(tiny_spec(one_each.replace("device='cuda:1'", "device='cuda:0'"), "scheduler={name='sync'}"),
+            tmp_path / "run")
+    from backends.torchmp.launcher import check_one_gpu_per_process
+
+    check_one_gpu_per_process(tiny_spec(one_each, "scheduler={name='sync'}"))  # cuda:1 and cuda: one GPU each
+    # with a CPU in the cluster the run is over gloo, where devices may share a GPU
+    check_one_gpu_per_process(tiny_spec(*TWO, "cluster.devices.1.device='cuda:0'", "cluster.devices.1.count=2"))
+
+
 def test_a_cuda_device_on_a_cpu_only_torch_is_refused_under_torchrun_too(tiny_spec, tmp_path, monkeypatch, capsys):
     from hetsim.cli import main
 
@@ -253,6 +274,43 @@ def test_a_hang_keeps_every_finished_round_on_disk(tiny_spec, tmp_path, monkeypa
     rounds = [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert rounds == ["0", "1", "2"]
     assert [d["round"] for d in read_decisions(tmp_path / "decisions.bin")] == [1, 2]
+
+
+def test_a_hang_in_an_evaluation_names_the_evaluator_not_a_rank_waiting_for_it(tiny_spec, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import backends.torchmp.worker as worker
+    from backends.torchmp.launcher import _watch
+    from hetsim.resolve import build_policies
+    from hetsim.training import TrainingCore
+
+    spec = tiny_spec(*TWO, "run.fault_timeout_s=5")  # evaluated on the fastest device: gpu0, rank 1
+    heartbeat = [0.0] * 6  # (round, phase, time) of ranks 0 and 1
+    verdicts = []
+
+    def hanging_evaluation(core):
+        # both ranks silent for a minute while rank 1 evaluates, rank 0 waiting for its result: the launcher's watch
+        heartbeat[2] = heartbeat[5] = time.time() - 60
+        with pytest.raises(HetsimError) as e:
+            _watch(spec, tmp_path, ["cpu0", "gpu0"], [SimpleNamespace(exitcode=None)] * 2, heartbeat, {}, 0.0)
+        verdicts.append(str(e.value))
+        return 0.5, 0.75
+
+    monkeypatch.setattr(TrainingCore, "test_metrics", hanging_evaluation)
+    core = worker._WatchedCore(spec, build_policies(spec), local=[1], profile_step_times=[0.004, 0.002],
+                               heartbeat=heartbeat, rank=1)
+    worker._beat(heartbeat, 0, 4, 1)  # both ranks did round 4's work; rank 0 waits for the evaluation
+    worker._beat(heartbeat, 1, 4, 1)
+    assert core.test_metrics() == (0.5, 0.75)
+    assert verdicts == [f"device gpu0 (rank 1) made no progress for 5 s in round 4; the run was stopped, finished "
+                        f"rounds are in {tmp_path}"]  # not cpu0, the lowest of the ranks in round 4's phase 1
+    assert heartbeat[3:5] == [4, 1]  # evaluated: waiting like the others
+    # the initial model (round 0) is evaluated before any rank is watched: no heartbeat starts there
+    fresh = [0.0] * 6
+    core = worker._WatchedCore(spec, build_policies(spec), local=[1], profile_step_times=[0.004, 0.002],
+                               heartbeat=fresh, rank=1)
+    monkeypatch.setattr(TrainingCore, "test_metrics", lambda core: (0.25, 0.5))
+    assert core.test_metrics() == (0.25, 0.5) and fresh == [0.0] * 6
 
 
 def test_simulator_only_conditions_are_refused(tiny_spec, tmp_path):
@@ -370,6 +428,9 @@ def test_backend_resume_restores_policy_state_to_the_uninterrupted_decisions(tin
     assert np.allclose(resumed.metrics["train_loss"][1:], whole.metrics["train_loss"][1:], atol=1e-6)
     assert np.allclose(resumed.metrics["test_acc"], whole.metrics["test_acc"], equal_nan=True)
     assert np.isfinite(resumed.metrics["train_loss"][1:]).all()
+    # the wall clock continues the checkpoint's time (its common zero is the resumed elapsed time)
+    assert (np.diff(resumed.metrics["time_s"]) > 0).all()
+    assert resumed.summary["time_s"] >= resumed.metrics["time_s"][-1] > resumed.metrics["time_s"][4]
 
 
 def _worker_without_pickles(rank, world, spec, run_dir, init):
@@ -439,6 +500,17 @@ def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
         assert "1 torch threads" in data["hardware"]  # TWO gives each device threads=1
     # the cpu device was measured with its emulated 2x slowdown (what that padding does: the test below)
     assert cpu["hardware"].endswith("emulated 2x slowdown") and "emulated" not in gpu["hardware"]
+
+
+def test_concurrent_profiling_gives_each_device_the_threads_a_run_gives_it(tiny_spec, monkeypatch):
+    from backends.torchmp.profiler import _device_kwargs
+
+    # a job given 8 of a 64-core host's cores, three devices without `threads`: 8 // 3 = 2 threads each, as the
+    # launcher's run gives them (not 64 // 3 = 21, which would profile 63 threads on 8 cores)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert [kw["threads"] for kw in _device_kwargs(tiny_spec(), 2.0)] == [2, 2, 2]
+    assert [kw["threads"] for kw in _device_kwargs(tiny_spec("cluster.devices.1.threads=3"), 2.0)] == [2, 3, 3]
 
 
 def test_profiler_measures_the_exchange_with_the_backends_own_sync():

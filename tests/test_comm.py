@@ -211,6 +211,18 @@ def test_every_tensor_the_comm_communicates_lives_on_the_comm_device(fake_nccl):
     assert len(fake_nccl) == 2 + 3 + 3 + 1 + 3 + 2
 
 
+def test_a_rank_sitting_the_round_out_takes_part_from_the_comm_device(fake_nccl):
+    comm = TorchComm(1, 2, FAKE_CUDA)  # worker 1 planned 0 steps: not among the participants [0]
+    tallies, work = comm.gather_tallies([0], Tallies.of([], []), Work([], np.zeros(0), np.zeros(0)))
+    assert tallies.workers.tolist() == [0] and len(work.steps) == 1
+    replica = torch.ones(4, device=FAKE_CUDA)
+    weighted_sum, replicas = comm.arrivals_source([0], lambda ks: replica.expand(len(ks), 4), linear=False)
+    assert weighted_sum(np.array([1.0])).device == FAKE_CUDA  # its zeros are built on the comm device
+    assert replicas().shape == (1, 4)
+    # the stats and observations all_gathers (1 + 2 tensors each), the all_reduce, the replicas' all_gather
+    assert len(fake_nccl) == 3 + 3 + 1 + 3
+
+
 def test_the_wall_clocks_start_agrees_on_the_comm_device(fake_nccl):
     from backends.torchmp.clock import WallClock
 
@@ -248,7 +260,7 @@ def test_threads_split_the_nodes_cores_among_its_local_ranks(tiny_spec, monkeypa
     from backends.torchmp.worker import _threads, local_world_size
 
     spec = tiny_spec()  # three devices, no `threads` set
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     # torchrun over 2 nodes: 3 ranks in all, 1 on this node, which keeps all 16 cores (not 16 // 3)
     assert local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "3"}) == 1
     assert _threads(spec, 2, local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "1"})) == 16
@@ -259,6 +271,61 @@ def test_threads_split_the_nodes_cores_among_its_local_ranks(tiny_spec, monkeypa
     assert _threads(tiny_spec("cluster.devices.1.threads=2"), 2, 1) == 2  # the device's own setting wins
     with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE='4': expected an integer in \[1, 3\]"):
         local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE='²': expected an integer in \[1, 3\]"):
+        local_world_size("env://", 3, {"LOCAL_WORLD_SIZE": "²"})  # a digit to str.isdigit, not to int()
+
+
+def test_threads_split_the_cores_this_process_may_use_not_the_hosts(tiny_spec, monkeypatch):
+    from backends.torchmp.worker import _threads
+
+    # a batch job (or container) given 8 of a 64-core host's cores, 2 ranks on the node: 4 threads each,
+    # not 32 (which would run 64 threads on 8 cores)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8, 16)))
+    assert _threads(tiny_spec(), 0, 2) == 4
+    assert _threads(tiny_spec(), 0, 16) == 1  # at least one
+
+
+def test_a_gpu_rank_selects_its_gpu_before_the_process_group_starts(tiny_spec, monkeypatch):
+    import backends.torchmp.worker as worker
+
+    class GroupStarted(Exception):
+        pass
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(torch.device(d)))))
+
+    def init_process_group(backend, **kw):
+        calls.append(("init_process_group", backend))
+        raise GroupStarted  # what follows needs a GPU; the order up to here is the point
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    spec = tiny_spec("cluster.devices=[{kind='gpu', count=1, device='cuda:0', step_time={dist='constant', "
+                     "mean_s=0.002}}, {kind='gpu', count=1, device='cuda:1', step_time={dist='constant', "
+                     "mean_s=0.002}}]", "scheduler={name='fixed', params={local_steps=1}}")
+    with pytest.raises(GroupStarted):
+        worker._run(1, 2, spec, None, "env://", None, resume=False)
+    # nccl binds the communicator to the current GPU: rank 1's must be cuda:1 by then, not cuda:0
+    assert calls == [("set_device", "cuda:1"), ("init_process_group", "nccl")]
+
+
+# -- the fault injection the launcher tests use ----------------------------------------------------
+
+def test_a_fault_to_inject_is_read_or_refused_in_one_line():
+    from backends.torchmp.worker import FAULT_ENV, _inject_fault, fault_to_inject
+
+    assert fault_to_inject({}) is None and fault_to_inject({FAULT_ENV: ""}) is None
+    assert fault_to_inject({FAULT_ENV: "hang:1:12"}) == ("hang", 1, 12)
+    fault = fault_to_inject({FAULT_ENV: "crash:1:4"})
+    _inject_fault(fault, 0, 4)  # another rank: nothing
+    _inject_fault(fault, 1, 3)  # another round: nothing
+    with pytest.raises(RuntimeError, match=rf"injected crash \({FAULT_ENV}=crash:1:4\)"):
+        _inject_fault(fault, 1, 4)
+    # a typo neither passes silently nor hangs (an unknown kind used to be a hang)
+    for bad in ("crash:1", "boom:1:4", "crash:one:4", "crash:1:4:5", "hang:-1:2"):
+        with pytest.raises(ValueError, match=rf"^{FAULT_ENV}='{bad}': expected 'crash:RANK:ROUND' or "
+                                             r"'hang:RANK:ROUND' \(RANK and ROUND non-negative integers\)$"):
+            fault_to_inject({FAULT_ENV: bad})
 
 
 # -- the wall clock ----------------------------------------------------------------------------------

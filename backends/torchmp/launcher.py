@@ -95,6 +95,25 @@ def check_devices(spec: Spec) -> None:
                               f"{'' if count == 1 else 's'} visible on this machine")
 
 
+def check_one_gpu_per_process(spec: Spec) -> None:
+    """Refuse two devices on one GPU when they would talk over nccl (every device a GPU): nccl rejects
+    two ranks of a communicator on the same GPU ("Duplicate GPU detected") at the first collective. The
+    launcher puts every process on this machine, so `cuda:i` names the same GPU for all of them (under
+    torchrun, equal names on different nodes are different GPUs). Over gloo, devices may share a GPU."""
+    devices = [d.device for d in spec.worker_devices()]
+    if not all(d.startswith("cuda") for d in devices):
+        return
+    names = worker_names(spec.worker_kinds())
+    first: dict[int, int] = {}
+    for rank, d in enumerate(devices):
+        index = int(d.partition(":")[2] or "0")
+        if index in first:
+            raise HetsimError(f"devices {names[first[index]]} and {names[rank]} both run on cuda:{index}: nccl (used "
+                              f"when every device is a GPU) needs one GPU per process; give each device its own "
+                              f"'cuda:INDEX' (a kind with count > 1 puts all of its devices on the same one)")
+        first[index] = rank
+
+
 def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False,
         overwrite: bool = False) -> RunResult:
     """Run `spec` on real devices, one process each; write the run directory; return its result.
@@ -107,6 +126,7 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
     check(spec)  # a spec built without hetsim.resolve: every check before anything is written
     check_devices(spec)
+    check_one_gpu_per_process(spec)
     run_dir = claim_run_dir(run_dir, spec, "torchmp", overwrite=overwrite, resume=resume)
     world = spec.n_workers
     names = worker_names(spec.worker_kinds())

@@ -211,6 +211,20 @@ def _concurrent_worker(k: int, kw: dict[str, Any], start: Any, done: Any, n: int
     results[k] = profile_device(**kw, start=start, on_measured=measured, keep_busy=lambda: done.value < n)
 
 
+def _device_kwargs(spec: Spec, max_seconds: float) -> list[dict[str, Any]]:
+    """profile_device's arguments for each device of `spec`, measured concurrently: with the torch threads
+    the backend's launcher gives it (its `threads`, else this machine's usable cores split among the
+    devices), so that a profile measures the device as a run uses it."""
+    from backends.torchmp.worker import _threads
+
+    devices = spec.worker_devices()
+    return [dict(workload=spec.workload.name, batch_size=spec.optim.batch_size, device=d.device,
+                 threads=_threads(spec, k, len(devices)), slowdown=d.emulated_slowdown,
+                 data_path=spec.workload.path, max_seconds=max_seconds, kind=d.kind,
+                 sampler={"name": spec.sampler.name, "params": dict(spec.sampler.params)})
+            for k, d in enumerate(devices)]
+
+
 def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, exchange: bool = False
                     ) -> dict[str, Path]:
     """Measure every device of `spec` at once (see the module docstring); returns {kind: profile path}."""
@@ -221,10 +235,7 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
     manager = ctx.Manager()
     results = manager.list([None] * len(devices))
     start, done = ctx.Barrier(len(devices)), ctx.Value("i", 0)
-    kws = [dict(workload=spec.workload.name, batch_size=spec.optim.batch_size, device=d.device,
-                threads=d.threads or max(1, (ctx.cpu_count() or 1) // len(devices)), slowdown=d.emulated_slowdown,
-                data_path=spec.workload.path, max_seconds=max_seconds, kind=d.kind,
-                sampler={"name": spec.sampler.name, "params": dict(spec.sampler.params)}) for d in devices]
+    kws = _device_kwargs(spec, max_seconds)
     procs = [ctx.Process(target=_concurrent_worker, args=(k, kw, start, done, len(devices), results))
              for k, kw in enumerate(kws)]
     for p in procs:

@@ -71,14 +71,27 @@ def send_stderr_to_log(path: Path) -> int:
     return console
 
 
-def _inject_fault(rank: int, round: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
+def fault_to_inject(environ: Mapping[str, str] = os.environ) -> tuple[str, int, int] | None:
+    """(kind, rank, round) of HETSIM_INJECT_FAULT, or None when it is unset or empty. A malformed value is
+    a one-line error: a typo must neither pass silently (no fault, the test checks nothing) nor turn an
+    unknown kind into a hang."""
+    value = environ.get(FAULT_ENV, "")
+    if not value:
+        return None
+    parts = value.split(":")
+    if len(parts) != 3 or parts[0] not in ("crash", "hang") or not (parts[1].isdecimal() and parts[2].isdecimal()):
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected 'crash:RANK:ROUND' or 'hang:RANK:ROUND' "
+                         f"(RANK and ROUND non-negative integers)")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def _inject_fault(fault: tuple[str, int, int] | None, rank: int, round: int) -> None:
+    if fault is None:
         return
-    kind, r, rd = spec.split(":")
-    if int(r) == rank and int(rd) == round:
+    kind, r, rd = fault
+    if r == rank and rd == round:
         if kind == "crash":
-            raise RuntimeError(f"injected crash ({FAULT_ENV}={spec})")
+            raise RuntimeError(f"injected crash ({FAULT_ENV}={kind}:{r}:{rd})")
         while True:  # hang
             time.sleep(3600)
 
@@ -89,15 +102,24 @@ def local_world_size(init_method: str, world: int, environ: Mapping[str, str] = 
     if init_method != "env://" or "LOCAL_WORLD_SIZE" not in environ:
         return world
     value = environ["LOCAL_WORLD_SIZE"]
-    if not value.isdigit() or not 1 <= int(value) <= world:
+    if not value.isdecimal() or not 1 <= int(value) <= world:
         raise ValueError(f"LOCAL_WORLD_SIZE={value!r}: expected an integer in [1, {world}] (WORLD_SIZE={world})")
     return int(value)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, a batch job's share,
+    taskset), not the host's count, which would oversubscribe a node whose job got only part of it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _threads(spec: Spec, rank: int, local_world: int) -> int:
-    """Torch threads of a rank: the device's `threads`, else this node's cores split among its ranks."""
+    """Torch threads of a rank: the device's `threads`, else this node's usable cores split among its ranks."""
     d = spec.worker_devices()[rank]
-    return d.threads or max(1, (os.cpu_count() or 1) // local_world)
+    return d.threads or max(1, usable_cores() // local_world)
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
@@ -172,13 +194,34 @@ class _Hooks(Hooks):
 
     def __init__(self, heartbeat: Any | None, rank: int):
         self.heartbeat, self.rank = heartbeat, rank
+        self.fault = fault_to_inject()  # read once, before round 1: a malformed value fails the run at once
 
     def round_started(self, round: int) -> None:
         _beat(self.heartbeat, self.rank, round, 0)
-        _inject_fault(self.rank, round)
+        _inject_fault(self.fault, self.rank, round)
 
     def work_done(self, round: int) -> None:
         _beat(self.heartbeat, self.rank, round, 1)
+
+
+class _WatchedCore(TrainingCore):
+    """This rank's training core, with its evaluations on the launcher's watch: the evaluator (`eval.on`)
+    shows as computing (phase 0) while the other ranks wait for its result (phase 1), so a hang in an
+    evaluation names the evaluator, not the lowest rank among those waiting. The initial model's
+    evaluation (round 0, before any rank is watched) is left alone."""
+
+    def __init__(self, *args: Any, heartbeat: Any | None, rank: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.heartbeat, self.rank = heartbeat, rank
+
+    def test_metrics(self) -> tuple[float, float]:
+        round_ = int(self.heartbeat[3 * self.rank]) if self.heartbeat is not None else 0
+        if round_ == 0:
+            return super().test_metrics()
+        _beat(self.heartbeat, self.rank, round_, 0)
+        metrics = super().test_metrics()
+        _beat(self.heartbeat, self.rank, round_, 1)
+        return metrics
 
 
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
@@ -192,17 +235,20 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     torch.set_num_threads(threads)
     all_cuda = all(d.device.startswith("cuda") for d in devices_spec)
     backend = "nccl" if all_cuda else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=2 * spec.run.fault_timeout_s))
     device = torch.device(devices_spec[rank].device)
     if device.type == "cuda":
+        # before the process group: nccl binds a rank's communicator to the current GPU, which would
+        # otherwise be cuda:0 on every rank of the node (or a guess from the rank)
         torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2 * spec.run.fault_timeout_s))
     comm = TorchComm(rank, world, device if backend == "nccl" else torch.device("cpu"))
     thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
     experiment = resolve(spec)
-    core = TrainingCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
-                        profile_step_times=[d.step_time.mean_s for d in experiment.devices])
+    core = _WatchedCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in experiment.devices],
+                        heartbeat=heartbeat, rank=rank)
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
     clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
         "devices": {n: d.device for n, d in zip(names, devices_spec)},
