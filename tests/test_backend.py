@@ -447,11 +447,14 @@ def _worker_without_pickles(rank, world, spec, run_dir, init):
     worker.exit_now(0)
 
 
-@pytest.mark.parametrize("aggregator", ["mean", "fednova"])
+@pytest.mark.parametrize("aggregator", ["{name='mean'}", "{name='biased', params={strength=2.0}}",
+                                        "{name='fednova'}",
+                                        "{name='outer_sgd', params={outer_lr=0.7, momentum=0.9, nesterov=true}}"],
+                         ids=["mean", "biased", "fednova", "outer_sgd"])
 def test_a_worker_sitting_a_round_out_idles_its_rank_as_in_the_simulator(tiny_spec, tmp_path, aggregator):
     import torch.multiprocessing as mp
 
-    spec = tiny_spec(*TWO, *SIT_OUT, f"aggregator={{name='{aggregator}'}}", "stop.max_rounds=6",
+    spec = tiny_spec(*TWO, *SIT_OUT, f"aggregator={aggregator}", "stop.max_rounds=6",
                      "eval.on='cpu0'")
     mp.start_processes(_worker_without_pickles, nprocs=2, start_method="spawn",
                        args=(2, spec, str(tmp_path / "run"), f"file://{tmp_path}/store"))
