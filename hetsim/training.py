@@ -421,6 +421,11 @@ class RunSchedule:
         due = bool(e.every_rounds) and round % e.every_rounds == 0
         if e.every_epochs and epochs >= self.next_eval_epoch:
             due = True
+            # a round of 10^4 devices can cover thousands of multiples: jump over all but the last ones
+            # (one step at a time, as before, when a round covers fewer than two)
+            skip = math.floor((epochs - self.next_eval_epoch) / e.every_epochs) - 1
+            if skip > 0:
+                self.next_eval_epoch += skip * e.every_epochs
             while self.next_eval_epoch <= epochs:
                 self.next_eval_epoch += e.every_epochs
         return due

@@ -243,3 +243,19 @@ def test_negative_sim_threads_is_rejected(tiny_spec):
 
     with pytest.raises(SpecError, match=r"sim.threads: expected an integer >= 0 \(0 = one per simulated run\), got -1"):
         tiny_spec("sim.threads=-1")
+
+
+def test_eval_every_epochs_after_a_round_covering_many_epochs_is_due_once_and_waits_for_the_next_multiple(tiny_spec):
+    from hetsim.training import RunSchedule
+
+    schedule = RunSchedule(tiny_spec("eval.every_epochs=0.25", "eval.every_rounds=0"))
+    assert schedule.eval_due(1, 1_000_000.1)          # 4 million multiples crossed in one round: one evaluation
+    assert schedule.next_eval_epoch == pytest.approx(1_000_000.25)  # the next multiple after 1,000,000.1
+    assert not schedule.eval_due(2, 1_000_000.2)
+    assert schedule.eval_due(3, 1_000_000.25)
+    assert schedule.next_eval_epoch == pytest.approx(1_000_000.5)
+    # small steps keep the exact sums of before: 0.25 + 0.25 + ... stays on the multiples
+    small = RunSchedule(tiny_spec("eval.every_epochs=0.25", "eval.every_rounds=0"))
+    assert [small.eval_due(r, e) for r, e in enumerate([0.2, 0.25, 0.3, 0.74, 0.76, 1.3], 1)] == \
+        [False, True, False, True, True, True]
+    assert small.next_eval_epoch == 1.5
