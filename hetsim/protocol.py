@@ -170,6 +170,12 @@ class Hooks:
 
     def work_done(self, round: int) -> None: ...
 
+    def evaluating(self, round: int) -> None:
+        """This process starts evaluating the global model after `round` (it holds the evaluator; the
+        initial model's evaluation, before round 1, is not announced)."""
+
+    def evaluated(self, round: int) -> None: ...
+
     def finished(self, round: int) -> None: ...
 
 
@@ -425,7 +431,11 @@ class Driver:
             yield from self.clock.evaluation(self.evaluator)
         loss = acc = None
         if self.evaluator in self.comm.local:
+            if charged:
+                self.hooks.evaluating(self.round)
             loss, acc = self.core.test_metrics()
+            if charged:
+                self.hooks.evaluated(self.round)
         # None (not computed) travels as a flag: the comm carries numbers
         v = self.comm.share(self.evaluator, [math.nan if loss is None else loss, math.nan if acc is None else acc,
                                              float(loss is None), float(acc is None)])

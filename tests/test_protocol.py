@@ -333,13 +333,22 @@ def test_hooks_see_every_round_start_its_work_and_the_end(tiny_spec):
         def work_done(self, round):
             seen.append(("work done", round))
 
+        def evaluating(self, round):
+            seen.append(("evaluating", round))
+
+        def evaluated(self, round):
+            seen.append(("evaluated", round))
+
         def finished(self, round):
             seen.append(("finished", round))
 
-    sim = Simulation(tiny_spec("stop.max_rounds=2"))
+    # evaluations after round 2 only (and of the initial model, which is not announced)
+    sim = Simulation(tiny_spec("stop.max_rounds=3", "eval.every_rounds=2", "eval.every_epochs=0"))
     sim.driver.hooks = Recording()
     sim.run()
-    assert seen == [("started", 1), ("work done", 1), ("started", 2), ("work done", 2), ("finished", 2)]
+    assert seen == [("started", 1), ("work done", 1), ("started", 2), ("work done", 2), ("evaluating", 2),
+                    ("evaluated", 2), ("started", 3), ("work done", 3), ("evaluating", 3), ("evaluated", 3),
+                    ("finished", 3)]
 
 
 # -- evaluation placement ---------------------------------------------------------------------------

@@ -203,25 +203,13 @@ class _Hooks(Hooks):
     def work_done(self, round: int) -> None:
         _beat(self.heartbeat, self.rank, round, 1)
 
+    # the evaluator (`eval.on`) shows as computing while the other ranks wait for its result, so a hang in
+    # an evaluation names the evaluator, not the lowest rank among those waiting
+    def evaluating(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 0)
 
-class _WatchedCore(TrainingCore):
-    """This rank's training core, with its evaluations on the launcher's watch: the evaluator (`eval.on`)
-    shows as computing (phase 0) while the other ranks wait for its result (phase 1), so a hang in an
-    evaluation names the evaluator, not the lowest rank among those waiting. The initial model's
-    evaluation (round 0, before any rank is watched) is left alone."""
-
-    def __init__(self, *args: Any, heartbeat: Any | None, rank: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.heartbeat, self.rank = heartbeat, rank
-
-    def test_metrics(self) -> tuple[float, float]:
-        round_ = int(self.heartbeat[3 * self.rank]) if self.heartbeat is not None else 0
-        if round_ == 0:
-            return super().test_metrics()
-        _beat(self.heartbeat, self.rank, round_, 0)
-        metrics = super().test_metrics()
-        _beat(self.heartbeat, self.rank, round_, 1)
-        return metrics
+    def evaluated(self, round: int) -> None:
+        _beat(self.heartbeat, self.rank, round, 1)
 
 
 def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, heartbeat: Any | None,
@@ -246,9 +234,8 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     thread_counts = [int(comm.share(k, [threads])[0]) for k in range(world)]  # each rank's, chosen on its node
     names = worker_names(spec.worker_kinds())
     experiment = resolve(spec)
-    core = _WatchedCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
-                        profile_step_times=[d.step_time.mean_s for d in experiment.devices],
-                        heartbeat=heartbeat, rank=rank)
+    core = TrainingCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
+                        profile_step_times=[d.step_time.mean_s for d in experiment.devices])
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
     clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
         "devices": {n: d.device for n, d in zip(names, devices_spec)},
