@@ -211,3 +211,21 @@ def test_a_batch_that_returns_no_state_is_one_line_naming_the_sampler(tiny_spec)
     with pytest.raises(HetsimError, match=rf"^sampler '{ME}:ForgetsStateSampler': batch returned a Batch; expected "
                                           r"\(Batch, state\)"):
         simulate(tiny_spec(f"sampler={{name='{ME}:ForgetsStateSampler'}}"))
+
+
+# -- the README's contract table says what the code calls -----------------------------------------
+
+def test_the_readme_names_each_contracts_init_state_argument_and_every_workerinfo_field():
+    import inspect
+    import re
+
+    from conftest import ROOT
+    from hetsim.policies import WorkerInfo
+
+    readme = (ROOT / "README.md").read_text()
+    for cls in (Scheduler, Sampler, Aggregator):
+        arg = list(inspect.signature(cls.init_state).parameters)[1]
+        assert re.search(rf"^\| `{cls.__name__}` \|.*\| `init_state\({arg}\)` \|$", readme, flags=re.M), cls
+    described = readme[readme.index("is a `WorkerInfo`:"):]
+    described = described[:described.index("What a policy remembers")]
+    assert set(re.findall(r"`(\w+)`", described)) >= set(WorkerInfo._fields)
