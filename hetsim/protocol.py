@@ -40,7 +40,7 @@ from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals, RoundPlan
 from hetsim.resolve import Experiment
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
-                            save_checkpoint, trace_event, worker_names)
+                            save_checkpoint, trace_event, unsavable, worker_names)
 from hetsim.seeding import numpy_rng
 from hetsim.training import RoundRecord, RunSchedule, Tallies, lr_at
 
@@ -287,14 +287,16 @@ class Driver:
             if self.run_dir is None:
                 raise HetsimError("resume needs the run directory to continue")
             checkpoint = load_checkpoint(self.run_dir / CHECKPOINT, engine, spec, force)
+        if checkpoint is None:  # the policies' first states, checked before anything is written
+            self.scheduler_state = self.scheduler.init_state(core.infos)
+            self.aggregator_state = self.aggregator.init_state(core.global_params())
+            self._check_savable(core.state_dict)
         self.writer = RunWriter(self.run_dir, spec, self.names, always_traced=[self.evaluator],
                                 resume=resume) if comm.leader else None
         if checkpoint is not None:
             self.config_changes = checkpoint.config_changes
             self._restore(checkpoint.state)
         else:
-            self.scheduler_state = self.scheduler.init_state(core.infos)
-            self.aggregator_state = self.aggregator.init_state(core.global_params())
             self.pending = _Pending(core.set_lr(lr_at(spec.optim, 0.0)))
 
     # -- the protocol's building blocks ------------------------------------------------------------
@@ -321,8 +323,11 @@ class Driver:
         """The scheduler's plan for the online workers ks, and its participants with their targets: a
         worker planned 0 steps sits the round out (no work, no arrival, no step-time observation)."""
         infos = self.core.infos
-        plan, self.scheduler_state = self.scheduler.plan(self.round, [infos[k] for k in ks], self.scheduler_rng,
-                                                         self.scheduler_state)
+        out = self.scheduler.plan(self.round, [infos[k] for k in ks], self.scheduler_rng, self.scheduler_state)
+        if not (type(out) is tuple and len(out) == 2 and isinstance(out[0], RoundPlan)):
+            raise HetsimError(f"scheduler {self.spec.scheduler.name!r}: plan returned {_shape(out)}; expected "
+                              f"(RoundPlan, state) ({POLICY_DOCS})")
+        plan, self.scheduler_state = out
         if len(plan.local_steps) != len(ks):
             raise HetsimError(f"scheduler {self.spec.scheduler.name!r} planned {len(plan.local_steps)} workers "
                               f"in round {self.round}, {len(ks)} were online")
@@ -381,7 +386,13 @@ class Driver:
                                 self.version - self.pulled[at], self.round, lr, weighted_sum=weighted_sum,
                                 replicas=gathered)
             previous = self.core.global_params() if agg.needs_previous_global else None
-            new_global, weights, self.aggregator_state = agg.combine(previous, arrivals, self.aggregator_state)
+            out = agg.combine(previous, arrivals, self.aggregator_state)
+            if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
+                    and np.shape(out[1]) == (len(ks),)):
+                raise HetsimError(f"aggregator {self.spec.aggregator.name!r}: combine returned {_shape(out)} for "
+                                  f"{len(ks)} arrivals; expected (new global model, {len(ks)} weights, state) "
+                                  f"({POLICY_DOCS})")
+            new_global, weights, self.aggregator_state = out
             self.core.install(new_global)
             self.version += 1
             self.core.merge_scores(tallies.observations)
@@ -519,6 +530,8 @@ class Driver:
         if self.run_dir is None or not every or self.round % every:
             return
         rank_state = {"core": self.core.state_dict(), "clock": self.clock.state_dict()}
+        # every process holds the scheduler's and aggregator's states: all of them stop here alike
+        self._check_savable(lambda: rank_state["core"])
         if self.comm.world == 1:
             save_checkpoint(self.run_dir / CHECKPOINT, {"round": self.round, "run": self._run_state(),
                                                         "rank": rank_state}, self.engine, self.spec,
@@ -532,6 +545,25 @@ class Driver:
             for old in (self.run_dir / "checkpoints").iterdir():
                 if old.name != f"round{self.round}":
                     shutil.rmtree(old, ignore_errors=True)
+
+    def _check_savable(self, core_state: Callable[[], dict[str, Any]]) -> None:
+        """With checkpoints on, a one-line HetsimError naming the policy whose state holds something a
+        checkpoint cannot store (a set, an object of its own, a Generator), instead of a TypeError from
+        deep in the save. core_state: the core's state_dict (called only when checkpoints are on)."""
+        if self.run_dir is None or not self.spec.run.checkpoint_every:
+            return
+        spec = self.spec
+        states = [(f"scheduler {spec.scheduler.name!r}", self.scheduler_state),
+                  (f"aggregator {spec.aggregator.name!r}", self.aggregator_state)]
+        # the sampler's per-worker states live in the emulated core (the time-only core runs no sampler)
+        states += [(f"sampler {spec.sampler.name!r} (worker {self.names[k]})", w["sampler"])
+                   for k, w in core_state().get("workers", {}).items()]
+        for who, state in states:
+            where = unsavable(state)
+            if where:
+                raise HetsimError(f"{who}: its state cannot be saved in a checkpoint: {where}; a policy's state "
+                                  f"holds tensors, numpy arrays and plain data only (None, bool, int, float, str, "
+                                  f"and lists, tuples and dicts of them)")
 
     def _run_state(self) -> dict[str, Any]:
         return {"writer": self.writer.state_dict() if self.writer is not None else None,
@@ -565,6 +597,16 @@ class Driver:
             self.version, self.pulled, self.last_acc = run["version"], run["pulled"], run["last_acc"]
             self.scheduler_state, self.aggregator_state = run["scheduler_state"], run["aggregator_state"]
             self.scheduler_rng.bit_generator.state = run["scheduler_rng"]
+
+
+POLICY_DOCS = "see README.md, 'Write your own policy'"
+
+
+def _shape(out: Any) -> str:
+    """What a policy method returned, in a few words (for the error that says it is not the contract's)."""
+    if type(out) is tuple:
+        return f"a tuple of {len(out)} ({', '.join(type(v).__name__ for v in out)})"
+    return f"a {type(out).__name__}"
 
 
 def run_to_end(steps: Steps) -> Any:

@@ -769,6 +769,36 @@ def _to_plain(obj: Any) -> Any:
     raise TypeError(f"cannot checkpoint a {type(obj).__name__}: only tensors, numpy arrays and plain data")
 
 
+def unsavable(obj: Any, at: str = "state") -> str | None:
+    """Where `obj` holds a value that a checkpoint cannot store (what `save_checkpoint` refuses), e.g.
+    "state['seen'] is of type set"; None when all of it can be stored. For a one-line error that points
+    at the value in a policy's state, rather than a TypeError from deep in the save."""
+    import collections
+
+    import numpy as np
+
+    try:
+        _to_plain(obj)
+        return None
+    except TypeError:
+        pass
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            found = unsavable(k, f"a key of {at}") or unsavable(v, f"{at}[{k!r}]")
+            if found:
+                return found
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            found = unsavable(v, f"{at}[{i}]")
+            if found:
+                return found
+    if isinstance(obj, np.ndarray):
+        return f"{at} is a numpy array of dtype {obj.dtype}"
+    cls = type(obj)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return f"{at} is of type {name}"
+
+
 def _from_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         if len(obj) == 1 and _NDARRAY in obj:

@@ -28,7 +28,8 @@ from torch import nn
 
 from hetsim.config import OptimSpec, Spec
 from hetsim.losses import per_sample_loss
-from hetsim.policies import WorkerInfo
+from hetsim.errors import HetsimError
+from hetsim.policies import Batch, WorkerInfo
 from hetsim.policies.sampling import EpochStream, LossScores
 from hetsim.seeding import derive, numpy_rng, torch_generator
 from hetsim.workloads import Workload, build_workload, check_batch_fits
@@ -293,8 +294,12 @@ class TrainingCore(DecisionCore):
 
     def sample(self, k: int) -> tuple[np.ndarray, int]:
         w = self.workers[k]
-        batch, w.sampler_state = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, w.stream,
-                                                    self.scores, w.sampler_state)
+        out = self.sampler.batch(self.infos[k], self.spec.optim.batch_size, w.stream, self.scores, w.sampler_state)
+        if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], Batch):
+            got = f"a tuple of {len(out)}" if type(out) is tuple else f"a {type(out).__name__}"
+            raise HetsimError(f"sampler {self.spec.sampler.name!r}: batch returned {got}; expected (Batch, state) "
+                              f"(see README.md, 'Write your own policy')")
+        batch, w.sampler_state = out
         return batch.indices, batch.n_biased
 
     def record(self, k: int, indices: np.ndarray, n_biased: int, loss_sum: float, losses: np.ndarray | None) -> None:

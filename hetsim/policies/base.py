@@ -437,6 +437,9 @@ class _LegacyAggregator(Aggregator):
         return new, np.asarray(w), state
 
 
+#: what `init_state` is given, per contract
+_INIT_ARG = {"scheduler": "workers", "sampler": "worker", "aggregator": "global_params"}
+
 _ADAPTERS = {"scheduler": ("plan", _LegacyScheduler), "sampler": ("batch", _LegacySampler),
              "aggregator": ("combine", _LegacyAggregator)}
 
@@ -520,6 +523,11 @@ def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
     problem = _takes_neither(_ADAPTERS[category][0], getattr(cls, _ADAPTERS[category][0]))
     if problem:  # else the first round would fail with a TypeError deep in the run
         raise SpecError(f"{where}.name: {spec.name}: {problem}")
+    init = cls.init_state
+    if not _takes(_params(init), 1):  # else the run would stop with a TypeError after claiming its folder
+        shown = ", ".join(["self"] + [str(p) for p in _params(init)])
+        raise SpecError(f"{where}.name: {spec.name}: {init.__qualname__}({shown}) must take one argument "
+                        f"({_INIT_ARG[category]})")
     adapted = legacy_adapter(category, cls)
     if adapted is not None:
         _warn_legacy(cls, category)
