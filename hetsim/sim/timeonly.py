@@ -58,9 +58,9 @@ class TimeOnlyCore(DecisionCore):
             self.curve = LearningCurve.load(spec.sim.surrogate)
         self.scores = None
         self._global = torch.zeros(0)
-        self._ks = np.zeros(0, dtype=np.int64)
-        self._steps = np.zeros(0, dtype=np.int64)
-        self._biased = np.zeros(0, dtype=np.int64)
+        # each worker's steps and loss-biased samples in its latest local work (what `tallies` reports)
+        self._steps = np.zeros(len(self.infos), dtype=np.int64)
+        self._biased = np.zeros(len(self.infos), dtype=np.int64)
 
     def set_lr(self, lr: float) -> float:
         return lr
@@ -71,13 +71,15 @@ class TimeOnlyCore(DecisionCore):
     def train(self, ks: Sequence[int], steps: Sequence[int]) -> None:
         b = self.spec.optim.batch_size
         infos, per_step = self.infos, self.sampler.biased_per_step
-        self._ks = np.asarray(ks, dtype=np.int64)
-        self._steps = np.asarray(steps, dtype=np.int64)
-        self._biased = np.array([n * per_step(infos[k], b) for k, n in zip(ks, steps)], dtype=np.int64)
+        at = np.asarray(ks, dtype=np.int64)
+        self._steps[at] = steps
+        self._biased[at] = [n * per_step(infos[k], b) for k, n in zip(ks, steps)]
 
     def tallies(self, ks: Sequence[int]) -> Tallies:
-        samples = self._steps * self.spec.optim.batch_size
-        return Tallies(self._ks, self._steps, samples, self._biased, samples * STAND_IN_LOSS)
+        at = np.asarray(ks, dtype=np.int64)
+        steps = self._steps[at]
+        samples = steps * self.spec.optim.batch_size
+        return Tallies(at, steps, samples, self._biased[at], samples * STAND_IN_LOSS)
 
     def replicas(self, ks: Sequence[int]) -> torch.Tensor:
         return torch.zeros(len(ks), 0)
