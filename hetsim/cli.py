@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import traceback
 
         from backends.torchmp.worker import drop_empty_log, exit_now, log_path, send_stderr_to_log, worker_main
-        from hetsim.results import worker_names
+        from hetsim.config import worker_names
         from hetsim.rundir import claim_run_dir
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -471,7 +471,7 @@ def check_schema(spec: Spec) -> None:
     _require(spec.run.checkpoint_every >= 0, "run.checkpoint_every", "an integer >= 0", spec.run.checkpoint_every)
 
 
-def _worker_names(kinds: Sequence[str]) -> list[str]:
+def worker_names(kinds: Sequence[str]) -> list[str]:
     """cpu0, cpu1, gpu0, ... in worker order (the names results use)."""
     seen: dict[str, int] = {}
     out = []

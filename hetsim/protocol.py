@@ -36,11 +36,12 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 import torch
 
+from hetsim.config import worker_names
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals, RoundPlan
 from hetsim.resolve import Experiment
 from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
-                            save_checkpoint, trace_event, unsavable, worker_names)
+                            save_checkpoint, trace_event, unsavable)
 from hetsim.seeding import numpy_rng
 from hetsim.training import RoundRecord, RunSchedule, Tallies, lr_at
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 from hetsim import config, policies
 from hetsim.cluster import COLLECTIVES, DeviceModel, device_model
-from hetsim.config import Spec, _require, _worker_names
+from hetsim.config import Spec, _require, worker_names
 from hetsim.errors import SpecError
 from hetsim.policies import base as registry
 from hetsim.workloads import build_workload, check_batch_fits, check_workload, known_train_size
@@ -103,7 +103,7 @@ def _resolve(spec: Spec) -> Experiment:
 def evaluator_index(spec: Spec, mean_step_times_s: Sequence[float]) -> int:
     """The device `eval.on` names: `fastest` is the lowest profiled mean step time (ties: the lowest
     index), else a worker name as in the results (`cpu0`, `gpu1`); any other name is a SpecError."""
-    names = _worker_names(spec.worker_kinds())
+    names = worker_names(spec.worker_kinds())
     on = spec.eval.on
     _require(on == "fastest" or on in names, "eval.on", f"'fastest' or a worker of this cluster "
              f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})", on)

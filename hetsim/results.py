@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from hetsim.config import Spec, TraceSpec, _worker_names, spec_to_dict, to_toml
+from hetsim.config import Spec, TraceSpec, spec_to_dict, to_toml
 from hetsim.errors import HetsimError
 
 if TYPE_CHECKING:
@@ -547,11 +547,6 @@ def trace_event(name: str, worker: int, start_s: float, end_s: float, **args: An
 
 def trace_thread_names(names: list[str]) -> list[dict[str, Any]]:
     return [{"name": "thread_name", "ph": "M", "pid": 0, "tid": k, "args": {"name": n}} for k, n in enumerate(names)]
-
-
-def worker_names(kinds: list[str]) -> list[str]:
-    """cpu0, cpu1, gpu0, ... in worker order."""
-    return _worker_names(kinds)
 
 
 def time_to_accuracy(times: list[float], accs: list[float], target: float) -> float | None:

@@ -21,10 +21,10 @@ import torch.multiprocessing as mp
 
 from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
-from hetsim.config import Spec
+from hetsim.config import Spec, worker_names
 from hetsim.errors import HetsimError
 from hetsim.resolve import check
-from hetsim.results import CHECKPOINT, RunResult, load_checkpoint, worker_names
+from hetsim.results import CHECKPOINT, RunResult, load_checkpoint
 from hetsim.rundir import claim_run_dir
 
 

@@ -24,10 +24,10 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from hetsim.config import Spec
+from hetsim.config import Spec, worker_names
 from hetsim.protocol import Driver, Hooks
 from hetsim.resolve import resolve
-from hetsim.results import strict_json, worker_names
+from hetsim.results import strict_json
 from hetsim.training import TrainingCore
 
 from backends.torchmp.clock import WallClock

@@ -30,11 +30,11 @@ import simpy
 import torch
 
 from hetsim.cluster import DeviceModel, exchange_time, within_budget
-from hetsim.config import Spec
+from hetsim.config import Spec, worker_names
 from hetsim.policies import RoundPlan
 from hetsim.protocol import Clock, Comm, Driver, ProgressFn, Steps, Work
 from hetsim.resolve import Experiment, resolve
-from hetsim.results import RunResult, worker_names
+from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, Tallies, TrainingCore
