@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,6 +160,15 @@ class DeviceModel:
         mean = m * (1 - p + p * f)
         second = (s * s + m * m) * (1 - p + p * f * f)  # E[X^2] of the two-point mixture
         return mean, math.sqrt(max(second - mean * mean, 0.0))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, a batch job's share,
+    taskset), not the host's count, which would oversubscribe a node whose job got only part of it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 BUDGET_RTOL = 1e-9

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hetsim.analysis import table_runs
+from hetsim.cluster import usable_cores
 from hetsim.config import Spec, spec_to_dict, to_toml
 from hetsim.errors import HetsimError, SpecError
 from hetsim.resolve import load_spec, replace
@@ -169,11 +170,8 @@ def _run_one(spec: Spec, run_dir: str, engine: str, resume: bool) -> dict[str, A
 
 
 def default_workers() -> int:
-    """The cores this process may use (its CPU affinity, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """One parallel run per core this process may use (`hetsim.cluster.usable_cores`)."""
+    return usable_cores()
 
 
 def check_workers(workers: int) -> None:

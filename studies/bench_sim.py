@@ -31,6 +31,7 @@ import simpy
 import torch
 import torch.nn.functional as F
 
+from hetsim.cluster import usable_cores
 from hetsim.config import spec_from_dict
 from hetsim.seeding import derive
 from hetsim.sim import Simulation
@@ -272,17 +273,12 @@ def main() -> None:
     seeds = 1 if args.quick else 3
     wall, error = quickstart_under_load(seeds)
     targets.check(f"5. quickstart ({seeds} seed{'s' if seeds > 1 else ''} x 5 policies) beside one busy process (s)",
-                  wall, "<", 60, f"({_cores()} cores{'; ' + error if error else ''})")
+                  wall, "<", 60, f"({usable_cores()} cores{'; ' + error if error else ''})")
     default_settings_scale(devices, scale_rounds, targets)
     fidelity_agreement(targets, args.quick)
     sys.exit(targets.summary())
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def quickstart_under_load(seeds: int) -> tuple[float | None, str]:

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from hetsim.cluster import usable_cores
 from hetsim.config import Spec, worker_names
 from hetsim.protocol import Driver, Hooks
 from hetsim.resolve import resolve
@@ -105,15 +106,6 @@ def local_world_size(init_method: str, world: int, environ: Mapping[str, str] = 
     if not value.isdecimal() or not 1 <= int(value) <= world:
         raise ValueError(f"LOCAL_WORLD_SIZE={value!r}: expected an integer in [1, {world}] (WORLD_SIZE={world})")
     return int(value)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity (a container's cpuset, a batch job's share,
-    taskset), not the host's count, which would oversubscribe a node whose job got only part of it."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _threads(spec: Spec, rank: int, local_world: int) -> int:
