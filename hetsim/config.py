@@ -263,6 +263,13 @@ class Spec:
     scheduler: PolicySpec = field(default_factory=lambda: PolicySpec("proportional"))
     sampler: PolicySpec = field(default_factory=lambda: PolicySpec("uniform"))
     aggregator: PolicySpec = field(default_factory=lambda: PolicySpec("mean"))
+    # when the server combines: sync (a barrier), semi_sync, async, buffered_async (hetsim.protocols)
+    protocol: PolicySpec = field(default_factory=lambda: PolicySpec("sync"))
+    # who takes part in a round: all, uniform k of n, speed-aware, utility (hetsim.policies.selection)
+    selector: PolicySpec = field(default_factory=lambda: PolicySpec("all"))
+    # where each worker's training data comes from: shared, iid, dirichlet, per_kind, authors
+    # (hetsim.workloads.placement)
+    data: PolicySpec = field(default_factory=lambda: PolicySpec("shared"))
     optim: OptimSpec = field(default_factory=OptimSpec)
     stop: StopSpec = field(default_factory=StopSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)

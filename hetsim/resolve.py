@@ -84,6 +84,7 @@ def _resolve(spec: Spec) -> Experiment:
 
         curve = LearningCurve.load(spec.sim.surrogate)
     built = build_policies(spec)
+    _check_pending(spec)
     kinds = list(dict.fromkeys(d.kind for d in spec.cluster.devices))
     device_names = list(dict.fromkeys(d.device for d in spec.cluster.devices))
     for category, policy in zip(Policies._fields, built):
@@ -98,6 +99,13 @@ def _resolve(spec: Spec) -> Experiment:
     devices = tuple(m for m, d in zip(groups, spec.cluster.devices) for _ in range(d.count))
     evaluator = evaluator_index(spec, [d.step_time.mean_s for d in devices])
     return Experiment(spec, groups, devices, built, evaluator, curve)
+
+
+def _check_pending(spec: Spec) -> None:
+    """The spec sections whose other choices are not built yet refuse them, rather than ignore them."""
+    for key, only in (("protocol", "sync"), ("selector", "all"), ("data", "shared")):
+        value = getattr(spec, key)
+        _require(value.name == only and not value.params, f"{key}.name", f"{only!r} (with no params)", value.name)
 
 
 def evaluator_index(spec: Spec, mean_step_times_s: Sequence[float]) -> int:
