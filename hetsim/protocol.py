@@ -380,7 +380,7 @@ class Driver:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
         self.hooks = hooks or Hooks()
-        self.protocol = protocol or SyncProtocol()
+        self.protocol = protocol or experiment.protocol
         self.n = len(core.infos)
         self.workers = list(range(self.n))
         self.names = worker_names(spec.worker_kinds())
