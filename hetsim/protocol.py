@@ -290,6 +290,8 @@ class ArrivalBuffer:
         """arrived's workers (or some of them: `arrived` already restricted), with the versions they pulled;
         replicas: where their replicas are (arrived.replicas or the core's)."""
         ks = list(arrived.workers)
+        if not ks:
+            return
         self.workers += ks
         self._tallies.append(arrived.tallies)
         self._steps += list(arrived.work.steps)
