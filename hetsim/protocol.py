@@ -51,7 +51,7 @@ ProgressFn = Callable[[dict], None]
 Steps = Generator[Any, Any, Any]  # what the driver and the clocks' methods are: generators (SimPy events or none)
 
 #: every stop reason, by the index the leader's decision travels as (comm.agree carries numbers)
-STOP_REASONS = ("", "diverged", "target_accuracy", "max_rounds", "max_time_s", "max_epochs")
+STOP_REASONS = ("", "diverged", "target_accuracy", "max_rounds", "max_time_s", "max_epochs", "replayed")
 
 
 @dataclass
@@ -402,6 +402,7 @@ class Driver:
         self.config_changes: list[dict] = []
         self.pending: _Pending | None = None
         self.idle_rounds = 0                                  # consecutive rounds in which nobody worked
+        self.max_updates = 0                                  # stop after this many updates (0: no limit; replays)
         self.staleness_sum = 0                                # over the combined arrivals (summary's mean)
         self.arrivals_combined = 0
         self.dropped_total = 0                                # late work discarded (semi_sync, late = "drop")
@@ -432,7 +433,10 @@ class Driver:
         if self.comm.leader:
             reached = self.last_acc >= self.spec.stop.target_accuracy  # NaN: False
             now, epochs = self.clock.now(), self.core.epochs
-            index = STOP_REASONS.index(self.schedule.stop_reason(self.round, now, epochs, reached))
+            reason = self.schedule.stop_reason(self.round, now, epochs, reached)
+            if not reason and self.max_updates and self.round >= self.max_updates:
+                reason = "replayed"  # a replay ends where the run it replays ended
+            index = STOP_REASONS.index(reason)
             progress = self.schedule.progress(self.round, now, epochs)
         index, progress = self.comm.agree([index, progress])
         return STOP_REASONS[int(index)], progress
