@@ -19,6 +19,13 @@ A third port, `Protocol`, decides when the server combines. `SyncProtocol` is th
     install the new global model, merge loss scores in worker order, check divergence
     evaluate when due (on `eval.on`, charged by the clock), write the row, checkpoint
 
+The event-driven protocols (hetsim/protocols.py: semi_sync, async, buffered_async) are written with
+`dispatch_idle` (plan the online set; idle workers pull and start), `arrivals` (the clock's next
+arrivals) and `combine` (exchange, then `aggregate`: arrivals damped by staleness, mixed by alpha).
+Checkpoints are taken every run.checkpoint_every updates under every protocol; work in flight at a
+checkpoint is not saved, so after a resume it is redone, dispatched again from the checkpoint's global
+model.
+
 The driver is a generator: a simulated clock's methods `yield` SimPy events, the wall clock's never
 yield, and `run_to_end` drives it without SimPy. This module imports no port implementation.
 """
