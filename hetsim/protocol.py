@@ -132,6 +132,10 @@ class Clock(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols (semi_sync, async, "
                                   f"buffered_async): it has no in_flight")
 
+    def in_flight_count(self) -> int:
+        """How many workers are in flight (a clock that counts them answers without building the list)."""
+        return len(self.in_flight())
+
     @abstractmethod
     def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
         """Charge exchanging nbytes among the workers ks (a simulated clock; the wall clock's comm takes

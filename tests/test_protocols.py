@@ -379,3 +379,34 @@ def test_simulate_replay_on_the_command_line(tiny_spec, tmp_path, capsys):
                                                f"model digests 5/5 equal")
     assert main(["simulate", "--replay", str(tmp_path / "run"), "--set", "seed=1"]) == 2
     assert "hetsim: error: --replay RUN runs RUN's own config.toml" in capsys.readouterr().err
+
+
+# -- decisions and trace ---------------------------------------------------------------------------------
+
+def test_a_decisions_file_of_schema_2_is_still_read(tmp_path):
+    """A hetsim-decisions/2 record, built here from its documented layout: header, then five columns."""
+    import struct
+    import zlib
+
+    from hetsim.results import read_decisions
+
+    cols = (np.array([0, 2], "<u1"), np.array([3, 1], "<u1"), np.array([24, 8], "<u1"), np.array([0, 8], "<u1"))
+    payload = zlib.compress(b"".join(c.tobytes() for c in cols) + np.array([0.75, 0.25], "<f8").tobytes())
+    record = struct.pack("<QqqdI4s", len(payload), 1, 2, math.nan, zlib.crc32(payload), b"BBBB") + payload
+    (tmp_path / "decisions.bin").write_bytes(b"hetsim-decisions/2\n" + record)
+    assert list(read_decisions(tmp_path / "decisions.bin")) == [
+        {"round": 1, "workers": [0, 2], "local_steps": [3, 1], "samples": [24, 8], "biased_samples": [0, 8],
+         "weights": [0.75, 0.25], "time_budget_s": None}]
+
+
+def test_the_trace_shows_each_job_from_pull_to_arrival_and_the_wait_for_the_next_dispatch(tiny_spec, tmp_path):
+    # semi_sync drop, k = 2 (the timeline of the drop test above): w0 computes 0-1 and waits for the close at 2;
+    # w2 computes 0-5 (dropped in round 3) and waits until round 4 dispatches it at 6
+    r = simulate(three(tiny_spec, "{name='semi_sync', params={k=2, late='drop'}}", "stop.max_rounds=4"), tmp_path)
+    spans = {}
+    for e in r.trace:
+        if e["ph"] == "X":
+            spans.setdefault(e["tid"], []).append((e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6))
+    assert sorted(spans[0])[:3] == [("compute", 0.0, 1.0), ("compute", 2.0, 3.0), ("compute", 4.0, 5.0)]
+    assert ("idle", 1.0, 2.0) in spans[0] and ("idle", 3.0, 4.0) in spans[0]
+    assert sorted(spans[2]) == [("compute", 0.0, 5.0), ("idle", 5.0, 6.0)]  # w2's second job never arrives

@@ -79,15 +79,20 @@ class SimClock(Clock):
         self._finish = np.full(self.n, np.inf)
         self._start = np.zeros(self.n)
         self._steps = np.zeros(self.n, dtype=np.int64)
+        self._flying = 0
 
     def _launch(self, ks: Sequence[int], start: float, steps: Sequence[int], finish: np.ndarray) -> None:
         at = np.asarray(ks, dtype=np.int64)
         self._start[at] = start
         self._steps[at] = steps
         self._finish[at] = finish
+        self._flying += len(at)
 
     def in_flight(self) -> list[int]:
         return np.flatnonzero(np.isfinite(self._finish)).tolist()
+
+    def in_flight_count(self) -> int:
+        return self._flying
 
     def next_arrivals(self, count: int, deadline: float | None) -> Steps:
         """The earliest `count` arrivals (ties in time: lower worker index first), by one partition of the
@@ -114,6 +119,7 @@ class SimClock(Clock):
         ks = chosen.tolist()
         work = Work(self._steps[chosen].tolist(), self._start[chosen], f[chosen].copy())
         f[chosen] = np.inf
+        self._flying -= len(ks)
         return Arrived(ks, work, self.tallies(ks))
 
     def now(self) -> float:
