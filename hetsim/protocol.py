@@ -604,7 +604,7 @@ class Driver:
             s = self.protocol.staleness_weights(staleness)
             alpha = self.protocol.alpha
             x = self.core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
-            if s is not None:
+            if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
                 weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
             arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
                                 staleness, self.round, lr, weighted_sum=weighted_sum, replicas=gathered)

@@ -410,3 +410,30 @@ def test_the_trace_shows_each_job_from_pull_to_arrival_and_the_wait_for_the_next
     assert sorted(spans[0])[:3] == [("compute", 0.0, 1.0), ("compute", 2.0, 3.0), ("compute", 4.0, 5.0)]
     assert ("idle", 1.0, 2.0) in spans[0] and ("idle", 3.0, 4.0) in spans[0]
     assert sorted(spans[2]) == [("compute", 0.0, 5.0), ("idle", 5.0, 6.0)]  # w2's second job never arrives
+
+
+from dataclasses import dataclass  # noqa: E402
+
+from hetsim.policies import Aggregator  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RowMean(Aggregator):
+    """The mean of the arrivals' replicas, read as rows (a non-linear aggregator's path)."""
+
+    linear = False
+
+    def combine(self, global_params, arrivals, state):
+        rows = arrivals.replicas
+        return rows.mean(dim=0), np.full(len(arrivals), 1 / len(arrivals)), state
+
+
+def test_an_aggregator_reading_the_replicas_as_rows_sees_them_damped(tiny_spec):
+    protocol = "{name='semi_sync', params={k=2, late='keep', staleness='hinge', a=1.0, b=0.0}}"
+    finals = []
+    for aggregator in ("{name='mean'}", "{name='test_protocols:RowMean'}"):
+        sim = Simulation(three(tiny_spec, protocol, f"aggregator={aggregator}", "stop.max_rounds=4"))
+        r = sim.run()
+        assert column(r, "staleness")[2] == [0, 2]  # damped by 1 and 1/3 (see the keep tests above)
+        finals.append(sim.core.global_params())
+    assert torch.allclose(finals[0], finals[1], atol=1e-6)
