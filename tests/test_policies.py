@@ -388,6 +388,21 @@ def test_robust_aggregators_sort_in_slices_with_the_same_result(monkeypatch):
         assert torch.equal(new, new_s) and np.allclose(w, w_s)
 
 
+@pytest.mark.parametrize("aggregator,statistic", [
+    ("{name='median'}", lambda x: np.median(x, axis=0)),
+    ("{name='trimmed_mean', params={beta=0.2}}", lambda x: x.mean(axis=0)),  # 0.2 of 3 workers trims nothing
+])
+def test_robust_aggregators_combine_the_simulators_replicas(tiny_spec, aggregator, statistic):
+    from hetsim.sim import Simulation
+
+    sim = Simulation(tiny_spec(f"aggregator={aggregator}", "stop.max_rounds=2"))
+    r = sim.run()
+    # after the last round the replicas still hold their trained values (they pull at the next round's start)
+    replicas = sim.core.replicas([0, 1, 2]).numpy()
+    np.testing.assert_allclose(sim.core.global_params().numpy(), statistic(replicas), rtol=0, atol=1e-6)
+    assert all(math.isclose(sum(d["weights"]), 1.0) for d in r.decisions)
+
+
 @pytest.mark.parametrize("beta", [0.5, -0.1, 0.7])
 def test_trimmed_mean_refuses_beta_outside_0_to_one_half_in_one_line(beta):
     with pytest.raises(SpecError, match=rf"^aggregator.params.beta: expected a number in \[0, 0.5\) \(the fraction "
