@@ -151,6 +151,18 @@ def test_async_protocols_accept_only_the_all_selector(tiny_spec):
             tiny_spec(f"protocol={{name='{protocol}'}}", "selector={name='uniform', params={k=2}}")
 
 
+@dataclass(frozen=True)
+class NoRng(Selector):
+    def select(self, round, workers):
+        return np.arange(len(workers)), None
+
+
+def test_a_select_method_of_another_shape_is_a_spec_error_on_load(tiny_spec):
+    with pytest.raises(SpecError, match=r"^tiny: selector.name: test_selection:NoRng: NoRng.select\(self, round, "
+                                        r"workers\) does not take \(round, workers, rng, state\)$"):
+        tiny_spec("selector={name='test_selection:NoRng'}")
+
+
 def test_a_selector_is_checked_on_load_like_other_policies(tiny_spec):
     assert tiny_spec("selector={name='uniform', params={k=3}}").selector == PolicySpec("uniform", {"k": 3})
     assert isinstance(build("selector", PolicySpec("all")), Selector)

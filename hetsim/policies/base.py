@@ -2,15 +2,15 @@
 pick a policy by name.
 
 Each round: a Selector picks who takes part, a Scheduler decides how much local work every
-participant does, a Sampler picks each local step's mini-batch, an Aggregator turns what arrives into
-the next global model. Policies are small
-frozen dataclasses: their fields are the parameters a config sets. Whatever a policy remembers
-between calls is an explicit *state* value (optax's `init`/`update` shape): `init_state` makes it,
-every call takes it and returns the next one, the driver keeps it, checkpoints it and restores it on
-resume. State is tensors, numpy arrays or plain data (ints, floats, str, lists, dicts, None), so a
-checkpoint loads with `torch.load(weights_only=True)` (numpy arrays need the driver's help there;
-the built-ins keep tensors and plain data). Objects the runner owns and checkpoints itself (the
-loss-score store, data streams: `hetsim.policies.sampling.LossScores`, `EpochStream`) are passed in.
+participant does, a Sampler picks each local step's mini-batch, an Aggregator turns what arrives
+into the next global model. Policies are small frozen dataclasses: their fields are the parameters a
+config sets. Whatever a policy remembers between calls is an explicit *state* value (optax's
+`init`/`update` shape): `init_state` makes it, every call takes it and returns the next one, the
+driver keeps it, checkpoints it and restores it on resume. State is tensors, numpy arrays or plain
+data (ints, floats, str, lists, dicts, None), so a checkpoint loads with
+`torch.load(weights_only=True)` (numpy arrays need the driver's help there; the built-ins keep
+tensors and plain data). Objects the runner owns and checkpoints itself (the loss-score store, data
+streams: `hetsim.policies.sampling.LossScores`, `EpochStream`) are passed in.
 
 Capabilities are class attributes that a policy *declares*; the driver reads them and never probes:
 
