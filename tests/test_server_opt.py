@@ -153,7 +153,8 @@ def test_fedadam_and_fedyogi_differ_only_in_the_second_moment():
 
 # -- state: saved without code, resumed bit-identically ---------------------------------------------
 
-@pytest.mark.parametrize("policy", [FedAvgM(), FedAdam(), FedYogi(base="fednova")], ids=["fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("policy", [FedAvgM(), FedAdam(), FedYogi(base="fednova")],
+                         ids=["fedavgm", "fedadam", "fedyogi"])
 def test_server_optimizer_state_loads_weights_only_and_continues_bit_identically(tmp_path, policy):
     rounds = rounds_of_replicas(6, seed=3)
     x0 = rounds[0][0].clone()
