@@ -401,6 +401,8 @@ class Driver:
         self.evaluator = experiment.evaluator
         self.schedule = RunSchedule(spec)
         self.scheduler_rng = numpy_rng(spec.seed, "scheduler")
+        self.selector = experiment.policies.selector
+        self.selector_rng = numpy_rng(spec.seed, "selector")
         self.round = 0
         self.version = 0                                      # combines so far (= rounds under sync)
         self.pulled = np.zeros(self.n, dtype=np.int64)        # the version each worker last pulled
@@ -427,6 +429,7 @@ class Driver:
         if checkpoint is None:  # the policies' first states, checked before anything is written
             self.scheduler_state = self.scheduler.init_state(core.infos)
             self.aggregator_state = self.aggregator.init_state(core.global_params())
+            self.selector_state = self.selector.init_state(core.infos)
             self._check_savable(core.state_dict)
         self.writer = RunWriter(self.run_dir, spec, self.names, always_traced=[self.evaluator],
                                 resume=resume) if comm.leader else None
@@ -462,6 +465,7 @@ class Driver:
     def plan_round(self, ks: list[int]) -> tuple[RoundPlan, list[int], tuple[int | None, ...]]:
         """The scheduler's plan for the online workers ks, and its participants with their targets: a
         worker planned 0 steps sits the round out (no work, no arrival, no step-time observation)."""
+        ks = self.select(ks)
         infos = self.core.infos
         out = self.scheduler.plan(self.round, [infos[k] for k in ks], self.scheduler_rng, self.scheduler_state)
         if not (type(out) is tuple and len(out) == 2 and isinstance(out[0], RoundPlan)):
@@ -487,6 +491,36 @@ class Driver:
                               f"worker in {MAX_IDLE_ROUNDS} rounds in a row (up to round {self.round}): the run "
                               f"makes no progress")
         return plan, ks, targets
+
+    def select(self, ks: list[int]) -> list[int]:
+        """The selector's participants among the online workers ks, in ks order; the others sit the round
+        out like a worker planned 0 steps. A choice of nobody, or of a worker that is not among ks, is a
+        one-line HetsimError naming the selector."""
+        if not ks:
+            return ks
+        out = self.selector.select(self.round, _WorkersOf(self.core.infos, ks), self.selector_rng,
+                                   self.selector_state)
+        name = f"selector {self.spec.selector.name!r}"
+        if not (type(out) is tuple and len(out) == 2):
+            raise HetsimError(f"{name}: select returned {_shape(out)}; expected (indices, state) ({POLICY_DOCS})")
+        chosen, self.selector_state = np.asarray(out[0]), out[1]
+        if chosen.ndim != 1 or not (chosen.dtype.kind in "iu" or chosen.size == 0):
+            raise HetsimError(f"{name}: select returned {chosen.dtype} indices of shape {chosen.shape} in round "
+                              f"{self.round}; expected a list of integers (indices into the online workers)")
+        if chosen.size == 0:
+            raise HetsimError(f"{name} picked nobody in round {self.round} ({len(ks)} workers online): a round "
+                              f"needs at least one participant")
+        if chosen.size == len(ks) and chosen[0] == 0 and (np.diff(chosen) == 1).all():
+            return ks  # everyone, in order (the 'all' selector): no copy of 10^5 indices
+        bad = chosen[(chosen < 0) | (chosen >= len(ks))]
+        if bad.size:
+            raise HetsimError(f"{name} chose index {int(bad[0])} in round {self.round}: expected indices "
+                              f"0..{len(ks) - 1} into the {len(ks)} online workers")
+        unique = np.unique(chosen)  # sorted: the participants keep worker order
+        if unique.size != chosen.size:
+            raise HetsimError(f"{name} chose a worker twice in round {self.round} (indices "
+                              f"{chosen.tolist()[:10]}): expected distinct indices")
+        return [ks[i] for i in unique.tolist()]
 
     def local_work(self, ks: list[int], plan: RoundPlan) -> Steps:
         """Workers ks pull the global model and do their planned work (this process's, through the clock);
@@ -618,6 +652,7 @@ class Driver:
             new_global, weights, self.aggregator_state = out
             if alpha != 1.0:
                 new_global = x + alpha * (new_global - x)
+            self.selector_state = self.selector.observe(self.round, arrivals, self.selector_state)
             self.core.install(new_global)
             self.version += 1
             self.core.merge_scores(tallies.observations)
@@ -802,7 +837,8 @@ class Driver:
             return
         spec = self.spec
         states = [(f"scheduler {spec.scheduler.name!r}", self.scheduler_state),
-                  (f"aggregator {spec.aggregator.name!r}", self.aggregator_state)]
+                  (f"aggregator {spec.aggregator.name!r}", self.aggregator_state),
+                  (f"selector {spec.selector.name!r}", self.selector_state)]
         # the sampler's per-worker states live in the emulated core (the time-only core runs no sampler)
         states += [(f"sampler {spec.sampler.name!r} (worker {self.names[k]})", w["sampler"])
                    for k, w in core_state().get("workers", {}).items()]
@@ -821,7 +857,8 @@ class Driver:
                 "last_acc": self.last_acc,
                 "scheduler_state": self.scheduler_state, "scheduler_rng": self.scheduler_rng.bit_generator.state,
                 "aggregator_state": self.aggregator_state, "staleness_sum": self.staleness_sum,
-                "arrivals_combined": self.arrivals_combined, "dropped_total": self.dropped_total}
+                "arrivals_combined": self.arrivals_combined, "dropped_total": self.dropped_total,
+                "selector_state": self.selector_state, "selector_rng": self.selector_rng.bit_generator.state}
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.run_dir is not None
@@ -850,6 +887,11 @@ class Driver:
             self.staleness_sum, self.arrivals_combined = run["staleness_sum"], run["arrivals_combined"]
             self.dropped_total = run["dropped_total"]
             self.ready_at[:] = run["time_s"]
+            if "selector_rng" in run:  # a checkpoint from before selectors: its run selected everyone
+                self.selector_state = run["selector_state"]
+                self.selector_rng.bit_generator.state = run["selector_rng"]
+            else:
+                self.selector_state = self.selector.init_state(self.core.infos)
 
 
 POLICY_DOCS = "see README.md, 'Write your own policy'"
@@ -869,6 +911,23 @@ def _damped(x: torch.Tensor, s: np.ndarray, weighted_sum: Callable[[np.ndarray],
         return x + torch.as_tensor(s, dtype=rows.dtype).unsqueeze(1) * (rows - x)
 
     return damped_sum, (None if replicas is None else damped_rows)
+class _WorkersOf(Sequence):
+    """The WorkerInfos of workers ks, as a Sequence that copies nothing: the 'all' selector of a
+    10^5-device run reads only its length, every round."""
+
+    def __init__(self, infos: Sequence[Any], ks: Sequence[int]):
+        self.infos, self.ks = infos, ks
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.infos[k] for k in self.ks[i]]
+        return self.infos[self.ks[i]]
+
+    def __iter__(self):
+        return (self.infos[k] for k in self.ks)
 
 
 def _shape(out: Any) -> str:

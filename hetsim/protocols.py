@@ -229,8 +229,6 @@ def build_protocol(spec: Spec) -> Protocol:
     v = {**known, **dict(p.params)}
     if p.name == "sync":
         return SyncProtocol()
-    if p.name in ("async", "buffered_async"):  # every online worker runs: there is no round to select for
-        _require(spec.selector.name == "all", "selector.name", f"'all' under protocol {p.name!r}", spec.selector.name)
     n = spec.n_workers
     if "k" in known:
         k = v["k"]

@@ -1,4 +1,4 @@
-"""Resolve a spec into what a run needs, built once: the devices' time models, the three policies, the
+"""Resolve a spec into what a run needs, built once: the devices' time models, the policies, the
 evaluating device, the surrogate curve and (lazily) the workload. `hetsim.config` holds the spec as
 data and checks what the spec alone decides; this module is where it meets the rest of the package,
 so every check that needs cluster, policies, workloads or the surrogate lives here, with the same
@@ -37,6 +37,7 @@ class Policies(NamedTuple):
     scheduler: Any
     sampler: Any
     aggregator: Any
+    selector: Any
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def _resolve(spec: Spec) -> Experiment:
 
         curve = LearningCurve.load(spec.sim.surrogate)
     built = build_policies(spec)
+    _check_selector(spec, built.selector)
     _check_pending(spec)
     protocol = build_protocol(spec)
     kinds = list(dict.fromkeys(d.kind for d in spec.cluster.devices))
@@ -107,9 +109,24 @@ def _resolve(spec: Spec) -> Experiment:
 
 def _check_pending(spec: Spec) -> None:
     """The spec sections whose other choices are not built yet refuse them, rather than ignore them."""
-    for key, only in (("selector", "all"), ("data", "shared")):
+    for key, only in (("data", "shared"),):
         value = getattr(spec, key)
         _require(value.name == only and not value.params, f"{key}.name", f"{only!r} (with no params)", value.name)
+
+
+#: protocols that dispatch every online worker as soon as it is free: nobody is left out of a round
+EVERYONE_PROTOCOLS = ("async", "buffered_async")
+
+
+def _check_selector(spec: Spec, selector: Any) -> None:
+    """The selector fits the cluster (k <= its workers) and the protocol (one with rounds)."""
+    try:
+        selector.check_workers(spec.n_workers)
+    except ValueError as e:
+        raise SpecError(f"selector.params.{e}") from None
+    if spec.protocol.name in EVERYONE_PROTOCOLS:
+        _require(spec.selector.name == "all", "selector.name",
+                 f"'all' under protocol {spec.protocol.name!r} (it has no rounds to select for)", spec.selector.name)
 
 
 def evaluator_index(spec: Spec, mean_step_times_s: Sequence[float]) -> int:
@@ -125,7 +142,7 @@ def evaluator_index(spec: Spec, mean_step_times_s: Sequence[float]) -> int:
 
 
 def build_policies(spec: Spec) -> Policies:
-    """The run's three policy objects, built from the spec's names and parameters."""
+    """The run's policy objects, built from the spec's names and parameters."""
     return Policies(*(policies.build(c, getattr(spec, c), where=c) for c in Policies._fields))
 
 

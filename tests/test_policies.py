@@ -1,5 +1,6 @@
 """Every policy against hand-computed values."""
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from hetsim.config import PolicySpec
 from hetsim.errors import HetsimError, HetsimWarning, SpecError
 from hetsim.policies import (Aggregator, Arrivals, Batch, Contribution, NameRef, RoundPlan, Sampler, Scheduler,
                              WorkerInfo, build, check_names, names)
-from hetsim.policies.aggregation import Biased, FedNova, Mean, SampleWeighted
+from hetsim.policies.aggregation import Biased, FedNova, Mean, Median, SampleWeighted, TrimmedMean
 from hetsim.policies.sampling import EpochStream, LossBiasedTopK, LossScores, Uniform
 from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
 from hetsim.policies.server import OuterSGD
@@ -236,6 +237,8 @@ def test_builtins_declare_their_capabilities_on_the_class():
     assert (Mean.linear, Mean.stateful, Mean.needs_previous_global) == (True, False, False)
     assert (FedNova.linear, FedNova.stateful, FedNova.needs_previous_global) == (True, False, True)
     assert (OuterSGD.linear, OuterSGD.stateful, OuterSGD.needs_previous_global) == (True, True, True)
+    assert (Median.linear, Median.stateful, Median.needs_previous_global) == (False, False, False)
+    assert (TrimmedMean.linear, TrimmedMean.stateful, TrimmedMean.needs_previous_global) == (False, False, False)
     assert (Proportional.stateful, FixedSteps.stateful, TimeBudget.stateful) == (True, False, False)
     assert (Uniform.uses_scores, Uniform.score_rule, Uniform.stateful) == (False, "latest", False)
     assert (LossBiasedTopK.uses_scores, LossBiasedTopK(score_rule="min").score_rule) == (True, "min")
@@ -262,7 +265,8 @@ def test_arrivals_gather_the_replicas_once():
 
 
 @pytest.mark.parametrize("name,params", [("mean", {}), ("samples", {}), ("fednova", {}), ("biased", {"strength": 2.0}),
-                                         ("outer_sgd", {"momentum": 0.9, "nesterov": True})])
+                                         ("outer_sgd", {"momentum": 0.9, "nesterov": True}), ("fedavgm", {}),
+                                         ("fedadam", {}), ("fedyogi", {"base": "samples"})])
 def test_a_linear_aggregator_reaches_the_replicas_only_through_weighted_sum(name, params):
     aggregator = build("aggregator", PolicySpec(name, params))
     assert aggregator.linear
@@ -305,6 +309,9 @@ IDLE = dict(replicas=[[1.0], [100.0], [3.0]], steps=[2, 0, 4], samples=[32, 0, 6
     # p = (1/3, 0, 2/3), tau_eff = 2/3 + 8/3 = 10/3, c = tau_eff·p/tau = (5/9, 0, 5/9); x = 0: 5/9 + 15/9
     (FedNova(), [5 / 9, 0, 5 / 9], 20 / 9),
     (OuterSGD(), [0.5, 0, 0.5], 2.0),
+    # of the participants' values 1 and 3: the median averages both; a trimmed mean of 2 trims nothing
+    (Median(), [0.5, 0, 0.5], 2.0),
+    (TrimmedMean(beta=0.4), [0.5, 0, 0.5], 2.0),
 ])
 def test_aggregators_average_over_the_workers_that_took_steps(aggregator, weights, new):
     a = arrivals(IDLE["replicas"], IDLE["steps"], IDLE["samples"], IDLE["losses"])
@@ -313,10 +320,94 @@ def test_aggregators_average_over_the_workers_that_took_steps(aggregator, weight
     assert torch.allclose(result, torch.tensor([new]))
 
 
-@pytest.mark.parametrize("aggregator", [Mean(), SampleWeighted(), Biased(), FedNova()])
+@pytest.mark.parametrize("aggregator", [Mean(), SampleWeighted(), Biased(), FedNova(), Median(), TrimmedMean()])
 def test_aggregators_refuse_arrivals_where_nobody_took_a_step(aggregator):
     with pytest.raises(ValueError, match="no arrival did a local step"):
         aggregator.combine(torch.zeros(1), arrivals([[1.0], [2.0]], [0, 0], [0, 0]), None)
+
+
+# -- robust aggregation: coordinate-wise median and trimmed mean ---------------------------------
+
+def gathered_only(replicas, steps=None):
+    """Arrivals that reach their replicas only by gathering them (as a non-linear aggregator's in a backend)."""
+    x = torch.as_tensor(replicas)
+    steps = steps or [1] * len(x)
+    return Arrivals(list(range(len(x))), ["x"] * len(x), steps, [8 * s for s in steps], [1.0] * len(x),
+                    [0] * len(x), 1, 0.1, replicas=lambda: x)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6])
+def test_median_is_numpys_coordinate_median(n):
+    x = torch.randn(n, 1000, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    new, w, state = Median().combine(None, gathered_only(x), None)
+    np.testing.assert_allclose(new.numpy(), np.median(x.numpy(), axis=0), rtol=0, atol=1e-15)
+    assert state is None and math.isclose(w.sum(), 1.0)
+
+
+@pytest.mark.parametrize("n,beta", [(5, 0.0), (5, 0.2), (10, 0.1), (10, 0.25), (7, 0.49)])
+def test_trimmed_mean_is_scipys(n, beta):
+    stats = pytest.importorskip("scipy.stats")
+    x = torch.randn(n, 1000, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    new, w, _ = TrimmedMean(beta=beta).combine(None, gathered_only(x), None)
+    np.testing.assert_allclose(new.numpy(), stats.trim_mean(x.numpy(), beta, axis=0), rtol=0, atol=1e-12)
+    assert math.isclose(w.sum(), 1.0)
+
+
+def test_trimmed_mean_by_hand_drops_the_extremes_of_each_coordinate():
+    # beta 0.25 of 4 values: one trimmed per side. Coordinate 0: 1, 2, 3, 100 -> mean(2, 3) = 2.5;
+    # coordinate 1: -50, 0, 4, 8 -> mean(0, 4) = 2
+    x = [[1.0, 8.0], [2.0, 0.0], [100.0, -50.0], [3.0, 4.0]]
+    new, w, _ = TrimmedMean(beta=0.25).combine(None, gathered_only(x), None)
+    assert torch.equal(new, torch.tensor([2.5, 2.0]))
+    # the kept values: worker 1 in both coordinates, worker 3 in both: 2 of the 4 kept values each
+    assert np.array_equal(w, [0.0, 0.5, 0.0, 0.5])
+
+
+def test_median_weights_are_the_share_of_coordinates_each_replica_supplies():
+    # odd: coordinate 0's median is worker 1's value, coordinate 1's is worker 2's
+    new, w, _ = Median().combine(None, gathered_only([[0.0, 10.0], [1.0, 20.0], [5.0, 15.0]]), None)
+    assert torch.equal(new, torch.tensor([1.0, 15.0])) and np.array_equal(w, [0.0, 0.5, 0.5])
+    # even: the two middle values of the one coordinate (2 of worker 2, 3 of worker 3), half each
+    new, w, _ = Median().combine(None, gathered_only([[1.0], [4.0], [2.0], [3.0]]), None)
+    assert torch.equal(new, torch.tensor([2.5])) and np.array_equal(w, [0.0, 0.0, 0.5, 0.5])
+
+
+def test_median_ignores_a_far_away_replica_that_the_mean_follows():
+    x = [[1.0], [2.0], [1e6]]
+    assert torch.equal(Median().combine(None, gathered_only(x), None)[0], torch.tensor([2.0]))
+
+
+def test_robust_aggregators_sort_in_slices_with_the_same_result(monkeypatch):
+    from hetsim.policies import aggregation
+
+    x = torch.randn(5, 997, generator=torch.Generator().manual_seed(1))
+    whole = [a.combine(None, gathered_only(x), None) for a in (Median(), TrimmedMean(beta=0.2))]
+    monkeypatch.setattr(aggregation, "SORT_ELEMENTS", 5 * 64)  # slices of 64 coordinates, the last one short
+    sliced = [a.combine(None, gathered_only(x), None) for a in (Median(), TrimmedMean(beta=0.2))]
+    for (new, w, _), (new_s, w_s, _) in zip(whole, sliced):
+        assert torch.equal(new, new_s) and np.allclose(w, w_s)
+
+
+@pytest.mark.parametrize("aggregator,statistic", [
+    ("{name='median'}", lambda x: np.median(x, axis=0)),
+    ("{name='trimmed_mean', params={beta=0.2}}", lambda x: x.mean(axis=0)),  # 0.2 of 3 workers trims nothing
+])
+def test_robust_aggregators_combine_the_simulators_replicas(tiny_spec, aggregator, statistic):
+    from hetsim.sim import Simulation
+
+    sim = Simulation(tiny_spec(f"aggregator={aggregator}", "stop.max_rounds=2"))
+    r = sim.run()
+    # after the last round the replicas still hold their trained values (they pull at the next round's start)
+    replicas = sim.core.replicas([0, 1, 2]).numpy()
+    np.testing.assert_allclose(sim.core.global_params().numpy(), statistic(replicas), rtol=0, atol=1e-6)
+    assert all(math.isclose(sum(d["weights"]), 1.0) for d in r.decisions)
+
+
+@pytest.mark.parametrize("beta", [0.5, -0.1, 0.7])
+def test_trimmed_mean_refuses_beta_outside_0_to_one_half_in_one_line(beta):
+    with pytest.raises(SpecError, match=rf"^aggregator.params.beta: expected a number in \[0, 0.5\) \(the fraction "
+                                        rf"trimmed from each side\), got {beta}$"):
+        build("aggregator", PolicySpec("trimmed_mean", {"beta": beta}))
 
 
 # -- server optimizers ---------------------------------------------------------------------------
@@ -394,7 +485,8 @@ def test_outer_sgd_state_loads_without_unpickling_code_and_resumes_bit_identical
     ({"outer_lr": 0.0}, r"aggregator.params.outer_lr: expected a number > 0, got 0.0$"),
     ({"momentum": 1.0}, r"aggregator.params.momentum: expected a number in \[0, 1\), got 1.0$"),
     ({"nesterov": True}, r"aggregator.params.nesterov: needs momentum > 0, got momentum 0.0$"),
-    ({"base": "median"}, r"aggregator.params.base: expected one of \[.*'mean'.*\] or 'module:Class', got 'median'$"),
+    ({"base": "nope"}, r"aggregator.params.base: expected one of \[.*'mean'.*\] or 'module:Class', got 'nope'$"),
+    ({"base": "median"}, r"aggregator.params.base: expected an aggregator that is linear .* got 'median'$"),
     ({"base": "outer_sgd"}, r"aggregator.params.base: expected an aggregator that is linear .* got 'outer_sgd'$"),
     ({"base": "test_policies:LegacyMedian"}, r"aggregator.params.base: expected an aggregator that is linear "),
     ({"base": "biased", "base_params": {"strength": -1}}, r"base_params.strength: expected a number >= 0, got -1"),
@@ -466,10 +558,10 @@ def test_proportional_parameters_are_validated():
 def test_every_builtins_initial_state_loads_weights_only(tmp_path):
     ws = workers([1.0, 0.5])
     states = {f"{c}:{n}": build(c, PolicySpec(n, {"source": "observed"} if n == "proportional" else {}))
-              for c in ("scheduler", "sampler", "aggregator") for n in names(c)}
+              for c in ("scheduler", "sampler", "aggregator", "selector") for n in names(c)}
     for key, policy in states.items():
         category = key.split(":")[0]
-        arg = {"scheduler": ws, "sampler": ws[0], "aggregator": torch.zeros(3)}[category]
+        arg = {"scheduler": ws, "sampler": ws[0], "aggregator": torch.zeros(3), "selector": ws}[category]
         torch.save(policy.init_state(arg), tmp_path / "s.pt")
         torch.load(tmp_path / "s.pt", weights_only=True)  # raises on anything but tensors and plain data
 

@@ -1,15 +1,16 @@
-"""The three policy contracts, the arrivals an aggregator combines, and the one registry that lets a
-config pick a policy by name.
+"""The policy contracts, the arrivals an aggregator combines, and the one registry that lets a config
+pick a policy by name.
 
-Each round: a Scheduler decides how much local work every worker does, a Sampler picks each local
-step's mini-batch, an Aggregator turns what arrives into the next global model. Policies are small
-frozen dataclasses: their fields are the parameters a config sets. Whatever a policy remembers
-between calls is an explicit *state* value (optax's `init`/`update` shape): `init_state` makes it,
-every call takes it and returns the next one, the driver keeps it, checkpoints it and restores it on
-resume. State is tensors, numpy arrays or plain data (ints, floats, str, lists, dicts, None), so a
-checkpoint loads with `torch.load(weights_only=True)` (numpy arrays need the driver's help there;
-the built-ins keep tensors and plain data). Objects the runner owns and checkpoints itself (the
-loss-score store, data streams: `hetsim.policies.sampling.LossScores`, `EpochStream`) are passed in.
+Each round: a Selector picks who takes part, a Scheduler decides how much local work every
+participant does, a Sampler picks each local step's mini-batch, an Aggregator turns what arrives
+into the next global model. Policies are small frozen dataclasses: their fields are the parameters a
+config sets. Whatever a policy remembers between calls is an explicit *state* value (optax's
+`init`/`update` shape): `init_state` makes it, every call takes it and returns the next one, the
+driver keeps it, checkpoints it and restores it on resume. State is tensors, numpy arrays or plain
+data (ints, floats, str, lists, dicts, None), so a checkpoint loads with
+`torch.load(weights_only=True)` (numpy arrays need the driver's help there; the built-ins keep
+tensors and plain data). Objects the runner owns and checkpoints itself (the loss-score store, data
+streams: `hetsim.policies.sampling.LossScores`, `EpochStream`) are passed in.
 
 Capabilities are class attributes that a policy *declares*; the driver reads them and never probes:
 
@@ -25,6 +26,8 @@ Capabilities are class attributes that a policy *declares*; the driver reads the
 |            |                         |          | False: it reads `arrivals.replicas` (an all_gather)       |
 | Aggregator | `stateful`              | False    | `combine` keeps state (`init_state(global_params)`)       |
 | Aggregator | `needs_previous_global` | False    | `combine` reads `global_params`; False: it may be None    |
+| Selector   | `stateful`              | False    | `select` keeps state (`init_state(workers)`); `observe`   |
+|            |                         |          | adds each combination's arrivals to it                    |
 
 A worker planned 0 local steps sits the round out: it is not among the arrivals. Aggregators must
 still be safe with a 0-step row (the built-ins give it weight 0); with no arrivals at all the driver
@@ -358,6 +361,42 @@ class Aggregator(Policy):
         return combined + a * global_params, w, state
 
 
+class Selector(Policy):
+    """Picks the workers that take part in a round (client selection, "participation").
+
+    `select(round, workers, rng, state) -> (indices, state)`: `indices` (integers into `workers`, the
+    online workers in worker order; any order, no repeats) are the round's participants; the others sit
+    the round out exactly like a worker its scheduler planned 0 steps (no work, no arrival, the new
+    global model on return). The scheduler then plans the participants only. Picking nobody is a run
+    failure (a one-line HetsimError naming the selector): a round without anyone would make no progress.
+    `rng` is a seeded numpy Generator the driver owns and checkpoints (`numpy_rng(seed, "selector")`).
+
+    A stateful selector also learns from what arrives: after every combination the driver calls
+    `observe(round, arrivals, state) -> state` with the arrivals' columns (`workers`, `local_steps`,
+    `samples`, `mean_loss`, ...; never the replicas). Called under every protocol that combines, so
+    the state reflects each worker's latest contribution.
+    """
+
+    #: `select` keeps state between calls (see the module's table)
+    stateful: ClassVar[bool] = False
+
+    def init_state(self, workers: Sequence[WorkerInfo]) -> Any:
+        """The state before the first round, given all the run's workers."""
+        return None
+
+    @abstractmethod
+    def select(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
+               state: Any) -> tuple[np.ndarray, Any]: ...
+
+    def observe(self, round: int, arrivals: Contributions, state: Any) -> Any:
+        """The state after a combination of `arrivals` (a stateless selector keeps None)."""
+        return state
+
+    def check_workers(self, n_workers: int) -> None:
+        """A ValueError ("param: expected ..., got ...") when this selector's parameters cannot apply to a
+        cluster of n_workers workers (checked when a spec is loaded)."""
+
+
 # ------------------------------------------------------------------------------------------------
 # The old contract (before explicit state), adapted
 # ------------------------------------------------------------------------------------------------
@@ -406,6 +445,19 @@ def _takes_neither(method: str, f: Callable) -> str | None:
             f"({', '.join(old)})")
 
 
+#: contracts that never had an old form: (method, its arguments after self)
+_CALLS_WITHOUT_ADAPTER = {"selector": ("select", ("round", "workers", "rng", "state"))}
+
+
+def _takes_only(call: tuple[str, tuple[str, ...]], f: Callable) -> str | None:
+    """A one-line problem when `f` cannot be called as the contract's method `call` describes."""
+    params = _params(f)
+    if _takes(params, len(call[1])):
+        return None
+    shown = ", ".join(["self"] + [str(p) for p in params])
+    return f"{f.__qualname__}({shown}) does not take ({', '.join(call[1])})"
+
+
 class _LegacyScheduler(Scheduler):
     """Runs an old-contract scheduler's `plan(round, workers)`: no state, no rng."""
 
@@ -438,7 +490,7 @@ class _LegacyAggregator(Aggregator):
 
 
 #: what `init_state` is given, per contract
-_INIT_ARG = {"scheduler": "workers", "sampler": "worker", "aggregator": "global_params"}
+_INIT_ARG = {"scheduler": "workers", "sampler": "worker", "aggregator": "global_params", "selector": "workers"}
 
 _ADAPTERS = {"scheduler": ("plan", _LegacyScheduler), "sampler": ("batch", _LegacySampler),
              "aggregator": ("combine", _LegacyAggregator)}
@@ -450,6 +502,8 @@ def legacy_adapter(category: str, cls: type) -> type | None:
     The adapted class subclasses `cls`, so its fields, `name_refs` (see `check_names`) and docstring
     are the plug-in's own; only the one old method is called through the new shape.
     """
+    if category not in _ADAPTERS:  # a contract without an old form (the selector)
+        return None
     method, adapter = _ADAPTERS[category]
     if not _legacy_signature(method, getattr(cls, method)):
         return None
@@ -467,7 +521,8 @@ def _warn_legacy(cls: type, category: str) -> None:
 # Registry
 # ------------------------------------------------------------------------------------------------
 
-_BASES: dict[str, type] = {"scheduler": Scheduler, "sampler": Sampler, "aggregator": Aggregator}
+_BASES: dict[str, type] = {"scheduler": Scheduler, "sampler": Sampler, "aggregator": Aggregator,
+                           "selector": Selector}
 _REGISTRY: dict[str, dict[str, type]] = {c: {} for c in _BASES}
 
 
@@ -520,7 +575,10 @@ def build(category: str, spec: "PolicySpec", where: str | None = None) -> Any:
 
     where = where or category
     cls = policy_class(category, spec.name, where)
-    problem = _takes_neither(_ADAPTERS[category][0], getattr(cls, _ADAPTERS[category][0]))
+    if category in _ADAPTERS:
+        problem = _takes_neither(_ADAPTERS[category][0], getattr(cls, _ADAPTERS[category][0]))
+    else:
+        problem = _takes_only(_CALLS_WITHOUT_ADAPTER[category], getattr(cls, _CALLS_WITHOUT_ADAPTER[category][0]))
     if problem:  # else the first round would fail with a TypeError deep in the run
         raise SpecError(f"{where}.name: {spec.name}: {problem}")
     init = cls.init_state
