@@ -404,3 +404,24 @@ def test_authors_bad_settings_are_one_line_errors(tiny_spec, overrides, message)
     with pytest.raises(SpecError) as e:
         tiny_spec("workload.n_train=512", *overrides)
     assert message in one_line(e)
+
+
+# -- the real backend deals the same data --------------------------------------------------------------
+
+TWO_PROCESSES = ["cluster.devices=[{kind='cpu', count=1, step_time={dist='constant', mean_s=0.004}, threads=1}, "
+                 "{kind='gpu', count=1, step_time={dist='constant', mean_s=0.002}, threads=1}]",
+                 "scheduler={name='fixed', params={per_kind={cpu=2, gpu=4}}}", "stop.max_rounds=8",
+                 "eval.every_rounds=2", "workload.n_train=512"]
+
+
+@pytest.mark.parametrize("data", ["{name='dirichlet', params={alpha=0.5}}", "{name='authors', params={sample_ratio=2}}"])
+def test_the_real_backend_streams_the_simulators_shards_and_windows(tiny_spec, tmp_path, data):
+    from backends.torchmp import run
+
+    spec = tiny_spec(*TWO_PROCESSES, f"data={data}")
+    real, sim = run(spec, tmp_path / "real"), simulate(spec, tmp_path / "sim")
+    assert real.summary["data"] == sim.summary["data"]
+    assert [d["biased_samples"] for d in real.decisions] == [d["biased_samples"] for d in sim.decisions]
+    # the same samples in the same steps: the same losses up to the all-reduce's summation order
+    assert np.allclose(real.metrics["train_loss"][1:], sim.metrics["train_loss"][1:], atol=1e-5)
+    assert np.allclose(real.metrics["test_acc"], sim.metrics["test_acc"], atol=1e-6, equal_nan=True)
