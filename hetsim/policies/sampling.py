@@ -268,7 +268,8 @@ class LossBiasedTopK(Sampler):
     ceil(sample_ratio · k) indices from the worker's stream (k = batch size; the pool is capped at
     the data-set size) and keeps the k with the highest stored loss; never-seen samples (+inf) come
     first, ties keep the pool's random order. Other workers sample uniformly. The reference code picks
-    its top-k once per reshuffle window rather than per step; the selection rule is the same.
+    its top-k once per reshuffle window, from a pool over the whole set, rather than per step from the
+    worker's stream; the selection rule is the same (data 'authors' reproduces its path exactly).
 
     Args:
         sample_ratio: candidate pool size / k (reference: 4). 1 = uniform.

@@ -219,7 +219,7 @@ class PerKind(Placement):
 
 @dataclass(frozen=True)
 class Authors(Placement):
-    """The reference code's data path (jjihyunh/BiasedLocalSGD; /work/shared/paper-notes.md §1b and
+    """The reference code's data path (jjihyunh/BiasedLocalSGD; ../shared/paper-notes.md §1b and
     'hetsim against the authors' code'), rule by rule:
 
     1. Reshuffle windows (`train.py`: `count % shuffle_rounds`; `feeder_cifar.py`: `shuffle_rounds =
