@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetsim.config import OptimSpec, Spec
+from hetsim.config import OptimSpec, Spec, worker_names
 from hetsim.losses import per_sample_loss
 from hetsim.errors import HetsimError
 from hetsim.policies import Batch, WorkerInfo
-from hetsim.config import worker_names
 from hetsim.policies.sampling import EpochStream, LossScores, WindowScores, WindowStream
 from hetsim.seeding import derive, numpy_rng, torch_generator
 from hetsim.workloads import Workload, build_workload, check_batch_fits
@@ -419,8 +418,8 @@ class TrainingCore(DecisionCore):
                             "gen": self.workers[k].gen.get_state(),
                             "sampler": self.workers[k].sampler_state} for k in self.local},
             "data": {"updates": self.updates, **({} if self.windows is None else {
-                "window": self.windows.window, "window_rng": self.window_rng.bit_generator.state,
-                "scores": self.scores.state_dict()})},
+                "window": self.windows.window, "window_rng": self.window_rng.bit_generator.state}),
+                **({"scores": self.scores.state_dict()} if isinstance(self.scores, WindowScores) else {})},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

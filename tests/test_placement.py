@@ -366,16 +366,19 @@ def test_authors_biased_arm_gives_the_cpu_the_top_k_of_the_reshuffle(tiny_spec):
     assert np.array_equal(np.concatenate([i for r, k, i, _ in log if k == 0 and r == 6]), stream.indices[:8])
 
 
-def test_authors_resume_across_a_window_is_bit_identical(tiny_spec, tmp_path):
-    args = ("workload.n_train=512", "data={name='authors'}", "stop.max_rounds=8", "run.checkpoint_every=2")
+@pytest.mark.parametrize("biased", ["true", "false"])
+def test_authors_resume_across_a_window_is_bit_identical(tiny_spec, tmp_path, biased):
+    # windows of 5 rounds: the checkpoint of round 8 is mid-window 1; round 11 deals window 2 after the resume
+    args = ("workload.n_train=512", f"data={{name='authors', params={{biased={biased}}}}}", "stop.max_rounds=12",
+            "run.checkpoint_every=4")
     whole = simulate(tiny_spec(*args), tmp_path / "whole")
 
     def crash(row):
-        if row["round"] == 7:
+        if row["round"] == 9:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        simulate(tiny_spec(*args), tmp_path / "cut", progress=crash)  # checkpoint of round 6: in window 1
+        simulate(tiny_spec(*args), tmp_path / "cut", progress=crash)
     resumed = simulate(tiny_spec(*args), tmp_path / "cut", resume=True)
     assert resumed.metrics["test_acc"] == whole.metrics["test_acc"]
     assert (tmp_path / "cut" / "metrics.csv").read_bytes() == (tmp_path / "whole" / "metrics.csv").read_bytes()
