@@ -26,6 +26,7 @@ from hetsim.errors import SpecError
 from hetsim.policies import base as registry
 from hetsim.protocols import build_protocol
 from hetsim.workloads import build_workload, check_batch_fits, check_workload, known_train_size
+from hetsim.workloads.placement import check_placement
 
 if TYPE_CHECKING:
     from hetsim.protocol import Protocol
@@ -89,8 +90,8 @@ def _resolve(spec: Spec) -> Experiment:
         curve = LearningCurve.load(spec.sim.surrogate)
     built = build_policies(spec)
     _check_selector(spec, built.selector)
-    _check_pending(spec)
     protocol = build_protocol(spec)
+    check_placement(spec, known_train_size(w), built.scheduler)
     kinds = list(dict.fromkeys(d.kind for d in spec.cluster.devices))
     device_names = list(dict.fromkeys(d.device for d in spec.cluster.devices))
     for category, policy in zip(Policies._fields, built):
@@ -105,13 +106,6 @@ def _resolve(spec: Spec) -> Experiment:
     devices = tuple(m for m, d in zip(groups, spec.cluster.devices) for _ in range(d.count))
     evaluator = evaluator_index(spec, [d.step_time.mean_s for d in devices])
     return Experiment(spec, groups, devices, built, evaluator, curve, protocol)
-
-
-def _check_pending(spec: Spec) -> None:
-    """The spec sections whose other choices are not built yet refuse them, rather than ignore them."""
-    for key, only in (("data", "shared"),):
-        value = getattr(spec, key)
-        _require(value.name == only and not value.params, f"{key}.name", f"{only!r} (with no params)", value.name)
 
 
 #: protocols that dispatch every online worker as soon as it is free: nobody is left out of a round
