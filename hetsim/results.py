@@ -184,6 +184,14 @@ class MetricRows(Sequence):
 
 # -- decisions --------------------------------------------------------------------------------------
 
+def model_digest(params: Any) -> str:
+    """A short hash of a global model's bytes (its flat float tensor): how a replay checks, update by
+    update, that it computes the same model. "" for an empty model (the time-only core has none)."""
+    if params.numel() == 0:
+        return ""
+    return hashlib.sha256(params.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _narrow(values: Sequence[int]) -> tuple[bytes, np.ndarray]:
     """(type code, array) in the narrowest integer type that holds the values: a 10^4-device round's
     columns shrink 4-8x before compression, which is most of its cost."""
