@@ -61,7 +61,7 @@ TAG_ACK = 30
 _J_STOP, _J_TARGET, _J_BUDGET, _J_LR, _J_SCORES = range(5)
 JOB_COLUMNS = 5
 # the result header's columns (float64): worker, steps, samples, biased samples, loss sum, start and
-# finish of the compute on the worker's copy of the common timeline, number of loss observations
+# finish of the compute on the worker's copy of the common timeline, number of (indices, losses) pairs
 _R_WORKER, _R_STEPS, _R_SAMPLES, _R_BIASED, _R_LOSS, _R_START, _R_FINISH, _R_NOBS = range(8)
 RESULT_COLUMNS = 8
 
@@ -82,7 +82,7 @@ class _Result:
 
     worker: int
     header: np.ndarray | None = None
-    observations: tuple[np.ndarray, np.ndarray] | None = None
+    observations: list[tuple[np.ndarray, np.ndarray]] | None = None
     replica: torch.Tensor | None = None
     arrived_s: float = 0.0
     dispatched_s: float = 0.0
@@ -291,8 +291,8 @@ class ServerClock(Clock):
         got: list[_Result] = []
         while len(got) < count:
             self._poll_status()
-            if len(got) + len(self._in_flight) == 0 or len(got) >= count:
-                break
+            if not self._in_flight:
+                break  # nobody left who could come (all arrived, or failed)
             timeout = self.poll_s
             if deadline is not None:
                 left = deadline - self.now()
@@ -318,7 +318,7 @@ class ServerClock(Clock):
         ks = [r.worker for r in got]
         h = np.array([r.header for r in got]).reshape(len(got), RESULT_COLUMNS)
         steps = h[:, _R_STEPS].astype(np.int64)
-        observations = [r.observations for r in got if r.observations is not None]
+        observations = [o for r in got if r.observations for o in r.observations]
         tallies = Tallies(np.array(ks, dtype=np.int64), steps, h[:, _R_SAMPLES].astype(np.int64),
                           h[:, _R_BIASED].astype(np.int64), h[:, _R_LOSS].copy(), observations)
         for r in got:
@@ -348,12 +348,7 @@ class ServerClock(Clock):
             k = src - 1
             try:
                 h = header.numpy().copy()
-                n_obs = int(h[_R_NOBS])
-                obs = None
-                if n_obs:
-                    buf = torch.empty(2, n_obs, dtype=torch.float64)
-                    dist.recv(buf, src, tag=TAG_OBS)
-                    obs = (buf[0].numpy().astype(np.int64), buf[1].numpy().copy())
+                obs = _receive_observations(src, int(h[_R_NOBS]))
                 replica = torch.empty(self._numel, dtype=self._dtype)
                 dist.recv(replica, src, tag=TAG_REPLICA)
             except RuntimeError as e:
@@ -404,6 +399,7 @@ class ServerClock(Clock):
     # -- summary and checkpoints -------------------------------------------------------------------
 
     def summary_fields(self) -> dict[str, Any]:
+        self._poll_status()  # a worker that failed after the last arrival the run waited for is listed too
         return {"fidelity": "real", **self.summary, "failed_workers": self.failed_summary()}
 
     def failed_summary(self) -> dict[str, dict[str, Any]]:
@@ -415,6 +411,22 @@ class ServerClock(Clock):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._elapsed = float(state["time_s"])
+
+
+def _receive_observations(src: int, pairs: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """A result's loss observations (see `_send_result`): `pairs` (indices, losses) pairs, one per step."""
+    if not pairs:
+        return None
+    lengths = torch.empty(pairs, dtype=torch.float64)
+    dist.recv(lengths, src, tag=TAG_OBS)
+    sizes = lengths.numpy().astype(np.int64)
+    both = np.zeros((2, 0))
+    if sizes.sum():
+        buf = torch.empty(2, int(sizes.sum()), dtype=torch.float64)
+        dist.recv(buf, src, tag=TAG_OBS)
+        both = buf.numpy()
+    cuts = np.cumsum(sizes)[:-1]
+    return [(i.astype(np.int64), l.copy()) for i, l in zip(np.split(both[0], cuts), np.split(both[1], cuts))]
 
 
 def serve_jobs(k: int, core: TrainingCore, clock: Any, on_job: Callable[[int], None] | None = None,
@@ -455,14 +467,17 @@ def serve_jobs(k: int, core: TrainingCore, clock: Any, on_job: Callable[[int], N
 
 
 def _send_result(k: int, tallies: Tallies, work: Work, replica: torch.Tensor) -> None:
-    """One result: the header, the loss observations (one [2, n] tensor of indices and losses, when
-    there are any; float64 holds indices exactly below 2**53), the replica."""
-    obs = [o for o in tallies.observations if len(o[0])]
-    n_obs = sum(len(o[0]) for o in obs)
+    """One result: the header, the loss observations when the sampler keeps them (one pair per step, as
+    TrainingCore.record makes them and the protocols split them: a tensor of each pair's length, then one
+    [2, n] tensor of indices and losses; float64 holds indices exactly below 2**53), the replica."""
+    obs = tallies.observations
     header = torch.tensor([k, tallies.steps[0], tallies.samples[0], tallies.biased[0], tallies.loss_sum[0],
-                           work.start[0], work.finish[0], n_obs], dtype=torch.float64)
+                           work.start[0], work.finish[0], len(obs)], dtype=torch.float64)
     dist.send(header, 0, tag=TAG_RESULT)
-    if n_obs:
-        both = np.stack([np.concatenate([o[0] for o in obs]).astype(np.float64), np.concatenate([o[1] for o in obs])])
-        dist.send(torch.from_numpy(both), 0, tag=TAG_OBS)
+    if obs:
+        dist.send(torch.tensor([len(o[0]) for o in obs], dtype=torch.float64), 0, tag=TAG_OBS)
+        both = np.stack([np.concatenate([o[0] for o in obs]).astype(np.float64),
+                         np.concatenate([o[1] for o in obs]).astype(np.float64)])
+        if both.shape[1]:
+            dist.send(torch.from_numpy(both), 0, tag=TAG_OBS)
     dist.send(replica.detach().to("cpu").contiguous(), 0, tag=TAG_REPLICA)
