@@ -621,8 +621,9 @@ class Driver:
                              weights=tuple(np.asarray(weights, dtype=np.float64).tolist()), train_loss=train_loss,
                              time_budget_s=time_budget_s, diverged=diverged,
                              staleness=tuple(staleness.tolist()), pulled=tuple(np.asarray(pulled).tolist()),
-                             start_s=tuple(work.start.tolist()) if work is not None else (),
-                             finish_s=tuple(work.finish.tolist()) if work is not None else (),
+                             # NaN: a caller that did not say when its arrivals worked
+                             start_s=tuple(work.start.tolist()) if work is not None else (math.nan,) * len(ks),
+                             finish_s=tuple(work.finish.tolist()) if work is not None else (math.nan,) * len(ks),
                              version=self.version,
                              dropped=tuple(dropped.workers) if dropped is not None else (),
                              dropped_steps=tuple(dwork.steps) if dwork is not None else (),
