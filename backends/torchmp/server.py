@@ -35,6 +35,7 @@ Example (what backends/torchmp/worker.py wires for rank 0)::
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -57,9 +58,10 @@ TAG_RESULT, TAG_OBS, TAG_REPLICA = 20, 21, 22
 TAG_ACK = 30
 
 # the job header's columns (float64): stop flag, target steps (-1: run for the budget), budget (s), lr,
-# whether a score table follows
-_J_STOP, _J_TARGET, _J_BUDGET, _J_LR, _J_SCORES = range(5)
-JOB_COLUMNS = 5
+# whether a score table follows, and what the server's policies know of the worker's speed (its
+# WorkerInfo's observed step time, NaN for None, and observed rounds), which a sampler may read
+_J_STOP, _J_TARGET, _J_BUDGET, _J_LR, _J_SCORES, _J_OBSERVED, _J_OBSERVED_ROUNDS = range(7)
+JOB_COLUMNS = 7
 # the result header's columns (float64): worker, steps, samples, biased samples, loss sum, start and
 # finish of the compute on the worker's copy of the common timeline, number of (indices, losses) pairs
 _R_WORKER, _R_STEPS, _R_SAMPLES, _R_BIASED, _R_LOSS, _R_START, _R_FINISH, _R_NOBS = range(8)
@@ -260,6 +262,9 @@ class ServerClock(Clock):
             header[_J_BUDGET] = plan.time_budget_s or 0.0
             header[_J_LR] = self.core.lr
             header[_J_SCORES] = float(scores is not None)
+            info = self.core.infos[k]
+            header[_J_OBSERVED] = math.nan if info.observed_step_time_s is None else info.observed_step_time_s
+            header[_J_OBSERVED_ROUNDS] = info.observed_rounds
             self._wait_sends(k)
             try:
                 sends = [dist.isend(header, k + 1, tag=TAG_JOB), dist.isend(params, k + 1, tag=TAG_PARAMS)]
@@ -455,6 +460,8 @@ def serve_jobs(k: int, core: TrainingCore, clock: Any, on_job: Callable[[int], N
         if h[_J_SCORES]:
             dist.recv(scores, 0, tag=TAG_SCORES)
             core.scores.values[:] = scores.numpy()
+        observed = None if math.isnan(h[_J_OBSERVED]) else float(h[_J_OBSERVED])
+        core.infos[k] = core.infos[k]._replace(observed_step_time_s=observed, observed_rounds=int(h[_J_OBSERVED_ROUNDS]))
         core.set_lr(float(h[_J_LR]))
         core.install(params)
         core.pull([k])  # the replica takes the pulled parameters and a fresh tally; momentum stays local
