@@ -68,7 +68,6 @@ def test_async_on_real_processes_combines_each_arrival_with_its_staleness(async_
     for d in decisions:                                             # staleness = updates since the pull
         assert d["staleness"] == [d["version"] - 1 - p for p in d["pulled"]]
     _pulls_follow_arrivals(decisions)
-    assert {d["workers"][0] for d in decisions[:3]} <= {0, 1, 2}
     assert [d["local_steps"] for d in decisions] == [[1 if d["workers"][0] == 0 else 5] for d in decisions]
     s = result.summary
     assert s["protocol"] == "async" and s["updates"] == 6 and s["failed_workers"] == {}

@@ -197,6 +197,7 @@ class ServerClock(Clock):
         self._numel = core.global_flat.numel
         self._dtype = core.global_params().dtype
         self._receiver: threading.Thread | None = None
+        self._receiver_error = ""
 
     # -- the timeline ------------------------------------------------------------------------------
 
@@ -305,6 +306,8 @@ class ServerClock(Clock):
                     break
                 timeout = min(timeout, left)
             self.beat(1)
+            if self._receiver_error:
+                raise HetsimError(f"the server stopped receiving results: {self._receiver_error}")
             try:
                 r = self._arrived.get(timeout=timeout)
             except queue.Empty:
@@ -339,8 +342,15 @@ class ServerClock(Clock):
 
     def _receive(self) -> None:
         """The receiver thread: results in the order they reach this rank (gloo receives from any rank;
-        each sender's three parts follow in order). A blocking wait per result: a timed-out gloo wait
-        closes the connection, so the waiting with deadlines happens on the queue instead."""
+        each sender's parts follow in order). A blocking wait per result: a timed-out gloo wait closes the
+        connection, so the waiting with deadlines happens on the queue instead. An unexpected error ends
+        the thread and is raised by the next wait (the server must not wait forever for nothing)."""
+        try:
+            self._receive_results()
+        except BaseException as e:  # noqa: BLE001 - handed to the server's main thread
+            self._receiver_error = f"{type(e).__name__}: {e}"
+
+    def _receive_results(self) -> None:
         while True:
             header = torch.zeros(RESULT_COLUMNS, dtype=torch.float64)
             try:
