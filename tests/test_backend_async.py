@@ -169,3 +169,33 @@ def test_torchrun_runs_an_async_run_with_n_plus_one_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[:3000]
     decisions = read_decisions(tmp_path / "tr" / "decisions.bin")
     assert [d["version"] for d in decisions] == [1, 2, 3] and all(len(d["workers"]) == 1 for d in decisions)
+
+
+class _OneProcessComm:
+    """The world comm's part the server clock's start uses, for one process."""
+
+    def agree(self, values):
+        return list(values)
+
+    def barrier(self):
+        pass
+
+
+def test_the_server_raises_instead_of_waiting_forever_when_its_receiver_fails(monkeypatch):
+    import backends.torchmp.server as server
+    from hetsim.policies import RoundPlan
+    from hetsim.protocol import run_to_end
+    from hetsim.resolve import resolve
+
+    spec = _spec(ASYNC)
+    experiment = resolve(spec)
+    core = server.ServerCore(spec, experiment.policies, experiment.workload)
+    sent = []
+    monkeypatch.setattr(server.dist, "isend", lambda t, dst, tag: sent.append((dst, tag)) or SimpleNamespace())
+    clock = server.ServerClock(_OneProcessComm(), core, ["cpu0", "gpu0", "gpu1"], poll_s=0.01)
+    clock.start()  # no process group here: the receiver thread's first receive fails
+    clock.dispatch([0, 2], RoundPlan((1, 5), None), core.train, core.step)
+    # each job: its header, the parameters, the score table (the cpu kind samples by loss scores)
+    assert sent == [(1, 10), (1, 11), (1, 12), (3, 10), (3, 11), (3, 12)] and clock.in_flight() == [0, 2]
+    with pytest.raises(HetsimError, match="^the server stopped receiving results: ValueError: Default process group"):
+        run_to_end(clock.next_arrivals(1, None))
