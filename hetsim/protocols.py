@@ -54,7 +54,10 @@ class Staleness:
         tau = np.asarray(tau, dtype=np.float64)
         if self.kind == "polynomial":
             return (1.0 + tau) ** -self.a
-        return np.where(tau <= self.b, 1.0, 1.0 / (self.a * (tau - self.b) + 1.0))
+        s = np.ones(len(tau))
+        late = tau > self.b
+        s[late] = 1.0 / (self.a * (tau[late] - self.b) + 1.0)
+        return s
 
 
 class EventProtocol(Protocol):

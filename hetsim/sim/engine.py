@@ -307,11 +307,12 @@ class Simulation:
 
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
                  workload: Workload | None = None, resume: bool = False, force: bool = False,
-                 experiment: Experiment | None = None):
+                 experiment: Experiment | None = None, make_clock: Callable[..., "SimClock"] | None = None):
         """resume: continue from `run_dir`'s checkpoint (written every run.checkpoint_every rounds);
         the result equals an uninterrupted run's. force: resume even if the config changed since the
         checkpoint (summary.json records it as resumed_with_changed_config). experiment: `spec` already
-        resolved (`hetsim.resolve.resolve`; checked and built once), else it is resolved here."""
+        resolved (`hetsim.resolve.resolve`; checked and built once), else it is resolved here.
+        make_clock(spec, groups, group_of, tallies): another clock than the fidelity's (a replay's)."""
         self.spec = spec
         exp = experiment if experiment is not None else resolve(spec)
         groups = list(exp.groups)
@@ -323,6 +324,8 @@ class Simulation:
         else:
             self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
             self.clock = EmulatedClock(spec, groups, group_of, self.core.tallies)
+        if make_clock is not None:
+            self.clock = make_clock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
         self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
                              resume=resume, force=force, progress=progress)
