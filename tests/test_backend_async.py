@@ -28,6 +28,7 @@ BASE = ["cluster.devices.0.threads=1", "cluster.devices.1.threads=1",
         "sampler={name='loss_topk', params={kinds=['cpu'], sample_ratio=2}}", "stop.max_rounds=6"]
 ASYNC = "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}"
 SEMI_SYNC = "protocol={name='semi_sync', params={k=2, late='keep', staleness='polynomial', a=0.5}}"
+SEMI_SYNC_DROP = "protocol={name='semi_sync', params={k=2, late='drop'}}"
 
 
 def _spec(*overrides: str):
@@ -46,6 +47,13 @@ def semi_sync_run(tmp_path_factory):
     os.environ.pop(FAULT_ENV, None)
     out = tmp_path_factory.mktemp("semi") / "run"
     return out, run(_spec(SEMI_SYNC), out)
+
+
+@pytest.fixture(scope="module")
+def semi_sync_drop_run(tmp_path_factory):
+    os.environ.pop(FAULT_ENV, None)
+    out = tmp_path_factory.mktemp("drop") / "run"
+    return out, run(_spec(SEMI_SYNC_DROP), out)
 
 
 def _pulls_follow_arrivals(decisions):
@@ -87,7 +95,17 @@ def test_semi_sync_on_real_processes_closes_rounds_at_k_arrivals(semi_sync_run):
     assert result.summary["protocol"] == "semi_sync" and result.summary["failed_workers"] == {}
 
 
-@pytest.mark.parametrize("which", ["async_run", "semi_sync_run"])
+def test_semi_sync_on_real_processes_drops_late_work(semi_sync_drop_run):
+    out, result = semi_sync_drop_run
+    decisions = result.decisions
+    # only work pulled in the round itself is combined: two fresh arrivals per round, staleness 0
+    assert all(len(d["workers"]) == 2 and d["staleness"] == [0, 0] for d in decisions)
+    assert all(d["pulled"] == [d["version"] - 1] * 2 for d in decisions)
+    _pulls_follow_arrivals(decisions)
+    assert result.summary["dropped"] == sum(len(d["dropped"]) for d in decisions)
+
+
+@pytest.mark.parametrize("which", ["async_run", "semi_sync_run", "semi_sync_drop_run"])
 def test_replay_of_a_real_run_gives_the_same_model_after_every_update(which, request, tmp_path):
     from hetsim.cli import main
 
