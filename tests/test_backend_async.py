@@ -29,6 +29,7 @@ BASE = ["cluster.devices.0.threads=1", "cluster.devices.1.threads=1",
 ASYNC = "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}"
 SEMI_SYNC = "protocol={name='semi_sync', params={k=2, late='keep', staleness='polynomial', a=0.5}}"
 SEMI_SYNC_DROP = "protocol={name='semi_sync', params={k=2, late='drop'}}"
+BUFFERED = "protocol={name='buffered_async', params={k=2, alpha=0.8, staleness='hinge', a=1.0, b=0.0}}"
 
 
 def _spec(*overrides: str):
@@ -54,6 +55,13 @@ def semi_sync_drop_run(tmp_path_factory):
     os.environ.pop(FAULT_ENV, None)
     out = tmp_path_factory.mktemp("drop") / "run"
     return out, run(_spec(SEMI_SYNC_DROP), out)
+
+
+@pytest.fixture(scope="module")
+def buffered_run(tmp_path_factory):
+    os.environ.pop(FAULT_ENV, None)
+    out = tmp_path_factory.mktemp("buffered") / "run"
+    return out, run(_spec(BUFFERED), out)
 
 
 def _pulls_follow_arrivals(decisions):
@@ -105,7 +113,7 @@ def test_semi_sync_on_real_processes_drops_late_work(semi_sync_drop_run):
     assert result.summary["dropped"] == sum(len(d["dropped"]) for d in decisions)
 
 
-@pytest.mark.parametrize("which", ["async_run", "semi_sync_run", "semi_sync_drop_run"])
+@pytest.mark.parametrize("which", ["async_run", "semi_sync_run", "semi_sync_drop_run", "buffered_run"])
 def test_replay_of_a_real_run_gives_the_same_model_after_every_update(which, request, tmp_path):
     from hetsim.cli import main
 
@@ -114,6 +122,8 @@ def test_replay_of_a_real_run_gives_the_same_model_after_every_update(which, req
     replayed = read_decisions(tmp_path / "replay" / "decisions.bin")
     real = read_decisions(out / "decisions.bin")
     assert len(replayed) == len(real) == 6
+    if which == "buffered_run":  # FedBuff: every update combines k = 2 arrivals, a worker's replica as it arrived
+        assert all(len(d["workers"]) == 2 for d in real)
     for a, b in zip(real, replayed):
         assert (a["version"], a["workers"], a["pulled"], a["local_steps"]) == \
             (b["version"], b["workers"], b["pulled"], b["local_steps"])
