@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The real backend: spawn one process per device, or be one rank under torchrun (env://)."""
     import os
 
-    from backends.torchmp.launcher import RunInterrupted, check_devices
+    from backends.torchmp.launcher import RunInterrupted, check_devices, check_event_driven
 
     spec, out = _spec_and_out(args, "torchmp")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -147,10 +147,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         from hetsim.config import worker_names
         from hetsim.rundir import claim_run_dir
 
+        from backends.torchmp.server import event_driven
+
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if world != spec.n_workers:
-            raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices")
+        served = event_driven(spec.protocol.name)  # a server rank 0 before the devices' ranks
+        if world != spec.n_workers + served:
+            raise SpecError(f"{args.config}: torchrun started {world} processes for {spec.n_workers} devices"
+                            + (f" under protocol {spec.protocol.name!r}: expected {spec.n_workers + 1} (a server "
+                               f"rank and one rank per device)" if served else ""))
         check_devices(spec)
+        if served:
+            check_event_driven(spec)
         if rank == 0:  # the writer claims the folder; if it refuses, torchrun stops the other ranks
             claim_run_dir(out, spec, "torchmp", overwrite=args.overwrite, resume=bool(args.resume))
         # as under the launcher: tracebacks and library noise go to the run's log, the console gets one line
@@ -161,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             worker_main(rank, world, spec, str(out), "env://", heartbeat, resume=bool(args.resume), force=args.force)
         except BaseException as e:  # noqa: BLE001 - every failure ends this rank with one line
             traceback.print_exc()
-            os.write(console, f"hetsim: error: device {worker_names(spec.worker_kinds())[rank]} (rank {rank}) failed "
+            rank_names = (["server"] if served else []) + worker_names(spec.worker_kinds())
+            os.write(console, f"hetsim: error: device {rank_names[rank]} (rank {rank}) failed "
                               f"in round {int(heartbeat[3 * rank])}: {type(e).__name__}: {e}; details in {log}; "
                               f"finished rounds are in {out}\n".encode())
             exit_now(1)
@@ -376,7 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_simulate)
 
-    r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)")
+    r = sub.add_parser("run", help="run one config on real devices (one process per device; works under torchrun)",
+                       description="Run one config on real devices: one process per device (sync), plus a server "
+                       "process (rank 0) under the event-driven protocols semi_sync, async and buffered_async, so "
+                       "N devices take N + 1 processes; under torchrun, --nproc-per-node must add up to that "
+                       "world size over the nodes.")
     r.add_argument("config", nargs="?", help="TOML spec; cluster.devices[].device = 'cpu' or 'cuda:i'")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     r.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "

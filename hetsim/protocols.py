@@ -117,6 +117,8 @@ class SemiSyncProtocol(EventProtocol):
                         d.take(dropped, _subset(arrived, late))
                         arrived = _subset(arrived, ~late)
                 d.take(buffer, arrived)
+                if not d.clock.in_flight():
+                    break  # nobody left who could come (a worker failed in flight, on real processes)
                 if deadline is not None and d.clock.now() >= deadline and len(buffer) < need:
                     if len(buffer):
                         break

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from backends.torchmp.server import ALIVE, EXITED, NO_PROGRESS, event_driven
 from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec, worker_names
@@ -114,6 +115,16 @@ def check_one_gpu_per_process(spec: Spec) -> None:
         first[index] = rank
 
 
+def check_event_driven(spec: Spec) -> None:
+    """What the real backend does not offer under an event-driven protocol yet, refused before any process
+    starts: checkpoints (the workers' momentum, data streams and sampler states live in their processes
+    and would have to be gathered at a checkpoint)."""
+    if spec.run.checkpoint_every:
+        raise HetsimError(f"run.checkpoint_every = {spec.run.checkpoint_every}: the real backend does not checkpoint "
+                          f"protocol {spec.protocol.name!r} (only 'sync'); set it to 0, or simulate the config "
+                          f"(hetsim simulate checkpoints every protocol)")
+
+
 def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False,
         overwrite: bool = False) -> RunResult:
     """Run `spec` on real devices, one process each; write the run directory; return its result.
@@ -126,25 +137,31 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
                           "the real backend emulates speed with cluster.devices[].emulated_slowdown")
     check(spec)  # a spec built without hetsim.resolve: every check before anything is written
     check_devices(spec)
-    check_one_gpu_per_process(spec)
+    served = event_driven(spec.protocol.name)
+    if served:
+        check_event_driven(spec)
+    else:
+        check_one_gpu_per_process(spec)
     run_dir = claim_run_dir(run_dir, spec, "torchmp", overwrite=overwrite, resume=resume)
-    world = spec.n_workers
-    names = worker_names(spec.worker_kinds())
+    # an event-driven protocol has a server rank 0 before the devices' ranks (backends/torchmp/server.py)
+    world = spec.n_workers + served
+    names = (["server"] if served else []) + worker_names(spec.worker_kinds())
     ctx = mp.get_context("spawn")
     heartbeat = ctx.Array("d", 3 * world, lock=False)
+    status = ctx.Array("i", world, lock=False) if served else None  # the workers the server must give up on
     init_method = f"tcp://127.0.0.1:{free_port()}"
     if resume:  # a missing, damaged, foreign or other-engine checkpoint is one line here, before any process starts
         load_checkpoint(run_dir / CHECKPOINT, "torchmp", spec, force)
     for stale in (run_dir / ".errors").glob("rank*.json"):
         stale.unlink()  # reports of an earlier attempt
-    procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume, force),
-                         name=f"hetsim-{names[r]}") for r in range(world)]
+    procs = [ctx.Process(target=spawn_entry, args=(r, world, spec, str(run_dir), init_method, heartbeat, resume, force,
+                                                   status), name=f"hetsim-{names[r]}") for r in range(world)]
     exited_at: dict[int, float] = {}
     with _StopOnSignals() as signals:
         try:
             for p in procs:
                 p.start()
-            _watch(spec, run_dir, names, procs, heartbeat, exited_at, poll_s)
+            _watch(spec, run_dir, names, procs, heartbeat, exited_at, poll_s, status)
         except RunInterrupted as e:
             round_ = max(int(heartbeat[3 * r]) for r in range(world))
             raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} in round {round_}; "
@@ -163,8 +180,12 @@ def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0
 
 
 def _watch(spec: Spec, run_dir: Path, names: list[str], procs: list, heartbeat, exited_at: dict[int, float],
-           poll_s: float) -> None:
-    """Return when every worker has finished; raise HetsimError at the first failure or hang."""
+           poll_s: float, status=None) -> None:
+    """Return when every worker has finished; raise HetsimError at the first failure or hang.
+
+    status: under an event-driven protocol, the per-rank status the server reads: a device rank (not the
+    server, rank 0) that fails or hangs in a job is marked there (and a hung one ended) instead of
+    stopping the run; the server gives it up and goes on with the others."""
     world = len(procs)
     while True:
         time.sleep(poll_s)
@@ -173,6 +194,11 @@ def _watch(spec: Spec, run_dir: Path, names: list[str], procs: list, heartbeat, 
                 exited_at[r] = time.time()
         # a rank that finished its run (phase 2) and then failed only in gloo's teardown did its work
         failed = [r for r in exited_at if procs[r].exitcode != 0 and heartbeat[3 * r + 1] != 2]
+        if status is not None:
+            for r in failed:
+                if r and status[r] == ALIVE:
+                    status[r] = EXITED
+            failed = [r for r in failed if r == 0]
         if failed:
             raise HetsimError(_failure_message(run_dir, names, failed, exited_at, heartbeat,
                                                {r: procs[r].exitcode for r in failed}))
@@ -180,6 +206,13 @@ def _watch(spec: Spec, run_dir: Path, names: list[str], procs: list, heartbeat, 
             return
         stale = [r for r in range(world) if r not in exited_at and heartbeat[3 * r + 2] > 0
                  and time.time() - heartbeat[3 * r + 2] > spec.run.fault_timeout_s]
+        if status is not None:
+            # a device rank waiting for its next job (phase 1) is idle, not hung; one stuck in a job is ended
+            for r in stale:
+                if r and heartbeat[3 * r + 1] == 0 and status[r] == ALIVE:
+                    status[r] = NO_PROGRESS
+                    procs[r].kill()
+            stale = [r for r in stale if r == 0]
         if stale:
             # the culprit is a device still computing (phase 0) while the others wait at the barrier
             culprit = min(stale, key=lambda r: (heartbeat[3 * r], heartbeat[3 * r + 1]))

@@ -33,6 +33,7 @@ from hetsim.training import TrainingCore
 
 from backends.torchmp.clock import WallClock
 from backends.torchmp.comm import TorchComm
+from backends.torchmp.server import ServerClock, ServerComm, ServerCore, event_driven, serve_jobs
 
 FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"
 
@@ -115,15 +116,22 @@ def _threads(spec: Spec, rank: int, local_world: int) -> int:
 
 
 def worker_main(rank: int, world: int, spec: Spec, run_dir: str | None, init_method: str,
-                heartbeat: Any | None = None, resume: bool = False, force: bool = False) -> None:
+                heartbeat: Any | None = None, resume: bool = False, force: bool = False,
+                status: Any | None = None) -> None:
     """Entry point of one process (spawned by the launcher, or started by torchrun with env://).
 
     On success the process group is left open: the caller ends the process with `exit_now`, because
     tearing gloo down at interpreter exit can abort a finished process ("terminate called without an
-    active exception") and make torchrun report a failure after all results were written."""
+    active exception") and make torchrun report a failure after all results were written.
+
+    status: under an event-driven protocol, the launcher's per-rank status array, from which the server
+    learns which workers failed (backends/torchmp/server.py); None under torchrun."""
     out = Path(run_dir) if run_dir else None
     try:
-        _run(rank, world, spec, out, init_method, heartbeat, resume, force)
+        if event_driven(spec.protocol.name):
+            _run_event_driven(rank, world, spec, out, init_method, heartbeat, status)
+        else:
+            _run(rank, world, spec, out, init_method, heartbeat, resume, force)
     except BaseException as e:  # noqa: BLE001 - report every failure to the launcher, then re-raise
         if out is not None:
             path = error_path(out, rank)
@@ -187,8 +195,10 @@ class _Hooks(Hooks):
     def __init__(self, heartbeat: Any | None, rank: int):
         self.heartbeat, self.rank = heartbeat, rank
         self.fault = fault_to_inject()  # read once, before round 1: a malformed value fails the run at once
+        self.round = 0  # the latest round started (the server's heartbeat while it waits names it)
 
     def round_started(self, round: int) -> None:
+        self.round = round
         _beat(self.heartbeat, self.rank, round, 0)
         _inject_fault(self.fault, self.rank, round)
 
@@ -241,3 +251,61 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     # gloo abort the peer
     comm.barrier()
     _beat(heartbeat, rank, driver.round, 2)  # finished: a failure from here on is only the teardown
+
+
+def _run_event_driven(rank: int, world: int, spec: Spec, out: Path | None, init_method: str,
+                      heartbeat: Any | None, status: Any | None) -> None:
+    """An event-driven protocol (semi_sync, async, buffered_async): rank 0 is the server (the Driver on a
+    ServerClock, the run directory, evaluation), rank k + 1 runs worker k's jobs
+    (backends/torchmp/server.py). Messages travel over gloo with CPU tensors (nccl cannot receive from
+    any rank)."""
+    devices_spec = spec.worker_devices()
+    n = len(devices_spec)
+    if world != n + 1:
+        raise ValueError(f"{world} processes for a cluster of {n} devices under protocol {spec.protocol.name!r}: "
+                         f"expected {n + 1} (a server rank and one rank per device)")
+    local_world = local_world_size(init_method, world)
+    server = rank == 0
+    k = rank - 1
+    threads = max(1, usable_cores() // local_world) if server else (devices_spec[k].threads or
+                                                                   max(1, usable_cores() // local_world))
+    torch.set_num_threads(threads)
+    device = torch.device("cpu" if server else devices_spec[k].device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2 * spec.run.fault_timeout_s))
+    comm = TorchComm(rank, world, torch.device("cpu"))
+    thread_counts = [int(comm.share(r, [threads])[0]) for r in range(world)]
+    names = worker_names(spec.worker_kinds())
+    experiment = resolve(spec)
+    step_times = [d.step_time.mean_s for d in experiment.devices]
+    if not server:
+        core = TrainingCore(spec, experiment.policies, experiment.workload, local=[k], device=device,
+                            profile_step_times=step_times)
+        clock = WallClock(device, comm, devices_spec[k].emulated_slowdown)
+        fault = fault_to_inject()
+        clock.start()  # the common zero, with the server's
+
+        def on_job(j: int) -> None:  # a worker's "round" is its j-th job
+            _beat(heartbeat, rank, j, 0)
+            _inject_fault(fault, rank, j)
+
+        jobs = serve_jobs(k, core, clock, on_job, lambda j: _beat(heartbeat, rank, j, 1))
+        _beat(heartbeat, rank, jobs, 2)
+        return
+    core = ServerCore(spec, experiment.policies, experiment.workload, profile_step_times=step_times)
+    emulated = {nm: d.emulated_slowdown for nm, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
+    hooks = _Hooks(heartbeat, rank)
+    # the server beats "waiting" (phase 1) while it waits for results: the launcher's hang check is for work
+    clock = ServerClock(comm, core, names, status=status, beat=lambda phase: _beat(heartbeat, rank, hooks.round, phase),
+                        summary={
+        "devices": {nm: d.device for nm, d in zip(names, devices_spec)},
+        "threads": dict(zip(names, thread_counts[1:])), "server_threads": thread_counts[0],
+        "emulated_slowdown": emulated,
+        "device_sources": {nm: ("emulated: " if d.emulated_slowdown > 1 else "") + f"real {d.device}"
+                           for nm, d in zip(names, devices_spec)}})
+    driver = Driver(experiment, core, clock, ServerComm(n), engine="torchmp", run_dir=out, hooks=hooks)
+    driver.run()
+    clock.finish()
+    _beat(heartbeat, rank, driver.round, 2)
