@@ -1,6 +1,8 @@
 """Time-only fidelity, batched emulation, deterministic event order, changing conditions."""
 
+import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -260,3 +262,108 @@ def test_surrogate_needs_time_only_and_a_readable_curve(tiny_spec, tmp_path):
         tiny_spec(f"sim.surrogate='{tmp_path / 'x.json'}'")
     with pytest.raises(SpecError, match="cannot read learning curve"):
         tiny_spec("sim.fidelity='time_only'", f"sim.surrogate='{tmp_path / 'x.json'}'")
+
+
+# -- the time-only barrier round on arrays (hetsim/sim/fastpath.py) ------------------------------
+
+NOISY = ("sim.fidelity='time_only'", "cluster.devices.1.count=7",
+         "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}",
+         "cluster.devices.1.straggler_prob=0.2", "cluster.devices.1.straggler_factor=3.0",
+         "cluster.network.latency_s=1e-3", "trace.max_devices=3", "trace.max_rounds=6")
+
+
+def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[str, bytes]:
+    """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
+    from hetsim.protocol import SyncProtocol
+    from hetsim.sim import engine
+    from hetsim.sim.fastpath import TimeOnlySync
+    with monkeypatch.context() as m:
+        if general:
+            m.setattr(engine, "fast_protocol", lambda spec: None)
+        sim = Simulation(tiny_spec(*NOISY, *args), out)
+        assert type(sim.driver.protocol) is (SyncProtocol if general else TimeOnlySync)
+        r = sim.run()
+    assert r.summary["rounds"] > 0
+    summary = {k: v for k, v in r.summary.items() if k != "wall_time_s"}
+    files = {name: (out / name).read_bytes() for name in ("metrics.csv", "decisions.bin", "trace.json")}
+    d = sim.driver  # what a checkpoint would hold: the core's (what the policies know of each worker) and the run's
+    state = (sim.core.state_dict(), sim.clock.state_dict(), d.busy_s, d.participation, d.pulled, d.version,
+             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state)
+    return {**files, "summary": json.dumps(summary, sort_keys=True).encode(), "state": as_bytes(state)}
+
+
+def as_bytes(value) -> bytes:
+    """A state's exact contents (types, values, array bytes) as bytes: equal states give equal bytes."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return repr((value.dtype.str, value.shape)).encode() + value.tobytes()
+    if isinstance(value, dict):
+        return b"{" + b",".join(as_bytes(k) + b":" + as_bytes(v) for k, v in value.items()) + b"}"
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__.encode() + b"[" + b",".join(as_bytes(v) for v in value) + b"]"
+    return pickle.dumps(value)
+
+
+#: each case's metrics.csv + decisions.bin + trace.json (SHA-256, first 16 hex digits) as the code before the
+#: array round wrote them (7e1f3cd)
+@pytest.mark.parametrize("args, before", [
+    # the bench's policies; gpu3 away for a while (another online set: planned afresh, then the old plan again)
+    (("scheduler={name='proportional', params={max_steps=8}}", "sampler={name='loss_topk', params={kinds=['cpu']}}",
+      "aggregator={name='biased'}", "cluster.devices.1.offline=[[0.02, 0.05]]", "stop.max_rounds=30",
+      "eval.every_rounds=0", "eval.every_epochs=1.5"), "10a292ee7b5d93c9"),
+    # time budgets drawn step by step; an aggregator reading the previous global model
+    (("scheduler={name='time_budget', params={budget_s=0.007}}", "aggregator={name='fednova'}", "stop.max_rounds=12"),
+     "f20ebb554ac3e031"),
+    # a scheduler that is not static (plans every round from what was observed); a time budget stops the run
+    (("scheduler={name='proportional', params={max_steps=8, source='observed', ema_weight=0.5}}",
+      "stop.max_rounds=0", "stop.max_time_s=0.3", "optim.lr_schedule='cosine'"), "613b64a92ef206c4"),
+])
+def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_path, monkeypatch, args, before):
+    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    files = fast["metrics.csv"] + fast["decisions.bin"] + fast["trace.json"]
+    assert hashlib.sha256(files).hexdigest()[:16] == before
+
+
+def test_a_static_plan_is_made_once_per_set_of_online_workers(tiny_spec, monkeypatch):
+    from hetsim.policies.scheduling import Proportional
+    calls = []
+    plan = Proportional.plan
+    monkeypatch.setattr(Proportional, "plan", lambda self, *a: calls.append(a[0]) or plan(self, *a))
+    r = simulate(tiny_spec(*NOISY, "scheduler={name='proportional', params={max_steps=8}}", "stop.max_rounds=30",
+                           "cluster.devices.1.offline=[[0.02, 0.05]]"))
+    who = [tuple(d["workers"]) for d in r.decisions]
+    changes = [i + 1 for i in range(len(who)) if i == 0 or who[i] != who[i - 1]]
+    assert len(changes) == 3  # all, the cpu alone while the gpus are away, all again
+    assert calls == changes
+    calls.clear()
+    simulate(tiny_spec(*NOISY, "scheduler={name='proportional', params={max_steps=8, source='observed'}}",
+                       "stop.max_rounds=30"))
+    assert calls == list(range(1, 31))  # what it observed changes every round: planned every round
+
+
+def test_schedulers_and_samplers_declare_what_is_static():
+    from hetsim.policies.sampling import LossBiasedTopK, Uniform
+    from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
+    assert Proportional().static and not Proportional(source="observed").static
+    assert FixedSteps.static and Synchronous.static and TimeBudget.static
+    assert Uniform.static_bias and LossBiasedTopK.static_bias
+
+
+def test_a_static_bias_is_asked_once_per_worker(tiny_spec, monkeypatch):
+    from hetsim.policies.sampling import LossBiasedTopK
+    calls = []
+    per_step = LossBiasedTopK.biased_per_step
+    monkeypatch.setattr(LossBiasedTopK, "biased_per_step", lambda self, w, b: calls.append(w.index) or per_step(self, w, b))
+    args = (*NOISY, "sampler={name='loss_topk', params={kinds=['cpu']}}", "stop.max_rounds=5")
+    static = simulate(tiny_spec(*args))
+    assert calls == list(range(8))
+    calls.clear()
+    monkeypatch.setattr(LossBiasedTopK, "static_bias", False)
+    asked = simulate(tiny_spec(*args))
+    assert calls == list(range(8)) * 5
+    assert list(static.decisions) == list(asked.decisions)
+    assert [d["biased_samples"] for d in static.decisions] == [[8 * 1] + [0] * 7] * 5  # the cpu: 1 step of 8

@@ -36,6 +36,7 @@ from hetsim.protocol import Clock, Comm, Driver, ProgressFn, Steps, Work
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
+from hetsim.sim.fastpath import fast_protocol
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, Tallies, TrainingCore
 from hetsim.workloads import Workload, build_model
@@ -250,7 +251,7 @@ class Simulation:
             self.clock = EmulatedClock(spec, groups, group_of)
         self.comm = InProcessComm(len(group_of))
         self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
-                             resume=resume, force=force, progress=progress)
+                             resume=resume, force=force, progress=progress, protocol=fast_protocol(spec))
         self.writer = self.driver.writer
 
     def run(self) -> RunResult:
