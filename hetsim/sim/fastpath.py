@@ -29,6 +29,7 @@ import torch
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals
 from hetsim.protocol import POLICY_DOCS, Protocol, Steps, Work, _Pending, _shape
+from hetsim.results import model_digest
 from hetsim.training import RoundRecord
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ def fast_protocol(spec: "Spec") -> Protocol | None:
 
 class TimeOnlySync(Protocol):
     """SyncProtocol on the time-only clock and core (hetsim.sim.engine.TimeOnlyClock, TimeOnlyCore)."""
+
+    name = "sync"
 
     def __init__(self) -> None:
         self._planned: list[int] | None = None   # the online workers the cached plan is for
@@ -72,7 +75,7 @@ class TimeOnlySync(Protocol):
                 d.trace_work(at[kept].tolist(), Work(steps[kept].tolist(), np.full(len(kept), start),
                                                      start + durations[kept]), barrier)
             yield from d.clock.exchange(at, d.core.model_bytes)
-            self._aggregate(d, at, budget, lr)
+            self._aggregate(d, at, budget, lr, start, start + durations)
             d.trace_comm(at[kept].tolist(), barrier)  # it also counts the exchange time
 
     def _plan_round(self, d: "Driver", ks: list[int]) -> tuple[np.ndarray, np.ndarray | None, float | None]:
@@ -113,19 +116,22 @@ class TimeOnlySync(Protocol):
             return np.zeros(0, dtype=np.int64)
         return np.asarray(d.writer.trace_positions(d.round, at), dtype=np.int64)
 
-    def _aggregate(self, d: "Driver", at: np.ndarray, budget: float | None, lr: float) -> None:
-        """Driver.aggregate with the participants as one array (its checks and order, the same record)."""
+    def _aggregate(self, d: "Driver", at: np.ndarray, budget: float | None, lr: float, start: float,
+                   finish: np.ndarray) -> None:
+        """Driver.aggregate under sync (no staleness damping, alpha 1, participation counted at the local
+        work) with the participants as one array: its checks and order, the same record."""
         core = d.core
         tallies = core.tallies(at)
         samples = int(tallies.samples.sum())
         weights: np.ndarray = np.zeros(0)
         new_global = None
+        pulled = d.pulled[at]
+        staleness = d.version - pulled
         if len(at):
             agg = d.aggregator
-            rows = core.replicas(at)  # the in-process comm's arrivals source over the core's replicas
-            arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
-                                d.version - d.pulled[at], d.round, lr,
-                                weighted_sum=lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows,
+            rows = core.replicas(at)  # the in-process comm's arrivals source over the core's (empty) replicas
+            arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(), staleness,
+                                d.round, lr, weighted_sum=lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows,
                                 replicas=None if agg.linear else (lambda: rows))
             previous = core.global_params() if agg.needs_previous_global else None
             out = agg.combine(previous, arrivals, d.aggregator_state)
@@ -139,6 +145,8 @@ class TimeOnlySync(Protocol):
             d.version += 1
             core.merge_scores(tallies.observations)
             core.samples_total += samples
+            d.staleness_sum += int(staleness.sum())
+            d.arrivals_combined += len(at)
         train_loss = float(tallies.loss_sum.sum()) / samples if samples else float("nan")
         diverged = (new_global is not None and not bool(torch.isfinite(new_global).all())) or \
             (samples > 0 and not math.isfinite(train_loss))
@@ -146,7 +154,9 @@ class TimeOnlySync(Protocol):
         record = RoundRecord(round=d.round, workers=at, local_steps=tallies.steps,  # type: ignore[arg-type]
                              samples=tallies.samples, biased_samples=tallies.biased,
                              weights=np.asarray(weights, dtype=np.float64), train_loss=train_loss,
-                             time_budget_s=budget, diverged=diverged)
+                             time_budget_s=budget, diverged=diverged, staleness=staleness, pulled=pulled,
+                             start_s=np.full(len(at), start), finish_s=finish, version=d.version,
+                             digest=model_digest(core.global_params()))
         d.schedule.check_divergence(record)
         if d.writer is not None and d.spec.trace.decisions:
             d.writer.add_decision(record)
