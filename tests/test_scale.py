@@ -274,14 +274,17 @@ NOISY = ("sim.fidelity='time_only'", "cluster.devices.1.count=7",
 
 def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[str, bytes]:
     """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
-    from hetsim.protocol import SyncProtocol
+    from hetsim.protocol import Driver, SyncProtocol
     from hetsim.sim import engine
-    from hetsim.sim.fastpath import TimeOnlySync
+    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySync
     with monkeypatch.context() as m:
         if general:
             m.setattr(engine, "fast_protocol", lambda spec: None)
+            m.setattr(engine, "TimeOnlyDriver", Driver)
         sim = Simulation(tiny_spec(*NOISY, *args), out)
-        assert type(sim.driver.protocol) is (SyncProtocol if general else TimeOnlySync)
+        assert type(sim.driver) is (Driver if general else TimeOnlyDriver)
+        if sim.driver.protocol.name == "sync":
+            assert type(sim.driver.protocol) is (SyncProtocol if general else TimeOnlySync)
         r = sim.run()
     assert r.summary["rounds"] > 0
     summary = {k: v for k, v in r.summary.items() if k != "wall_time_s"}
@@ -305,6 +308,11 @@ def as_bytes(value) -> bytes:
     return pickle.dumps(value)
 
 
+BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
+                  "sampler={name='loss_topk', params={kinds=['cpu']}}", "aggregator={name='biased'}",
+                  "cluster.devices.1.offline=[[0.02, 0.05]]")
+
+
 #: each case's metrics.csv + decisions.bin + trace.json (SHA-256, first 16 hex digits) as the code before the
 #: array round wrote them (h-proto at fb590e5: decisions /3)
 @pytest.mark.parametrize("args, before", [
@@ -318,6 +326,15 @@ def as_bytes(value) -> bytes:
     # a scheduler that is not static (plans every round from what was observed); a time budget stops the run
     (("scheduler={name='proportional', params={max_steps=8, source='observed', ema_weight=0.5}}",
       "stop.max_rounds=0", "stop.max_time_s=0.3", "optim.lr_schedule='cosine'"), "42281df408a0591d"),
+    # event-driven protocols: the driver's own protocols, the static plan reused at every dispatch
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5, late='keep', staleness='polynomial'}}",
+      "stop.max_rounds=30"), "6d3d93c2e18dedbb"),
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=6, deadline_s=0.012}}", "stop.max_rounds=30"),
+     "c7d48e2da79ee55a"),
+    ((*BENCH_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}",
+      "stop.max_rounds=60"), "8a18dd97a7e9cd68"),
+    ((*BENCH_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='hinge', a=0.3, b=2}}",
+      "stop.max_rounds=40"), "d91da1dce027598b"),
 ])
 def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_path, monkeypatch, args, before):
     fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
@@ -367,3 +384,16 @@ def test_a_static_bias_is_asked_once_per_worker(tiny_spec, monkeypatch):
     assert calls == list(range(8)) * 5
     assert list(static.decisions) == list(asked.decisions)
     assert [d["biased_samples"] for d in static.decisions] == [[8 * 1] + [0] * 7] * 5  # the cpu: 1 step of 8
+
+
+def test_event_driven_dispatches_reuse_the_static_plan(tiny_spec, monkeypatch):
+    from hetsim.policies.scheduling import Proportional
+    calls = []
+    plan = Proportional.plan
+    monkeypatch.setattr(Proportional, "plan", lambda self, *a: calls.append(a[0]) or plan(self, *a))
+    r = simulate(tiny_spec(*NOISY, *BENCH_POLICIES, "protocol={name='async', params={alpha=0.5}}",
+                           "stop.max_rounds=60"))
+    assert r.summary["rounds"] == 60
+    # every update re-dispatches a worker from a plan of the whole online set; that set changes twice at
+    # most (the gpus leave at 0.02 s and come back at 0.05 s)
+    assert 1 <= len(calls) <= 3

@@ -36,7 +36,7 @@ from hetsim.protocol import Arrived, Clock, Comm, Driver, ProgressFn, Steps, Wor
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
-from hetsim.sim.fastpath import fast_protocol
+from hetsim.sim.fastpath import TimeOnlyDriver, fast_protocol
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, Tallies, TrainingCore
 from hetsim.workloads import Workload, build_model
@@ -325,8 +325,9 @@ class Simulation:
             self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
             self.clock = EmulatedClock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
-        self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
-                             resume=resume, force=force, progress=progress, protocol=fast_protocol(spec))
+        driver, protocol = (TimeOnlyDriver, fast_protocol(spec)) if spec.sim.fidelity == "time_only" else (Driver, None)
+        self.driver = driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
+                             resume=resume, force=force, progress=progress, protocol=protocol)
         self.writer = self.driver.writer
 
     def run(self) -> RunResult:

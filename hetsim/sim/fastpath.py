@@ -28,13 +28,32 @@ import torch
 
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals
-from hetsim.protocol import POLICY_DOCS, Protocol, Steps, Work, _Pending, _shape
+from hetsim.protocol import POLICY_DOCS, Driver, Protocol, Steps, Work, _Pending, _shape
 from hetsim.results import model_digest
 from hetsim.training import RoundRecord
 
 if TYPE_CHECKING:
     from hetsim.config import Spec
-    from hetsim.protocol import Driver
+
+
+class TimeOnlyDriver(Driver):
+    """The driver with one addition for clusters of 10^4-10^5 workers: the plan of a static scheduler
+    (`Scheduler.static`) is made once per set of online workers and handed out again while that set is
+    the same and the selector is 'all' (another selector draws its choice every round). A barrier round
+    plans once; an event-driven protocol plans the whole online set at every dispatch (10^4 workers'
+    plan for one worker's entry)."""
+
+    _planned: list[int] | None = None
+    _plan: tuple | None = None
+
+    def plan_round(self, ks: list[int]) -> tuple:
+        if self._plan is not None and ks == self._planned:
+            self.idle_rounds = 0  # what plan_round does when somebody works (a reused plan has participants)
+            return self._plan
+        out = super().plan_round(ks)
+        reuse = self.scheduler.static and self.spec.selector.name == "all" and len(out[1]) > 0
+        self._planned, self._plan = (list(ks), out) if reuse else (None, None)
+        return out
 
 
 def fast_protocol(spec: "Spec") -> Protocol | None:
@@ -50,8 +69,7 @@ class TimeOnlySync(Protocol):
     name = "sync"
 
     def __init__(self) -> None:
-        self._planned: list[int] | None = None   # the online workers the cached plan is for
-        self._plan: tuple[np.ndarray, np.ndarray | None, float | None] | None = None
+        self._arrays: tuple[tuple, tuple[np.ndarray, np.ndarray | None, float | None]] | None = None
 
     def run(self, d: "Driver") -> Steps:
         while True:
@@ -79,18 +97,17 @@ class TimeOnlySync(Protocol):
             d.trace_comm(at[kept].tolist(), barrier)  # it also counts the exchange time
 
     def _plan_round(self, d: "Driver", ks: list[int]) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-        """(participants, their targets or None under a time budget, the budget): the driver's plan_round,
-        or the plan it made for the same online workers when the scheduler is static."""
-        if self._plan is not None and ks == self._planned:
-            d.idle_rounds = 0  # what plan_round does for a round with participants (a cached plan has some)
-            return self._plan
-        plan, participants, targets = d.plan_round(ks)
-        budget = plan.time_budget_s
-        at = np.asarray(participants, dtype=np.int64)
-        out = (at, None if budget is not None else np.asarray(targets, dtype=np.int64).reshape(-1), budget)
-        reuse = d.scheduler.static and d.spec.selector.name == "all" and len(participants) > 0
-        self._planned, self._plan = (ks, out) if reuse else (None, None)
-        return out
+        """(participants, their targets or None under a time budget, the budget) of the driver's plan, as
+        arrays (converted once per plan: a TimeOnlyDriver hands out the same plan while it is reused)."""
+        out = d.plan_round(ks)
+        if self._arrays is None or self._arrays[0] is not out:
+            plan, participants, targets = out
+            budget = plan.time_budget_s
+            # the clock's rule: under a time budget every participant runs for it
+            self._arrays = (out, (np.asarray(participants, dtype=np.int64),
+                                  None if budget is not None else np.asarray(targets, dtype=np.int64).reshape(-1),
+                                  budget))
+        return self._arrays[1]
 
     def _local_work(self, d: "Driver", at: np.ndarray, targets: np.ndarray | None, budget: float | None,
                     start: float) -> Steps:

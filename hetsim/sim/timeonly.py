@@ -98,7 +98,14 @@ class TimeOnlyCore(DecisionCore):
         self._observed[at] = mean_step_s
         self._has_observed[at] = True
         self._rounds[at] += 1
-        self._infos = None
+        if self._infos is not None and len(at) * 8 <= len(self._infos):
+            # a few workers (an asynchronous arrival): their entries, not the whole list again
+            make, infos = tuple.__new__, self._infos
+            for k, t, r in zip(at.tolist(), self._observed[at].tolist(), self._rounds[at].tolist()):
+                i = infos[k]
+                infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t, r))
+        else:
+            self._infos = None
 
     def set_lr(self, lr: float) -> float:
         return lr
