@@ -276,15 +276,16 @@ def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[st
     """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
     from hetsim.protocol import Driver, SyncProtocol
     from hetsim.sim import engine
-    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySync
+    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySemiSync, TimeOnlySync
     with monkeypatch.context() as m:
         if general:
-            m.setattr(engine, "fast_protocol", lambda spec: None)
+            m.setattr(engine, "fast_protocol", lambda spec, protocol: None)
             m.setattr(engine, "TimeOnlyDriver", Driver)
         sim = Simulation(tiny_spec(*NOISY, *args), out)
         assert type(sim.driver) is (Driver if general else TimeOnlyDriver)
-        if sim.driver.protocol.name == "sync":
-            assert type(sim.driver.protocol) is (SyncProtocol if general else TimeOnlySync)
+        fast = {"sync": TimeOnlySync, "semi_sync": TimeOnlySemiSync}.get(sim.driver.protocol.name)
+        if fast is not None:
+            assert (type(sim.driver.protocol) is fast) != general
         r = sim.run()
     assert r.summary["rounds"] > 0
     summary = {k: v for k, v in r.summary.items() if k != "wall_time_s"}
@@ -331,6 +332,12 @@ BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
       "stop.max_rounds=30"), "6d3d93c2e18dedbb"),
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=6, deadline_s=0.012}}", "stop.max_rounds=30"),
      "c7d48e2da79ee55a"),
+    # nobody by a short deadline: the first arrival closes every round (late work dropped)
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=7, deadline_s=0.004}}", "stop.max_rounds=40"),
+     "1e766b6d03c5cb66"),
+    # the deadline closes rounds with 1-3 of k = 4; late work kept, damped
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=4, deadline_s=0.011, late='keep', staleness='hinge', "
+      "a=0.3, b=1}}", "stop.max_rounds=40"), "1bd000062c66e9f4"),
     ((*BENCH_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}",
       "stop.max_rounds=60"), "8a18dd97a7e9cd68"),
     ((*BENCH_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='hinge', a=0.3, b=2}}",

@@ -325,7 +325,7 @@ class Simulation:
             self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
             self.clock = EmulatedClock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
-        driver, protocol = (TimeOnlyDriver, fast_protocol(spec)) if spec.sim.fidelity == "time_only" else (Driver, None)
+        driver, protocol = (TimeOnlyDriver, fast_protocol(spec, exp.protocol)) if spec.sim.fidelity == "time_only" else (Driver, None)
         self.driver = driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
                              resume=resume, force=force, progress=progress, protocol=protocol)
         self.writer = self.driver.writer

@@ -21,16 +21,17 @@ equal the general path's byte for byte (tests/test_scale.py compares them).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals
-from hetsim.protocol import POLICY_DOCS, Driver, Protocol, Steps, Work, _Pending, _shape
+from hetsim.protocol import POLICY_DOCS, Arrived, Driver, Protocol, Steps, SyncProtocol, Work, _damped, _Pending, _shape
+from hetsim.protocols import SemiSyncProtocol, _subset
 from hetsim.results import model_digest
-from hetsim.training import RoundRecord
+from hetsim.training import RoundRecord, Tallies
 
 if TYPE_CHECKING:
     from hetsim.config import Spec
@@ -56,10 +57,15 @@ class TimeOnlyDriver(Driver):
         return out
 
 
-def fast_protocol(spec: "Spec") -> Protocol | None:
-    """The array protocol for a time-only spec whose protocol it implements (sync); None otherwise."""
-    if spec.sim.fidelity == "time_only" and spec.protocol.name == "sync":
+def fast_protocol(spec: "Spec", protocol: Protocol) -> Protocol | None:
+    """The array protocol for a time-only run of `protocol` (the spec's, built), where there is one (sync,
+    semi_sync); None otherwise (the driver runs `protocol` itself)."""
+    if spec.sim.fidelity != "time_only":
+        return None
+    if isinstance(protocol, SyncProtocol):
         return TimeOnlySync()
+    if isinstance(protocol, SemiSyncProtocol):
+        return TimeOnlySemiSync(protocol)
     return None
 
 
@@ -93,7 +99,7 @@ class TimeOnlySync(Protocol):
                 d.trace_work(at[kept].tolist(), Work(steps[kept].tolist(), np.full(len(kept), start),
                                                      start + durations[kept]), barrier)
             yield from d.clock.exchange(at, d.core.model_bytes)
-            self._aggregate(d, at, budget, lr, start, start + durations)
+            aggregate(d, d.core.tallies(at), budget, lr, d.pulled[at], np.full(len(at), start), start + durations)
             d.trace_comm(at[kept].tolist(), barrier)  # it also counts the exchange time
 
     def _plan_round(self, d: "Driver", ks: list[int]) -> tuple[np.ndarray, np.ndarray | None, float | None]:
@@ -133,48 +139,186 @@ class TimeOnlySync(Protocol):
             return np.zeros(0, dtype=np.int64)
         return np.asarray(d.writer.trace_positions(d.round, at), dtype=np.int64)
 
-    def _aggregate(self, d: "Driver", at: np.ndarray, budget: float | None, lr: float, start: float,
-                   finish: np.ndarray) -> None:
-        """Driver.aggregate under sync (no staleness damping, alpha 1, participation counted at the local
-        work) with the participants as one array: its checks and order, the same record."""
-        core = d.core
-        tallies = core.tallies(at)
-        samples = int(tallies.samples.sum())
-        weights: np.ndarray = np.zeros(0)
-        new_global = None
-        pulled = d.pulled[at]
-        staleness = d.version - pulled
-        if len(at):
-            agg = d.aggregator
-            rows = core.replicas(at)  # the in-process comm's arrivals source over the core's (empty) replicas
-            arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(), staleness,
-                                d.round, lr, weighted_sum=lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows,
-                                replicas=None if agg.linear else (lambda: rows))
-            previous = core.global_params() if agg.needs_previous_global else None
-            out = agg.combine(previous, arrivals, d.aggregator_state)
-            if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
-                    and np.shape(out[1]) == (len(at),)):
-                raise HetsimError(f"aggregator {d.spec.aggregator.name!r}: combine returned {_shape(out)} for "
-                                  f"{len(at)} arrivals; expected (new global model, {len(at)} weights, state) "
-                                  f"({POLICY_DOCS})")
-            new_global, weights, d.aggregator_state = out
-            core.install(new_global)
-            d.version += 1
-            core.merge_scores(tallies.observations)
-            core.samples_total += samples
-            d.staleness_sum += int(staleness.sum())
-            d.arrivals_combined += len(at)
-        train_loss = float(tallies.loss_sum.sum()) / samples if samples else float("nan")
-        diverged = (new_global is not None and not bool(torch.isfinite(new_global).all())) or \
-            (samples > 0 and not math.isfinite(train_loss))
-        # the columns as arrays: encode_decision writes the same bytes as from the driver's tuples
-        record = RoundRecord(round=d.round, workers=at, local_steps=tallies.steps,  # type: ignore[arg-type]
-                             samples=tallies.samples, biased_samples=tallies.biased,
-                             weights=np.asarray(weights, dtype=np.float64), train_loss=train_loss,
-                             time_budget_s=budget, diverged=diverged, staleness=staleness, pulled=pulled,
-                             start_s=np.full(len(at), start), finish_s=finish, version=d.version,
-                             digest=model_digest(core.global_params()))
-        d.schedule.check_divergence(record)
-        if d.writer is not None and d.spec.trace.decisions:
-            d.writer.add_decision(record)
-        d.pending = _Pending(lr, record)
+
+def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pulled: np.ndarray, start_s: np.ndarray,
+              finish_s: np.ndarray, dropped: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """Driver.aggregate with the arrivals as arrays (tallies.workers, in arrival order): the same checks in the
+    same order, staleness damping and alpha mixing, and the same record with array columns (encode_decision
+    writes the same bytes as from the driver's tuples). dropped: (workers, steps, finish times) of late work
+    discarded in this update (semi_sync)."""
+    core, protocol = d.core, d.protocol
+    at = tallies.workers
+    samples = int(tallies.samples.sum())
+    weights: np.ndarray = np.zeros(0)
+    new_global = None
+    staleness = d.version - pulled
+    if len(at):
+        agg = d.aggregator
+        rows = core.replicas(at)  # the in-process comm's arrivals source over the core's (empty) replicas
+        weighted_sum: Callable[[np.ndarray], torch.Tensor] = lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows
+        gathered = None if agg.linear else (lambda: rows)
+        s, alpha = protocol.staleness_weights(staleness), protocol.alpha
+        x = core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
+        if s is not None:
+            weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
+        arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(), staleness, d.round,
+                            lr, weighted_sum=weighted_sum, replicas=gathered)
+        out = agg.combine(x if agg.needs_previous_global else None, arrivals, d.aggregator_state)
+        if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
+                and np.shape(out[1]) == (len(at),)):
+            raise HetsimError(f"aggregator {d.spec.aggregator.name!r}: combine returned {_shape(out)} for "
+                              f"{len(at)} arrivals; expected (new global model, {len(at)} weights, state) "
+                              f"({POLICY_DOCS})")
+        new_global, weights, d.aggregator_state = out
+        if alpha != 1.0:
+            new_global = x + alpha * (new_global - x)
+        core.install(new_global)
+        d.version += 1
+        core.merge_scores(tallies.observations)
+        core.samples_total += samples
+        if protocol.event_driven:  # (sync counts its participants at their local work)
+            d.participation[at] += 1
+        d.staleness_sum += int(staleness.sum())
+        d.arrivals_combined += len(at)
+    train_loss = float(tallies.loss_sum.sum()) / samples if samples else float("nan")
+    diverged = (new_global is not None and not bool(torch.isfinite(new_global).all())) or \
+        (samples > 0 and not math.isfinite(train_loss))
+    if dropped is not None:
+        d.dropped_total += len(dropped[0])
+    none = np.zeros(0, dtype=np.int64)
+    record = RoundRecord(round=d.round, workers=at, local_steps=tallies.steps,  # type: ignore[arg-type]
+                         samples=tallies.samples, biased_samples=tallies.biased,
+                         weights=np.asarray(weights, dtype=np.float64), train_loss=train_loss,
+                         time_budget_s=budget, diverged=diverged, staleness=staleness, pulled=pulled,
+                         start_s=start_s, finish_s=finish_s, version=d.version,
+                         dropped=dropped[0] if dropped is not None else none,
+                         dropped_steps=dropped[1] if dropped is not None else none,
+                         dropped_finish_s=dropped[2] if dropped is not None else np.zeros(0),
+                         digest=model_digest(core.global_params()))
+    d.schedule.check_divergence(record)
+    if d.writer is not None and d.spec.trace.decisions:
+        d.writer.add_decision(record)
+    d.pending = _Pending(lr, record)
+
+
+class TimeOnlySemiSync(Protocol):
+    """SemiSyncProtocol (hetsim.protocols) on the time-only clock and core, with the idle workers, the
+    dispatches and the update's arrivals as arrays; its rules, order and files are the driver's."""
+
+    event_driven = True
+    name = "semi_sync"
+
+    def __init__(self, semi: "SemiSyncProtocol"):
+        self.k, self.deadline_s, self.late, self.staleness = semi.k, semi.deadline_s, semi.late, semi.staleness
+        self._arrays: tuple[tuple, tuple[np.ndarray, np.ndarray | None, float | None]] | None = None
+
+    def staleness_weights(self, staleness: np.ndarray) -> np.ndarray | None:
+        return self.staleness.weights(staleness)
+
+    def run(self, d: Driver) -> Steps:
+        idle = np.arange(d.n)  # a fresh or resumed run: nothing in flight
+        while True:
+            reason, progress = d.stop_check()
+            if d.pending is not None and (yield from d.end_round(reason)):
+                continue
+            if reason:
+                return reason
+            if not d.clock.in_flight() and not d.clock.online(idle.tolist()):
+                yield from d.clock.until_online()
+                continue
+            lr = d.begin_round(progress)
+            idle = self._dispatch_idle(d, idle)
+            flying = np.asarray(d.clock.in_flight(), dtype=np.int64)
+            fresh = int((d.pulled[flying] == d.version).sum())  # dispatched this round
+            need = min(self.k, fresh if self.late == "drop" else len(flying))
+            deadline = d.clock.now() + self.deadline_s if self.deadline_s > 0 else None
+            taken: list[Arrived] = []
+            dropped: list[Arrived] = []
+            have = 0
+            while have < need:
+                arrived = yield from d.arrivals(need - have, deadline)
+                at = np.asarray(arrived.workers, dtype=np.int64)
+                idle = np.concatenate([idle, at])
+                if self.late == "drop":
+                    late = d.pulled[at] < d.version
+                    if late.any():
+                        dropped.append(_subset(arrived, late))
+                        arrived = _subset(arrived, ~late)
+                taken.append(arrived)
+                have += len(arrived.workers)
+                if deadline is not None and d.clock.now() >= deadline and have < need:
+                    if have:
+                        break
+                    need, deadline = 1, None  # nobody by the deadline: the first arrival closes the round
+            idle = np.sort(idle)
+            yield from self._combine(d, taken, dropped, lr)
+
+    def _dispatch_idle(self, d: Driver, idle: np.ndarray) -> np.ndarray:
+        """Driver.dispatch_idle on arrays: the plan of the whole online set; the idle workers it plans take
+        their entries (pull, trace their idle time, start). Returns the idle workers left, sorted."""
+        if not len(idle):
+            return idle
+        out = d.plan_round(d.clock.online(d.workers))
+        if self._arrays is None or self._arrays[0] is not out:
+            plan, ks, targets = out
+            budget = plan.time_budget_s
+            self._arrays = (out, (np.asarray(ks, dtype=np.int64),
+                                  None if budget is not None else np.asarray(targets, dtype=np.int64).reshape(-1),
+                                  budget))
+        planned, targets, budget = self._arrays[1]
+        want = np.sort(idle)
+        pos = np.minimum(np.searchsorted(planned, want), max(len(planned) - 1, 0))
+        hit = (planned[pos] == want) if len(planned) else np.zeros(len(want), dtype=bool)
+        go = want[hit]
+        if len(go):
+            d.pulled[go] = d.version
+            d.core.pull(go)
+            now = d.clock.now()
+            if d.writer is not None:
+                for i in d.writer.trace_positions(d.round, go):
+                    k = int(go[i])
+                    d._trace("idle", k, float(d.ready_at[k]), now)
+            # TimeOnlyClock.dispatch: the durations drawn at once, the math (tallies) at once, the arrivals kept
+            clock = d.clock
+            durations, steps = clock.vector.round(go, None if targets is None else targets[pos[hit]], budget, now)
+            d.core.train(go, steps)
+            clock._launch(go, now, steps, now + durations)
+        return want[~hit]
+
+    def _combine(self, d: Driver, taken: list[Arrived], dropped: list[Arrived], lr: float) -> Steps:
+        """Driver.combine on arrays: the exchange, the update (`aggregate`), the wait and exchange traced."""
+        ks = np.asarray([k for a in taken for k in a.workers], dtype=np.int64)
+        close = d.clock.now()
+        if len(ks):
+            yield from d.clock.exchange(ks, d.core.model_bytes)
+        tallies = _concat([a.tallies for a in taken])
+        start = _cat([a.work.start for a in taken])
+        finish = _cat([a.work.finish for a in taken])
+        lost = (np.asarray([k for a in dropped for k in a.workers], dtype=np.int64),
+                np.asarray([s for a in dropped for s in a.work.steps], dtype=np.int64),
+                _cat([a.work.finish for a in dropped]))
+        aggregate(d, tallies, None, lr, d.pulled[ks], start, finish, lost)
+        end = d.clock.now()
+        d.exchange_total_s += end - close
+        if len(ks):
+            d.ready_at[ks] = end
+        if d.writer is not None:
+            for i in d.writer.trace_positions(d.round, ks):
+                k = int(ks[i])
+                d._trace("idle", k, float(finish[i]), close)
+                d._trace("comm", k, close, end, bytes=d.core.model_bytes)
+
+
+def _concat(parts: list[Tallies]) -> Tallies:
+    """ArrivalBuffer.tallies: the parts' columns one after the other."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return Tallies(*(np.zeros(0, dtype=np.int64) for _ in range(4)), np.zeros(0))
+    return Tallies(*(np.concatenate([getattr(t, f) for t in parts]) for f in ("workers", "steps", "samples", "biased",
+                                                                             "loss_sum")),
+                   [o for t in parts for o in t.observations])
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]) if parts else np.zeros(0)
