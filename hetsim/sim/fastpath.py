@@ -21,6 +21,7 @@ equal the general path's byte for byte (tests/test_scale.py compares them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -28,8 +29,8 @@ import torch
 
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals
-from hetsim.protocol import POLICY_DOCS, Arrived, Driver, Protocol, Steps, SyncProtocol, Work, _damped, _Pending, _shape
-from hetsim.protocols import SemiSyncProtocol, _subset
+from hetsim.protocol import POLICY_DOCS, Driver, Protocol, Steps, SyncProtocol, Work, _damped, _Pending, _shape
+from hetsim.protocols import SemiSyncProtocol
 from hetsim.results import model_digest
 from hetsim.training import RoundRecord, Tallies
 
@@ -232,18 +233,18 @@ class TimeOnlySemiSync(Protocol):
             fresh = int((d.pulled[flying] == d.version).sum())  # dispatched this round
             need = min(self.k, fresh if self.late == "drop" else len(flying))
             deadline = d.clock.now() + self.deadline_s if self.deadline_s > 0 else None
-            taken: list[Arrived] = []
-            dropped: list[Arrived] = []
+            taken: list[_Arrivals] = []
+            dropped: list[_Arrivals] = []
             have = 0
             while have < need:
-                arrived = yield from d.arrivals(need - have, deadline)
-                at = np.asarray(arrived.workers, dtype=np.int64)
+                arrived = yield from _arrivals(d, need - have, deadline)
+                at = arrived.workers
                 idle = np.concatenate([idle, at])
                 if self.late == "drop":
                     late = d.pulled[at] < d.version
                     if late.any():
-                        dropped.append(_subset(arrived, late))
-                        arrived = _subset(arrived, ~late)
+                        dropped.append(arrived.subset(late))
+                        arrived = arrived.subset(~late)
                 taken.append(arrived)
                 have += len(arrived.workers)
                 if deadline is not None and d.clock.now() >= deadline and have < need:
@@ -285,18 +286,16 @@ class TimeOnlySemiSync(Protocol):
             clock._launch(go, now, steps, now + durations)
         return want[~hit]
 
-    def _combine(self, d: Driver, taken: list[Arrived], dropped: list[Arrived], lr: float) -> Steps:
+    def _combine(self, d: Driver, taken: list["_Arrivals"], dropped: list["_Arrivals"], lr: float) -> Steps:
         """Driver.combine on arrays: the exchange, the update (`aggregate`), the wait and exchange traced."""
-        ks = np.asarray([k for a in taken for k in a.workers], dtype=np.int64)
+        ks = _ints([a.workers for a in taken])
         close = d.clock.now()
         if len(ks):
             yield from d.clock.exchange(ks, d.core.model_bytes)
         tallies = _concat([a.tallies for a in taken])
-        start = _cat([a.work.start for a in taken])
-        finish = _cat([a.work.finish for a in taken])
-        lost = (np.asarray([k for a in dropped for k in a.workers], dtype=np.int64),
-                np.asarray([s for a in dropped for s in a.work.steps], dtype=np.int64),
-                _cat([a.work.finish for a in dropped]))
+        start = _cat([a.start for a in taken])
+        finish = _cat([a.finish for a in taken])
+        lost = (_ints([a.workers for a in dropped]), _ints([a.steps for a in dropped]), _cat([a.finish for a in dropped]))
         aggregate(d, tallies, None, lr, d.pulled[ks], start, finish, lost)
         end = d.clock.now()
         d.exchange_total_s += end - close
@@ -322,3 +321,62 @@ def _concat(parts: list[Tallies]) -> Tallies:
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]) if parts else np.zeros(0)
+
+
+def _ints(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class _Arrivals:
+    """Some in-flight workers' arrivals, in arrival order: `Arrived` with arrays."""
+
+    workers: np.ndarray
+    steps: np.ndarray
+    start: np.ndarray
+    finish: np.ndarray
+    tallies: Tallies
+
+    def subset(self, mask: np.ndarray) -> "_Arrivals":
+        """The arrivals where `mask` holds (hetsim.protocols._subset; the time-only core has no loss
+        observations to split)."""
+        t = self.tallies
+        tallies = Tallies(t.workers[mask], t.steps[mask], t.samples[mask], t.biased[mask], t.loss_sum[mask])
+        return _Arrivals(self.workers[mask], self.steps[mask], self.start[mask], self.finish[mask], tallies)
+
+
+def _arrivals(d: Driver, count: int, deadline: float | None) -> Steps:
+    """TimeOnlyClock.next_arrivals and Driver.arrivals on arrays: the earliest `count` in-flight arrivals
+    (ties in time: lower worker index first), up to the deadline; busy time, step times and compute spans
+    recorded. Returns _Arrivals."""
+    clock = d.clock
+    f = clock._finish
+    if count == 1:
+        i = int(np.argmin(f))  # the first minimum: the lowest index among ties
+        chosen = np.array([i] if np.isfinite(f[i]) else [], dtype=np.int64)
+    else:
+        m = min(count, int(np.isfinite(f).sum()))
+        chosen = np.zeros(0, dtype=np.int64)
+        if m:
+            v = np.partition(f, m - 1)[m - 1]
+            below = np.flatnonzero(f < v)
+            chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
+            chosen = chosen[np.lexsort((chosen, f[chosen]))]
+    until = float(f[chosen[-1]]) if len(chosen) else clock.env.now
+    if deadline is not None and (not len(chosen) or until > deadline):
+        chosen = chosen[f[chosen] <= deadline]
+        until = deadline
+    if until > clock.env.now:
+        yield clock.env.timeout(until - clock.env.now)
+    arrived = _Arrivals(chosen, clock._steps[chosen], clock._start[chosen], f[chosen].copy(), d.core.tallies(chosen))
+    f[chosen] = np.inf
+    if len(chosen):
+        busy = arrived.finish - arrived.start
+        d.busy_s[chosen] += busy
+        d.ready_at[chosen] = arrived.finish
+        d.core.observe_step_times(chosen, busy / arrived.steps)
+        if d.writer is not None:
+            for i in d.writer.trace_positions(d.round, chosen):
+                d._trace("compute", int(chosen[i]), float(arrived.start[i]), float(arrived.finish[i]),
+                         steps=int(arrived.steps[i]))
+    return arrived
