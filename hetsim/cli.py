@@ -101,6 +101,8 @@ def _spec_and_out(args: argparse.Namespace, engine: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     from hetsim.sim import simulate
 
+    if args.replay:
+        return _replay(args)
     spec, out = _spec_and_out(args, "sim")
     progress = None if args.quiet else Progress()
     if progress:
@@ -111,6 +113,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     status = _report_divergence(result.summary, out)
     print(out)
     return status
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """`simulate --replay RUN [--out DIR]`: RUN's config on a clock that takes RUN's arrivals (hetsim.sim.replay)."""
+    from hetsim.sim.replay import replay
+
+    if args.config or args.set or args.resume or args.force:
+        raise SpecError("--replay RUN runs RUN's own config.toml; give no CONFIG, --set, --resume or --force")
+    progress = None if args.quiet else Progress()
+    if progress:
+        progress.start(f"[replay {args.replay}]")
+    result = replay(args.replay, args.out, progress, overwrite=args.overwrite)
+    if progress:
+        progress.done(result.summary)
+    r = result.summary["replay"]
+    print(f"replayed {r['updates']} updates of {args.replay}: the same decisions; model digests "
+          f"{r['digests_matched']}/{r['digests_compared']} equal" + (f"; written to {args.out}" if args.out else ""))
+    return 0 if r["digests_matched"] == r["digests_compared"] else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -347,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     s.add_argument("--force", action="store_true", help="with --resume: continue even though config.toml changed "
                    "since the checkpoint (summary.json records it)")
-    s.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY)")
+    s.add_argument("--replay", metavar="RUN", help="replay RUN (a run directory) with its arrival order and times; "
+                   "fails at the first update whose decisions differ; exit 1 if a model digest differs")
+    s.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY; with --replay: none unless given)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set optim.lr=0.05 --set cluster.devices.1.count=4")

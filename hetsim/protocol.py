@@ -19,6 +19,13 @@ A third port, `Protocol`, decides when the server combines. `SyncProtocol` is th
     install the new global model, merge loss scores in worker order, check divergence
     evaluate when due (on `eval.on`, charged by the clock), write the row, checkpoint
 
+The event-driven protocols (hetsim/protocols.py: semi_sync, async, buffered_async) are written with
+`dispatch_idle` (plan the online set; idle workers pull and start), `arrivals` (the clock's next
+arrivals) and `combine` (exchange, then `aggregate`: arrivals damped by staleness, mixed by alpha).
+Checkpoints are taken every run.checkpoint_every updates under every protocol; work in flight at a
+checkpoint is not saved, so after a resume it is redone, dispatched again from the checkpoint's global
+model.
+
 The driver is a generator: a simulated clock's methods `yield` SimPy events, the wall clock's never
 yield, and `run_to_end` drives it without SimPy. This module imports no port implementation.
 """
@@ -51,7 +58,7 @@ ProgressFn = Callable[[dict], None]
 Steps = Generator[Any, Any, Any]  # what the driver and the clocks' methods are: generators (SimPy events or none)
 
 #: every stop reason, by the index the leader's decision travels as (comm.agree carries numbers)
-STOP_REASONS = ("", "diverged", "target_accuracy", "max_rounds", "max_time_s", "max_epochs")
+STOP_REASONS = ("", "diverged", "target_accuracy", "max_rounds", "max_time_s", "max_epochs", "replayed")
 
 
 @dataclass
@@ -124,6 +131,10 @@ class Clock(ABC):
         """The workers dispatched and not arrived yet, in index order."""
         raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols (semi_sync, async, "
                                   f"buffered_async): it has no in_flight")
+
+    def in_flight_count(self) -> int:
+        """How many workers are in flight (a clock that counts them answers without building the list)."""
+        return len(self.in_flight())
 
     @abstractmethod
     def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
@@ -290,6 +301,8 @@ class ArrivalBuffer:
         """arrived's workers (or some of them: `arrived` already restricted), with the versions they pulled;
         replicas: where their replicas are (arrived.replicas or the core's)."""
         ks = list(arrived.workers)
+        if not ks:
+            return
         self.workers += ks
         self._tallies.append(arrived.tallies)
         self._steps += list(arrived.work.steps)
@@ -400,6 +413,7 @@ class Driver:
         self.config_changes: list[dict] = []
         self.pending: _Pending | None = None
         self.idle_rounds = 0                                  # consecutive rounds in which nobody worked
+        self.max_updates = 0                                  # stop after this many updates (0: no limit; replays)
         self.staleness_sum = 0                                # over the combined arrivals (summary's mean)
         self.arrivals_combined = 0
         self.dropped_total = 0                                # late work discarded (semi_sync, late = "drop")
@@ -430,7 +444,10 @@ class Driver:
         if self.comm.leader:
             reached = self.last_acc >= self.spec.stop.target_accuracy  # NaN: False
             now, epochs = self.clock.now(), self.core.epochs
-            index = STOP_REASONS.index(self.schedule.stop_reason(self.round, now, epochs, reached))
+            reason = self.schedule.stop_reason(self.round, now, epochs, reached)
+            if not reason and self.max_updates and self.round >= self.max_updates:
+                reason = "replayed"  # a replay ends where the run it replays ended
+            index = STOP_REASONS.index(reason)
             progress = self.schedule.progress(self.round, now, epochs)
         index, progress = self.comm.agree([index, progress])
         return STOP_REASONS[int(index)], progress
@@ -587,7 +604,7 @@ class Driver:
             s = self.protocol.staleness_weights(staleness)
             alpha = self.protocol.alpha
             x = self.core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
-            if s is not None:
+            if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
                 weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
             arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
                                 staleness, self.round, lr, weighted_sum=weighted_sum, replicas=gathered)

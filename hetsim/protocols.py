@@ -54,7 +54,10 @@ class Staleness:
         tau = np.asarray(tau, dtype=np.float64)
         if self.kind == "polynomial":
             return (1.0 + tau) ** -self.a
-        return np.where(tau <= self.b, 1.0, 1.0 / (self.a * (tau - self.b) + 1.0))
+        s = np.ones(len(tau))
+        late = tau > self.b
+        s[late] = 1.0 / (self.a * (tau[late] - self.b) + 1.0)
+        return s
 
 
 class EventProtocol(Protocol):
@@ -68,7 +71,7 @@ class EventProtocol(Protocol):
         return self.staleness.weights(staleness)
 
     def _nobody_can_work(self, d: Driver, idle: list[int]) -> bool:
-        return not d.clock.in_flight() and not d.clock.online(idle)
+        return not d.clock.in_flight_count() and not d.clock.online(idle)
 
 
 @dataclass
@@ -146,7 +149,7 @@ class AsyncProtocol(EventProtocol):
             lr = d.begin_round(progress)
             idle = d.dispatch_idle(idle)
             buffer = ArrivalBuffer()
-            if d.clock.in_flight():
+            if d.clock.in_flight_count():
                 arrived = yield from d.arrivals(1)
                 d.take(buffer, arrived)
                 idle = sorted(idle + arrived.workers)
@@ -178,7 +181,7 @@ class BufferedAsyncProtocol(EventProtocol):
             lr = d.begin_round(progress)
             idle = d.dispatch_idle(idle)
             buffer = ArrivalBuffer()
-            while len(buffer) < self.k and d.clock.in_flight():
+            while len(buffer) < self.k and d.clock.in_flight_count():
                 arrived = yield from d.arrivals(1)
                 # the snapshot: the worker's replica is overwritten when it is re-dispatched below
                 d.take(buffer, arrived, snapshot=True)

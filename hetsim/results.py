@@ -295,8 +295,6 @@ def _schema_of(magic: bytes, where: str) -> int:
 
 def _scan_records(f: Any, size: int, where: str) -> list[int]:
     """Offsets of the complete records in a decisions stream of `size` bytes (a cut last one is dropped)."""
-    from hetsim.errors import HetsimError
-
     f.seek(0)
     _schema_of(f.read(len(DECISIONS_MAGIC)), where)
     offsets, pos = [], len(DECISIONS_MAGIC)

@@ -80,15 +80,20 @@ class SimClock(Clock):
         self._finish = np.full(self.n, np.inf)
         self._start = np.zeros(self.n)
         self._steps = np.zeros(self.n, dtype=np.int64)
+        self._flying = 0
 
     def _launch(self, ks: Sequence[int], start: float, steps: Sequence[int], finish: np.ndarray) -> None:
         at = np.asarray(ks, dtype=np.int64)
         self._start[at] = start
         self._steps[at] = steps
         self._finish[at] = finish
+        self._flying += len(at)
 
     def in_flight(self) -> list[int]:
         return np.flatnonzero(np.isfinite(self._finish)).tolist()
+
+    def in_flight_count(self) -> int:
+        return self._flying
 
     def next_arrivals(self, count: int, deadline: float | None) -> Steps:
         """The earliest `count` arrivals (ties in time: lower worker index first), by one partition of the
@@ -115,6 +120,7 @@ class SimClock(Clock):
         ks = chosen.tolist()
         work = Work(self._steps[chosen].tolist(), self._start[chosen], f[chosen].copy())
         f[chosen] = np.inf
+        self._flying -= len(ks)
         return Arrived(ks, work, self.tallies(ks))
 
     def now(self) -> float:
@@ -308,11 +314,12 @@ class Simulation:
 
     def __init__(self, spec: Spec, run_dir=None, progress: ProgressFn | None = None,
                  workload: Workload | None = None, resume: bool = False, force: bool = False,
-                 experiment: Experiment | None = None):
+                 experiment: Experiment | None = None, make_clock: Callable[..., "SimClock"] | None = None):
         """resume: continue from `run_dir`'s checkpoint (written every run.checkpoint_every rounds);
         the result equals an uninterrupted run's. force: resume even if the config changed since the
         checkpoint (summary.json records it as resumed_with_changed_config). experiment: `spec` already
-        resolved (`hetsim.resolve.resolve`; checked and built once), else it is resolved here."""
+        resolved (`hetsim.resolve.resolve`; checked and built once), else it is resolved here.
+        make_clock(spec, groups, group_of, tallies): another clock than the fidelity's (a replay's)."""
         self.spec = spec
         exp = experiment if experiment is not None else resolve(spec)
         groups = list(exp.groups)
@@ -324,6 +331,8 @@ class Simulation:
         else:
             self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
             self.clock = EmulatedClock(spec, groups, group_of, self.core.tallies)
+        if make_clock is not None:
+            self.clock = make_clock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
         driver, protocol = (TimeOnlyDriver, fast_protocol(spec, exp.protocol)) if spec.sim.fidelity == "time_only" else (Driver, None)
         self.driver = driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
