@@ -279,7 +279,7 @@ def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[st
     from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySemiSync, TimeOnlySync
     with monkeypatch.context() as m:
         if general:
-            m.setattr(engine, "fast_protocol", lambda spec, protocol: None)
+            m.setattr(engine, "fast_protocol", lambda protocol: None)
             m.setattr(engine, "TimeOnlyDriver", Driver)
         sim = Simulation(tiny_spec(*NOISY, *args), out)
         assert type(sim.driver) is (Driver if general else TimeOnlyDriver)
@@ -315,7 +315,7 @@ BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
 
 
 #: each case's metrics.csv + decisions.bin + trace.json (SHA-256, first 16 hex digits) as the code before the
-#: array round wrote them (h-proto at fb590e5: decisions /3)
+#: array round wrote them (h-proto at fb590e5 and 164d297: decisions /3)
 @pytest.mark.parametrize("args, before", [
     # the bench's policies; gpu3 away for a while (another online set: planned afresh, then the old plan again)
     (("scheduler={name='proportional', params={max_steps=8}}", "sampler={name='loss_topk', params={kinds=['cpu']}}",

@@ -334,7 +334,9 @@ class Simulation:
         if make_clock is not None:
             self.clock = make_clock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
-        driver, protocol = (TimeOnlyDriver, fast_protocol(spec, exp.protocol)) if spec.sim.fidelity == "time_only" else (Driver, None)
+        # the time-only clock and core: the plan reused, sync and semi_sync rounds on arrays (hetsim/sim/fastpath.py)
+        fast = type(self.clock) is TimeOnlyClock
+        driver, protocol = (TimeOnlyDriver, fast_protocol(exp.protocol)) if fast else (Driver, None)
         self.driver = driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
                              resume=resume, force=force, progress=progress, protocol=protocol)
         self.writer = self.driver.writer

@@ -21,8 +21,9 @@ equal the general path's byte for byte (tests/test_scale.py compares them).
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,9 +34,6 @@ from hetsim.protocol import POLICY_DOCS, Driver, Protocol, Steps, SyncProtocol, 
 from hetsim.protocols import SemiSyncProtocol
 from hetsim.results import model_digest
 from hetsim.training import RoundRecord, Tallies
-
-if TYPE_CHECKING:
-    from hetsim.config import Spec
 
 
 class TimeOnlyDriver(Driver):
@@ -58,11 +56,47 @@ class TimeOnlyDriver(Driver):
         return out
 
 
-def fast_protocol(spec: "Spec", protocol: Protocol) -> Protocol | None:
-    """The array protocol for a time-only run of `protocol` (the spec's, built), where there is one (sync,
-    semi_sync); None otherwise (the driver runs `protocol` itself)."""
-    if spec.sim.fidelity != "time_only":
-        return None
+class DecisionsThread:
+    """Hands each update's decisions record to the run writer on a second thread: at 10^5 arrivals a record
+    is ~3 MB to compress (zlib releases the GIL), as long as the rest of a time-only round, so it overlaps
+    the next round's work on a second core. One record at a time, in order; `wait` returns when the last
+    one is written (before a checkpoint records the files' lengths, and at the end). The record of update
+    u therefore reaches the OS during update u + 1: a kill can lose the last finished update's record
+    (a resume from a checkpoint loses nothing)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future | None = None
+
+    def add(self, d: Driver, record: RoundRecord) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetsim-decisions")
+        self._last = self._pool.submit(d.writer.add_decision, record)
+
+    def wait(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()  # its error, if writing failed
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def before_row(self, d: Driver) -> None:
+        """Before the driver writes the pending update's row: wait for the record if a checkpoint follows."""
+        every = d.spec.run.checkpoint_every
+        if every and d.round % every == 0:
+            self.wait()
+
+
+def fast_protocol(protocol: Protocol) -> Protocol | None:
+    """The array protocol for `protocol` (the spec's, built) on the time-only clock and core, where there is
+    one (sync, semi_sync); None otherwise (the driver runs `protocol` itself)."""
     if isinstance(protocol, SyncProtocol):
         return TimeOnlySync()
     if isinstance(protocol, SemiSyncProtocol):
@@ -79,9 +113,17 @@ class TimeOnlySync(Protocol):
         self._arrays: tuple[tuple, tuple[np.ndarray, np.ndarray | None, float | None]] | None = None
 
     def run(self, d: "Driver") -> Steps:
+        decisions = DecisionsThread()
+        try:
+            return (yield from self._rounds(d, decisions))
+        finally:
+            decisions.close()
+
+    def _rounds(self, d: Driver, decisions: DecisionsThread) -> Steps:
         while True:
             reason, progress = d.stop_check()
             if d.pending is not None:
+                decisions.before_row(d)
                 if (yield from d.end_round(reason)):
                     continue  # evaluated: the accuracy may have reached the target, the time the budget
             if reason:
@@ -100,7 +142,8 @@ class TimeOnlySync(Protocol):
                 d.trace_work(at[kept].tolist(), Work(steps[kept].tolist(), np.full(len(kept), start),
                                                      start + durations[kept]), barrier)
             yield from d.clock.exchange(at, d.core.model_bytes)
-            aggregate(d, d.core.tallies(at), budget, lr, d.pulled[at], np.full(len(at), start), start + durations)
+            aggregate(d, d.core.tallies(at), budget, lr, d.pulled[at], np.full(len(at), start), start + durations,
+                      write=lambda record: decisions.add(d, record))
             d.trace_comm(at[kept].tolist(), barrier)  # it also counts the exchange time
 
     def _plan_round(self, d: "Driver", ks: list[int]) -> tuple[np.ndarray, np.ndarray | None, float | None]:
@@ -142,11 +185,12 @@ class TimeOnlySync(Protocol):
 
 
 def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pulled: np.ndarray, start_s: np.ndarray,
-              finish_s: np.ndarray, dropped: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+              finish_s: np.ndarray, dropped: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+              write: Callable[[RoundRecord], None] | None = None) -> None:
     """Driver.aggregate with the arrivals as arrays (tallies.workers, in arrival order): the same checks in the
     same order, staleness damping and alpha mixing, and the same record with array columns (encode_decision
     writes the same bytes as from the driver's tuples). dropped: (workers, steps, finish times) of late work
-    discarded in this update (semi_sync)."""
+    discarded in this update (semi_sync). write(record): how the record reaches the writer (default: now)."""
     core, protocol = d.core, d.protocol
     at = tallies.workers
     samples = int(tallies.samples.sum())
@@ -160,7 +204,7 @@ def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pull
         gathered = None if agg.linear else (lambda: rows)
         s, alpha = protocol.staleness_weights(staleness), protocol.alpha
         x = core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
-        if s is not None:
+        if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
             weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
         arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(), staleness, d.round,
                             lr, weighted_sum=weighted_sum, replicas=gathered)
@@ -198,7 +242,7 @@ def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pull
                          digest=model_digest(core.global_params()))
     d.schedule.check_divergence(record)
     if d.writer is not None and d.spec.trace.decisions:
-        d.writer.add_decision(record)
+        (write or d.writer.add_decision)(record)
     d.pending = _Pending(lr, record)
 
 
@@ -217,14 +261,23 @@ class TimeOnlySemiSync(Protocol):
         return self.staleness.weights(staleness)
 
     def run(self, d: Driver) -> Steps:
+        decisions = DecisionsThread()
+        try:
+            return (yield from self._rounds(d, decisions))
+        finally:
+            decisions.close()
+
+    def _rounds(self, d: Driver, decisions: DecisionsThread) -> Steps:
         idle = np.arange(d.n)  # a fresh or resumed run: nothing in flight
         while True:
             reason, progress = d.stop_check()
-            if d.pending is not None and (yield from d.end_round(reason)):
-                continue
+            if d.pending is not None:
+                decisions.before_row(d)
+                if (yield from d.end_round(reason)):
+                    continue
             if reason:
                 return reason
-            if not d.clock.in_flight() and not d.clock.online(idle.tolist()):
+            if not d.clock.in_flight_count() and not d.clock.online(idle.tolist()):
                 yield from d.clock.until_online()
                 continue
             lr = d.begin_round(progress)
@@ -252,7 +305,7 @@ class TimeOnlySemiSync(Protocol):
                         break
                     need, deadline = 1, None  # nobody by the deadline: the first arrival closes the round
             idle = np.sort(idle)
-            yield from self._combine(d, taken, dropped, lr)
+            yield from self._combine(d, taken, dropped, lr, decisions)
 
     def _dispatch_idle(self, d: Driver, idle: np.ndarray) -> np.ndarray:
         """Driver.dispatch_idle on arrays: the plan of the whole online set; the idle workers it plans take
@@ -286,7 +339,8 @@ class TimeOnlySemiSync(Protocol):
             clock._launch(go, now, steps, now + durations)
         return want[~hit]
 
-    def _combine(self, d: Driver, taken: list["_Arrivals"], dropped: list["_Arrivals"], lr: float) -> Steps:
+    def _combine(self, d: Driver, taken: list["_Arrivals"], dropped: list["_Arrivals"], lr: float,
+                 decisions: DecisionsThread) -> Steps:
         """Driver.combine on arrays: the exchange, the update (`aggregate`), the wait and exchange traced."""
         ks = _ints([a.workers for a in taken])
         close = d.clock.now()
@@ -296,7 +350,7 @@ class TimeOnlySemiSync(Protocol):
         start = _cat([a.start for a in taken])
         finish = _cat([a.finish for a in taken])
         lost = (_ints([a.workers for a in dropped]), _ints([a.steps for a in dropped]), _cat([a.finish for a in dropped]))
-        aggregate(d, tallies, None, lr, d.pulled[ks], start, finish, lost)
+        aggregate(d, tallies, None, lr, d.pulled[ks], start, finish, lost, write=lambda record: decisions.add(d, record))
         end = d.clock.now()
         d.exchange_total_s += end - close
         if len(ks):
@@ -370,6 +424,7 @@ def _arrivals(d: Driver, count: int, deadline: float | None) -> Steps:
         yield clock.env.timeout(until - clock.env.now)
     arrived = _Arrivals(chosen, clock._steps[chosen], clock._start[chosen], f[chosen].copy(), d.core.tallies(chosen))
     f[chosen] = np.inf
+    clock._flying -= len(chosen)
     if len(chosen):
         busy = arrived.finish - arrived.start
         d.busy_s[chosen] += busy
