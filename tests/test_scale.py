@@ -404,3 +404,22 @@ def test_event_driven_dispatches_reuse_the_static_plan(tiny_spec, monkeypatch):
     # every update re-dispatches a worker from a plan of the whole online set; that set changes twice at
     # most (the gpus leave at 0.02 s and come back at 0.05 s)
     assert 1 <= len(calls) <= 3
+
+
+def test_time_only_semi_sync_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.protocol import Driver
+    from hetsim.sim import engine
+    # constant speeds: the cpu's 1 step of 0.01 s and each gpu's 5 of 0.002 s all arrive at t = 0.01
+    args = ("sim.fidelity='time_only'", "protocol={name='semi_sync', params={k=2}}", "stop.max_rounds=4", *NO_NET)
+    fast = simulate(tiny_spec(*args), tmp_path / "fast")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "fast_protocol", lambda protocol: None)
+        m.setattr(engine, "TimeOnlyDriver", Driver)
+        general = simulate(tiny_spec(*args), tmp_path / "general")
+    # round 1: all three tie at 0.01, the first two by index close it; gpu1 (2) is still in flight, so round 2
+    # dispatches 0 and 1 only, drops 2's late work at once (0.01) and closes at 0.02; round 3 dispatches all
+    # three again (tie at 0.03: 0 and 1), round 4 drops 2's work like round 2
+    assert [d["workers"] for d in fast.decisions] == [[0, 1], [0, 1], [0, 1], [0, 1]]
+    assert [d["dropped"] for d in fast.decisions] == [[], [2], [], [2]]
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name

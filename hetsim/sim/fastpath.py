@@ -415,7 +415,9 @@ def _arrivals(d: Driver, count: int, deadline: float | None) -> Steps:
             v = np.partition(f, m - 1)[m - 1]
             below = np.flatnonzero(f < v)
             chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
-            chosen = chosen[np.lexsort((chosen, f[chosen]))]
+            # by time, ties by index (the clock's lexsort): chosen is in index order within each time
+            # (below: ascending; the ties at v, ascending, after them), so a stable sort by time is enough
+            chosen = chosen[np.argsort(f[chosen], kind="stable")]
     until = float(f[chosen[-1]]) if len(chosen) else clock.env.now
     if deadline is not None and (not len(chosen) or until > deadline):
         chosen = chosen[f[chosen] <= deadline]
