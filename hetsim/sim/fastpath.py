@@ -1,21 +1,22 @@
-"""The barrier round of the time-only fidelity on arrays: `SyncProtocol`'s round, step for step, for
-10^5 devices.
+"""The time-only fidelity's rounds on arrays: the driver's protocols, step for step, for 10^5 devices.
 
 A time-only round does no math, so what is left of it is bookkeeping per worker; with Python lists and
-tuples (the driver's general path) that costs ~0.16 s a round at 10^5 devices. Here the participants
-stay one int64 array from the plan to the decisions record:
+tuples (the driver's general path) that costs ~0.16 s a round at 10^5 devices (sync) and more under
+semi_sync. Here the workers of a round stay int64 arrays from the plan to the decisions record:
 
-- the plan of a `static` scheduler (`Scheduler.static`: a function of the workers' profiles alone) is
-  made by the driver once per set of online workers and reused while that set is the same (with the
-  selector 'all'; any other selector plans every round, as the driver does);
-- local work: the clock's vectorised draws (`VectorClock`), the core's tallies and step-time
-  observations as columns (`TimeOnlyCore`);
-- the combine: the aggregator gets the same `Arrivals`, and the decisions record carries the columns
-  as arrays (`encode_decision` writes the same bytes);
-- the trace: the driver's own `trace_work` / `trace_comm` over the few workers the trace keeps.
+- `TimeOnlyDriver`: the plan of a static scheduler (`Scheduler.static`: a function of the workers'
+  profiles alone) is made once per set of online workers and reused while that set is the same (with the
+  selector 'all'), at every barrier and at every dispatch of the event-driven protocols;
+- `TimeOnlySync`, `TimeOnlySemiSync`: SyncProtocol's and SemiSyncProtocol's rounds with the clock's
+  vectorised draws (`VectorClock`), the arrivals picked from the in-flight times as arrays, the core's
+  tallies and step-time observations as columns (`TimeOnlyCore`), and one `aggregate` that builds the
+  driver's `Arrivals` and its record with array columns (`encode_decision` writes the same bytes);
+- `DecisionsThread`: the record (~3 MB to compress at 10^5 arrivals) is written on a second thread while
+  the next round runs.
 
-Everything else (stop check, lr, evaluation, rows, checkpoints, summary) is the driver's. The files
-equal the general path's byte for byte (tests/test_scale.py compares them).
+Everything else (stop check, lr, evaluation, rows, checkpoints, summary) is the driver's. async and
+buffered_async run the driver's own protocols (with the reused plan). The files equal the general
+path's byte for byte (tests/test_scale.py compares them, and with the files h-proto's code wrote).
 """
 
 from __future__ import annotations
