@@ -332,6 +332,8 @@ BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
       "stop.max_rounds=30"), "6d3d93c2e18dedbb"),
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=6, deadline_s=0.012}}", "stop.max_rounds=30"),
      "c7d48e2da79ee55a"),
+    # no deadline, late work dropped (3 workers' every other round): the earliest arrivals up to the k-th fresh one
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5}}", "stop.max_rounds=40"), "22f294ac5f65e146"),
     # nobody by a short deadline: the first arrival closes every round (late work dropped)
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=7, deadline_s=0.004}}", "stop.max_rounds=40"),
      "1e766b6d03c5cb66"),

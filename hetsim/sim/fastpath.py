@@ -290,6 +290,18 @@ class TimeOnlySemiSync(Protocol):
             taken: list[_Arrivals] = []
             dropped: list[_Arrivals] = []
             have = 0
+            if self.late == "drop" and deadline is None and need > 0:
+                # the loop below asks again for as many as were late, until `need` fresh ones came: together
+                # its calls take the earliest arrivals up to the need-th fresh one, which one call takes here
+                arrived = yield from _arrivals(d, need, None, fresh=d.version)
+                at = arrived.workers
+                idle = np.concatenate([idle, at])
+                late = d.pulled[at] < d.version
+                if late.any():
+                    dropped.append(arrived.subset(late))
+                    arrived = arrived.subset(~late)
+                taken.append(arrived)
+                have = len(arrived.workers)
             while have < need:
                 arrived = yield from _arrivals(d, need - have, deadline)
                 at = arrived.workers
@@ -400,13 +412,19 @@ class _Arrivals:
         return _Arrivals(self.workers[mask], self.steps[mask], self.start[mask], self.finish[mask], tallies)
 
 
-def _arrivals(d: Driver, count: int, deadline: float | None) -> Steps:
+def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None) -> Steps:
     """TimeOnlyClock.next_arrivals and Driver.arrivals on arrays: the earliest `count` in-flight arrivals
     (ties in time: lower worker index first), up to the deadline; busy time, step times and compute spans
-    recorded. Returns _Arrivals."""
+    recorded. fresh: a version; then the earliest arrivals up to the count-th of those that pulled it
+    (no deadline). Returns _Arrivals."""
     clock = d.clock
     f = clock._finish
-    if count == 1:
+    if fresh is not None:
+        flying = np.flatnonzero(np.isfinite(f))
+        order = flying[np.argsort(f[flying], kind="stable")]  # by time, ties by index (flying is ascending)
+        upto = int(np.searchsorted(np.cumsum(d.pulled[order] == fresh), count))  # the count-th fresh one
+        chosen = order[:upto + 1]
+    elif count == 1:
         i = int(np.argmin(f))  # the first minimum: the lowest index among ties
         chosen = np.array([i] if np.isfinite(f[i]) else [], dtype=np.int64)
     else:
