@@ -283,7 +283,7 @@ class TimeOnlySemiSync(Protocol):
                 continue
             lr = d.begin_round(progress)
             idle = self._dispatch_idle(d, idle)
-            flying = np.asarray(d.clock.in_flight(), dtype=np.int64)
+            flying = np.flatnonzero(np.isfinite(d.clock._finish))  # TimeOnlyClock.in_flight, as an array
             fresh = int((d.pulled[flying] == d.version).sum())  # dispatched this round
             need = min(self.k, fresh if self.late == "drop" else len(flying))
             deadline = d.clock.now() + self.deadline_s if self.deadline_s > 0 else None
