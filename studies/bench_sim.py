@@ -1,9 +1,9 @@
 """Benchmark of the simulator: ratios measured side by side in one run (absolute times vary by machine).
 
-    python studies/bench_sim.py            # ~7-8 minutes on 2 cores
+    python studies/bench_sim.py            # ~18 minutes on 2 cores (targets 8-10: ~10 of them)
     python studies/bench_sim.py --quick    # smaller sizes, for a smoke test
     python studies/bench_sim.py --fidelity # only target 7
-    python studies/bench_sim.py --scale    # only targets 8-10 (issue 11's scale targets; ~5 minutes)
+    python studies/bench_sim.py --scale    # only targets 8-10 (issue 11's scale targets; ~10 minutes)
 
 Prints PASS or FAIL for each target and exits with status 1 when any is missed:
   1. per-replica emulation / a bare torch loop doing the same local-SGD steps    (target <= 1.05)
