@@ -1,8 +1,9 @@
 """Benchmark of the simulator: ratios measured side by side in one run (absolute times vary by machine).
 
-    python studies/bench_sim.py            # ~7-8 minutes on 2 cores
+    python studies/bench_sim.py            # ~18 minutes on 2 cores (targets 8-10: ~10 of them)
     python studies/bench_sim.py --quick    # smaller sizes, for a smoke test
     python studies/bench_sim.py --fidelity # only target 7
+    python studies/bench_sim.py --scale    # only targets 8-10 (issue 11's scale targets; ~10 minutes)
 
 Prints PASS or FAIL for each target and exits with status 1 when any is missed:
   1. per-replica emulation / a bare torch loop doing the same local-SGD steps    (target <= 1.05)
@@ -14,12 +15,20 @@ Prints PASS or FAIL for each target and exits with status 1 when any is missed:
      wall time (target < 60 s), peak RSS (target < 2 GB) and peak RSS against 100 rounds (target <= 1.1)
   7. for every shipped example (examples/*.toml), the time-only against the emulated clock: mean round
      time, relative difference (target within 3%); `--fidelity` runs only this part (~4 minutes)
+  8-10. issue 11's scale targets, time-only with default settings (`hetsim simulate`, run files written), each
+     in a fresh process: 8. sync 100,000 devices x 1,000 rounds, 9. semi_sync (k = 80% of the devices) the
+     same, 10. async 10,000 devices x 1,000,000 updates: wall time < 60 s and peak RSS at the full length
+     against a tenth of it <= 1.1 (flat memory); with the growth exponents of the wall time against the
+     devices and against the rounds (updates), measured at smaller sizes. A run still going after
+     SCALE_LIMIT_S is stopped and missed, with the time the exponent projects for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,6 +161,98 @@ def default_settings_scale(devices: int, rounds: int, targets: Targets) -> None:
                   f"({rss1:.2f} vs {rss0:.2f} GB)")
 
 
+_SCALE_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from hetsim.cli import main
+t0 = time.perf_counter()
+rc = main(["simulate", sys.argv[1], "--out", sys.argv[2], "--quiet"])
+wall = time.perf_counter() - t0
+loop = json.loads((Path(sys.argv[2]) / "summary.json").read_text())["wall_time_s"] if rc == 0 else 0.0
+print(rc, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, loop)  # kB on Linux
+"""
+
+#: issue 11's scale targets: (protocol, its params, devices, rounds or updates)
+SCALE_TARGETS = (("sync", {}, 100_000, 1000), ("semi_sync", {"k": 80_000}, 100_000, 1000),
+                 ("async", {"alpha": 0.6, "staleness": "polynomial", "a": 0.5}, 10_000, 1_000_000))
+#: a target's full-size run is stopped after this many seconds (it has missed its 60 s by then)
+SCALE_LIMIT_S = 180
+
+
+def scale_run(protocol: str, params: dict, devices: int, rounds: int, tmp: Path,
+              limit_s: float = SCALE_LIMIT_S) -> tuple[float, float, float] | None:
+    """(wall s, peak RSS GB, the driver's loop s) of `hetsim simulate` of time_only_spec(devices, rounds)
+    under `protocol`, every `[trace]` setting at its default, in a fresh process; None if it ran past
+    limit_s. The loop's time (summary.json's wall_time_s) leaves out the set-up and the summary, which
+    do not grow with the rounds."""
+    from hetsim.config import spec_to_dict, to_toml
+
+    spec = spec_to_dict(time_only_spec(devices, rounds))
+    del spec["trace"]  # the defaults
+    spec["protocol"] = {"name": protocol, "params": params}
+    name = f"{protocol}-{devices}-{rounds}"
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(to_toml(spec))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _SCALE_CHILD, str(cfg), str(tmp / name)],
+                              capture_output=True, text=True, check=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        shutil.rmtree(tmp / name, ignore_errors=True)
+    rc, wall, rss_kb, loop = proc.stdout.split()[-4:]
+    if int(rc) != 0:
+        raise SystemExit(f"hetsim simulate failed: {proc.stderr[-2000:]}")
+    return float(wall), int(rss_kb) / 2**20, float(loop)
+
+
+def growth(sizes: list[int], walls: list[float]) -> float:
+    """The exponent b of wall ~ size^b between the smallest and the largest size (1 = linear)."""
+    return float(np.log(walls[-1] / walls[0]) / np.log(sizes[-1] / sizes[0]))
+
+
+def scale_targets(targets: Targets, quick: bool) -> None:
+    """Targets 8-10 (see the module docstring). quick: devices / 10 and rounds / 100 (a smoke test of the
+    script, not the targets)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (protocol, params, devices, rounds) in enumerate(SCALE_TARGETS, start=8):
+            if quick:
+                devices, rounds = devices // 10, rounds // 100
+            unit = "updates" if protocol == "async" else "rounds"
+            what = f"{i}. time-only {protocol}, {devices:,} devices x {rounds:,} {unit}, default settings"
+
+            def run(n: int, r: int) -> tuple[float, float] | None:
+                k = {"k": max(1, params["k"] * n // SCALE_TARGETS[i - 8][2])} if "k" in params else {}
+                return scale_run(protocol, {**params, **k}, n, r, Path(tmp))
+
+            # growth: against the devices at a few rounds (updates), and against the rounds at the full devices
+            few = max(2, min(rounds // 10, 10_000))
+            by_devices = [(n, run(n, few)) for n in (devices // 100, devices // 10, devices)]
+            shorter = (rounds // 100, rounds // 10) if protocol != "async" else (rounds // 1000, rounds // 100)
+            by_rounds = [(r, run(devices, r)) for r in dict.fromkeys(max(2, r) for r in shorter)]
+            full = run(devices, rounds)
+            # the driver's loop time: the set-up (~3 s at 10^5 devices) would flatten the small runs' growth
+            ok_d = [(n, m[2]) for n, m in by_devices if m is not None]
+            ok_r = [(r, m[2]) for r, m in by_rounds if m is not None] + ([(rounds, full[2])] if full else [])
+            b_dev = growth(*map(list, zip(*ok_d))) if len(ok_d) > 1 else float("nan")
+            b_rounds = growth(*map(list, zip(*ok_r))) if len(ok_r) > 1 else float("nan")
+            exps = (f"growth exponents of the loop time (1 = linear): devices {b_dev:.2f} "
+                    f"({', '.join(f'{n:,}: {w:.1f}s' for n, w in ok_d)}; {few:,} {unit}), {unit} {b_rounds:.2f} "
+                    f"({', '.join(f'{r:,}: {w:.1f}s' for r, w in ok_r)})")
+            if full is None:
+                r0, m0 = by_rounds[-1]
+                b = 1.0 if math.isnan(b_rounds) else b_rounds
+                projected = m0[0] - m0[2] + m0[2] * (rounds / r0) ** b if m0 is not None else float("nan")
+                targets.check(f"{what}: wall time (s)", None, "<", 60,
+                              f"(stopped after {SCALE_LIMIT_S} s; projected {projected:,.0f} s; {exps})")
+                continue
+            targets.check(f"{what}: wall time (s)", full[0], "<", 60, f"({exps})")
+            r1, m1 = by_rounds[-1]
+            if m1 is not None:
+                targets.check(f"{what}: peak RSS / peak RSS at {r1:,} {unit}", full[1] / m1[1], "<=", 1.1,
+                              f"({full[1]:.2f} vs {m1[1]:.2f} GB)")
+
+
 def bare_simpy(devices: int, rounds: int) -> tuple[float, float]:
     """(sequential, concurrent) seconds for devices x rounds timeouts in a bare SimPy loop: one process
     yielding them one by one, and the time-only pattern (a round's timeouts scheduled at once). Both
@@ -228,10 +329,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     ap.add_argument("--fidelity", action="store_true", help="only target 7 (time-only vs emulated clock)")
+    ap.add_argument("--scale", action="store_true", help="only targets 8-10 (issue 11's scale targets)")
     args = ap.parse_args()
-    if args.fidelity:
+    if args.fidelity or args.scale:
         targets = Targets()
-        fidelity_agreement(targets, args.quick)
+        if args.fidelity:
+            fidelity_agreement(targets, args.quick)
+        if args.scale:
+            scale_targets(targets, args.quick)
         sys.exit(targets.summary())
     rounds = 20 if args.quick else 60
     scale_rounds = 100 if args.quick else 1000
@@ -276,6 +381,7 @@ def main() -> None:
                   wall, "<", 60, f"({usable_cores()} cores{'; ' + error if error else ''})")
     default_settings_scale(devices, scale_rounds, targets)
     fidelity_agreement(targets, args.quick)
+    scale_targets(targets, args.quick)
     sys.exit(targets.summary())
 
 

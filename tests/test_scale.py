@@ -1,6 +1,8 @@
 """Time-only fidelity, batched emulation, deterministic event order, changing conditions."""
 
+import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -260,3 +262,166 @@ def test_surrogate_needs_time_only_and_a_readable_curve(tiny_spec, tmp_path):
         tiny_spec(f"sim.surrogate='{tmp_path / 'x.json'}'")
     with pytest.raises(SpecError, match="cannot read learning curve"):
         tiny_spec("sim.fidelity='time_only'", f"sim.surrogate='{tmp_path / 'x.json'}'")
+
+
+# -- the time-only barrier round on arrays (hetsim/sim/fastpath.py) ------------------------------
+
+NOISY = ("sim.fidelity='time_only'", "cluster.devices.1.count=7",
+         "cluster.devices.1.step_time={dist='lognormal', mean_s=0.002, std_s=0.001}",
+         "cluster.devices.1.straggler_prob=0.2", "cluster.devices.1.straggler_factor=3.0",
+         "cluster.network.latency_s=1e-3", "trace.max_devices=3", "trace.max_rounds=6")
+
+
+def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[str, bytes]:
+    """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
+    from hetsim.protocol import Driver, SyncProtocol
+    from hetsim.sim import engine
+    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySemiSync, TimeOnlySync
+    with monkeypatch.context() as m:
+        if general:
+            m.setattr(engine, "fast_protocol", lambda protocol: None)
+            m.setattr(engine, "TimeOnlyDriver", Driver)
+        sim = Simulation(tiny_spec(*NOISY, *args), out)
+        assert type(sim.driver) is (Driver if general else TimeOnlyDriver)
+        fast = {"sync": TimeOnlySync, "semi_sync": TimeOnlySemiSync}.get(sim.driver.protocol.name)
+        if fast is not None:
+            assert (type(sim.driver.protocol) is fast) != general
+        r = sim.run()
+    assert r.summary["rounds"] > 0
+    summary = {k: v for k, v in r.summary.items() if k != "wall_time_s"}
+    files = {name: (out / name).read_bytes() for name in ("metrics.csv", "decisions.bin", "trace.json")}
+    d = sim.driver  # what a checkpoint would hold: the core's (what the policies know of each worker) and the run's
+    state = (sim.core.state_dict(), sim.clock.state_dict(), d.busy_s, d.participation, d.pulled, d.version,
+             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state)
+    return {**files, "summary": json.dumps(summary, sort_keys=True).encode(), "state": as_bytes(state)}
+
+
+def as_bytes(value) -> bytes:
+    """A state's exact contents (types, values, array bytes) as bytes: equal states give equal bytes."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return repr((value.dtype.str, value.shape)).encode() + value.tobytes()
+    if isinstance(value, dict):
+        return b"{" + b",".join(as_bytes(k) + b":" + as_bytes(v) for k, v in value.items()) + b"}"
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__.encode() + b"[" + b",".join(as_bytes(v) for v in value) + b"]"
+    return pickle.dumps(value)
+
+
+BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
+                  "sampler={name='loss_topk', params={kinds=['cpu']}}", "aggregator={name='biased'}",
+                  "cluster.devices.1.offline=[[0.02, 0.05]]")
+
+
+#: each case's metrics.csv + decisions.bin + trace.json (SHA-256, first 16 hex digits) as the code before the
+#: array round wrote them (h-proto at fb590e5 and 164d297: decisions /3)
+@pytest.mark.parametrize("args, before", [
+    # the bench's policies; gpu3 away for a while (another online set: planned afresh, then the old plan again)
+    (("scheduler={name='proportional', params={max_steps=8}}", "sampler={name='loss_topk', params={kinds=['cpu']}}",
+      "aggregator={name='biased'}", "cluster.devices.1.offline=[[0.02, 0.05]]", "stop.max_rounds=30",
+      "eval.every_rounds=0", "eval.every_epochs=1.5"), "4e4a87fbe263af02"),
+    # time budgets drawn step by step; an aggregator reading the previous global model
+    (("scheduler={name='time_budget', params={budget_s=0.007}}", "aggregator={name='fednova'}", "stop.max_rounds=12"),
+     "9cfe17ed77cc54fc"),
+    # a scheduler that is not static (plans every round from what was observed); a time budget stops the run
+    (("scheduler={name='proportional', params={max_steps=8, source='observed', ema_weight=0.5}}",
+      "stop.max_rounds=0", "stop.max_time_s=0.3", "optim.lr_schedule='cosine'"), "42281df408a0591d"),
+    # event-driven protocols: the driver's own protocols, the static plan reused at every dispatch
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5, late='keep', staleness='polynomial'}}",
+      "stop.max_rounds=30"), "6d3d93c2e18dedbb"),
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=6, deadline_s=0.012}}", "stop.max_rounds=30"),
+     "c7d48e2da79ee55a"),
+    # no deadline, late work dropped (3 workers' every other round): the earliest arrivals up to the k-th fresh one
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5}}", "stop.max_rounds=40"), "22f294ac5f65e146"),
+    # nobody by a short deadline: the first arrival closes every round (late work dropped)
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=7, deadline_s=0.004}}", "stop.max_rounds=40"),
+     "1e766b6d03c5cb66"),
+    # the deadline closes rounds with 1-3 of k = 4; late work kept, damped
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=4, deadline_s=0.011, late='keep', staleness='hinge', "
+      "a=0.3, b=1}}", "stop.max_rounds=40"), "1bd000062c66e9f4"),
+    ((*BENCH_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}",
+      "stop.max_rounds=60"), "8a18dd97a7e9cd68"),
+    ((*BENCH_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='hinge', a=0.3, b=2}}",
+      "stop.max_rounds=40"), "d91da1dce027598b"),
+])
+def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_path, monkeypatch, args, before):
+    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    files = fast["metrics.csv"] + fast["decisions.bin"] + fast["trace.json"]
+    assert hashlib.sha256(files).hexdigest()[:16] == before
+
+
+def test_a_static_plan_is_made_once_per_set_of_online_workers(tiny_spec, monkeypatch):
+    from hetsim.policies.scheduling import Proportional
+    calls = []
+    plan = Proportional.plan
+    monkeypatch.setattr(Proportional, "plan", lambda self, *a: calls.append(a[0]) or plan(self, *a))
+    r = simulate(tiny_spec(*NOISY, "scheduler={name='proportional', params={max_steps=8}}", "stop.max_rounds=30",
+                           "cluster.devices.1.offline=[[0.02, 0.05]]"))
+    who = [tuple(d["workers"]) for d in r.decisions]
+    changes = [i + 1 for i in range(len(who)) if i == 0 or who[i] != who[i - 1]]
+    assert len(changes) == 3  # all, the cpu alone while the gpus are away, all again
+    assert calls == changes
+    calls.clear()
+    simulate(tiny_spec(*NOISY, "scheduler={name='proportional', params={max_steps=8, source='observed'}}",
+                       "stop.max_rounds=30"))
+    assert calls == list(range(1, 31))  # what it observed changes every round: planned every round
+
+
+def test_schedulers_and_samplers_declare_what_is_static():
+    from hetsim.policies.sampling import LossBiasedTopK, Uniform
+    from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
+    assert Proportional().static and not Proportional(source="observed").static
+    assert FixedSteps.static and Synchronous.static and TimeBudget.static
+    assert Uniform.static_bias and LossBiasedTopK.static_bias
+
+
+def test_a_static_bias_is_asked_once_per_worker(tiny_spec, monkeypatch):
+    from hetsim.policies.sampling import LossBiasedTopK
+    calls = []
+    per_step = LossBiasedTopK.biased_per_step
+    monkeypatch.setattr(LossBiasedTopK, "biased_per_step", lambda self, w, b: calls.append(w.index) or per_step(self, w, b))
+    args = (*NOISY, "sampler={name='loss_topk', params={kinds=['cpu']}}", "stop.max_rounds=5")
+    static = simulate(tiny_spec(*args))
+    assert calls == list(range(8))
+    calls.clear()
+    monkeypatch.setattr(LossBiasedTopK, "static_bias", False)
+    asked = simulate(tiny_spec(*args))
+    assert calls == list(range(8)) * 5
+    assert list(static.decisions) == list(asked.decisions)
+    assert [d["biased_samples"] for d in static.decisions] == [[8 * 1] + [0] * 7] * 5  # the cpu: 1 step of 8
+
+
+def test_event_driven_dispatches_reuse_the_static_plan(tiny_spec, monkeypatch):
+    from hetsim.policies.scheduling import Proportional
+    calls = []
+    plan = Proportional.plan
+    monkeypatch.setattr(Proportional, "plan", lambda self, *a: calls.append(a[0]) or plan(self, *a))
+    r = simulate(tiny_spec(*NOISY, *BENCH_POLICIES, "protocol={name='async', params={alpha=0.5}}",
+                           "stop.max_rounds=60"))
+    assert r.summary["rounds"] == 60
+    # every update re-dispatches a worker from a plan of the whole online set; that set changes twice at
+    # most (the gpus leave at 0.02 s and come back at 0.05 s)
+    assert 1 <= len(calls) <= 3
+
+
+def test_time_only_semi_sync_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.protocol import Driver
+    from hetsim.sim import engine
+    # constant speeds: the cpu's 1 step of 0.01 s and each gpu's 5 of 0.002 s all arrive at t = 0.01
+    args = ("sim.fidelity='time_only'", "protocol={name='semi_sync', params={k=2}}", "stop.max_rounds=4", *NO_NET)
+    fast = simulate(tiny_spec(*args), tmp_path / "fast")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "fast_protocol", lambda protocol: None)
+        m.setattr(engine, "TimeOnlyDriver", Driver)
+        general = simulate(tiny_spec(*args), tmp_path / "general")
+    # round 1: all three tie at 0.01, the first two by index close it; gpu1 (2) is still in flight, so round 2
+    # dispatches 0 and 1 only, drops 2's late work at once (0.01) and closes at 0.02; round 3 dispatches all
+    # three again (tie at 0.03: 0 and 1), round 4 drops 2's work like round 2
+    assert [d["workers"] for d in fast.decisions] == [[0, 1], [0, 1], [0, 1], [0, 1]]
+    assert [d["dropped"] for d in fast.decisions] == [[], [2], [], [2]]
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name

@@ -17,10 +17,17 @@ Capabilities are class attributes that a policy *declares*; the driver reads the
 | contract   | attribute               | default  | meaning                                                   |
 |------------|-------------------------|----------|-----------------------------------------------------------|
 | Scheduler  | `stateful`              | False    | `plan` keeps state (`init_state(workers)`)                |
+| Scheduler  | `static`                | False    | `plan` reads only the workers' index, kind and profile    |
+|            |                         |          | step time, draws nothing from `rng` and returns `state`   |
+|            |                         |          | unchanged: a runner may reuse a plan for the same workers |
+|            |                         |          | (a field-dependent property where it depends on one)      |
 | Sampler    | `uses_scores`           | True     | `batch` reads the loss-score store (else it is not kept)  |
 | Sampler    | `score_rule`            | 'latest' | how that store merges a new loss: 'latest' or 'min'       |
 |            |                         |          | (a field or a class attribute; always present)            |
 | Sampler    | `stateful`              | False    | `batch` keeps per-worker state (`init_state(worker)`)     |
+| Sampler    | `static_bias`           | False    | `biased_per_step` reads only the worker's index, kind and |
+|            |                         |          | profile step time (the time-only fidelity asks it once    |
+|            |                         |          | per worker, not every round)                              |
 | Aggregator | `linear`                | True     | `combine` reaches the replicas only through               |
 |            |                         |          | `arrivals.weighted_sum(w)` (a backend: one all_reduce);   |
 |            |                         |          | False: it reads `arrivals.replicas` (an all_gather)       |
@@ -277,6 +284,9 @@ class Scheduler(Policy):
 
     #: `plan` keeps state between calls (see the module's table)
     stateful: ClassVar[bool] = False
+    #: `plan` is a function of the workers' index, kind and profile step time alone (no round, no rng, no
+    #: state change): the time-only fidelity plans a set of workers once and reuses the plan
+    static: ClassVar[bool] = False
 
     def init_state(self, workers: Sequence[WorkerInfo]) -> Any:
         """The state before the first round, given all the run's workers."""
@@ -300,6 +310,8 @@ class Sampler(Policy):
     uses_scores: ClassVar[bool] = True
     #: `batch` keeps per-worker state between calls
     stateful: ClassVar[bool] = False
+    #: `biased_per_step` reads only the worker's index, kind and profile step time, never what it observed
+    static_bias: ClassVar[bool] = False
 
     def init_state(self, worker: WorkerInfo) -> Any:
         """Worker `worker`'s state before its first step."""

@@ -252,6 +252,7 @@ class Uniform(Sampler):
     """
 
     uses_scores = False
+    static_bias = True  # never biased
 
     def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores,
               state: None) -> tuple[Batch, None]:
@@ -303,6 +304,7 @@ class LossBiasedTopK(Sampler):
         return batch_size if self.biased_for(worker) else 0
 
     uses_scores = True
+    static_bias = True  # by kind
 
     def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores,
               state: None) -> tuple[Batch, None]:

@@ -33,6 +33,8 @@ class Synchronous(Scheduler):
         Synchronous().plan(0, workers, rng, None)[0].local_steps   # (1, 1, ..., 1)
     """
 
+    static = True
+
     def plan(self, round: int, workers: Sequence[WorkerInfo], rng: np.random.Generator,
              state: None) -> tuple[RoundPlan, None]:
         return RoundPlan(tuple(1 for _ in workers)), state
@@ -58,6 +60,7 @@ class FixedSteps(Scheduler):
     per_kind: Mapping[str, int] = field(default_factory=dict)
 
     name_refs = {"per_kind": NameRef("kind")}  # a kind the cluster lacks would silently get local_steps
+    static = True
 
     def __post_init__(self) -> None:
         for kind, steps in {"local_steps": self.local_steps, **self.per_kind}.items():
@@ -107,6 +110,11 @@ class Proportional(Scheduler):
     ema_weight: float = 0.0
 
     stateful = True  # with source 'observed': the running means (None with 'profile')
+
+    @property
+    def static(self) -> bool:  # type: ignore[override]
+        """With source 'profile' the plan depends on the profiles alone (see Scheduler.static)."""
+        return self.source == "profile"
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -191,6 +199,8 @@ class TimeBudget(Scheduler):
     """
 
     budget_s: float = 0.1
+
+    static = True
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:

@@ -36,6 +36,7 @@ from hetsim.protocol import Arrived, Clock, Comm, Driver, ProgressFn, Steps, Wor
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
+from hetsim.sim.fastpath import TimeOnlyDriver, fast_protocol
 from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
 from hetsim.training import FlatParams, Tallies, TrainingCore
 from hetsim.workloads import Workload, build_model
@@ -333,8 +334,11 @@ class Simulation:
         if make_clock is not None:
             self.clock = make_clock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
-        self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
-                             resume=resume, force=force, progress=progress)
+        # the time-only clock and core: the plan reused, sync and semi_sync rounds on arrays (hetsim/sim/fastpath.py)
+        fast = type(self.clock) is TimeOnlyClock
+        driver, protocol = (TimeOnlyDriver, fast_protocol(exp.protocol)) if fast else (Driver, None)
+        self.driver = driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
+                             resume=resume, force=force, progress=progress, protocol=protocol)
         self.writer = self.driver.writer
 
     def run(self) -> RunResult:

@@ -31,6 +31,7 @@ import torch
 
 from hetsim.cluster import DeviceModel, within_budget
 from hetsim.config import Spec
+from hetsim.policies import WorkerInfo
 from hetsim.training import DecisionCore, Tallies
 from hetsim.workloads import nominal_train_size
 from hetsim.workloads.placement import time_only_summary
@@ -62,6 +63,50 @@ class TimeOnlyCore(DecisionCore):
         # each worker's steps and loss-biased samples in its latest local work (what `tallies` reports)
         self._steps = np.zeros(len(self.infos), dtype=np.int64)
         self._biased = np.zeros(len(self.infos), dtype=np.int64)
+        # a sampler that declares `static_bias` is asked once per worker, not once per worker and round
+        b = spec.optim.batch_size
+        self._bias_per_step = (np.array([self.sampler.biased_per_step(i, b) for i in self.infos], dtype=np.int64)
+                               if self.sampler.static_bias else None)
+
+    # What the policies know of each worker, as columns: a round observes every participant, and
+    # rebuilding 10^5 WorkerInfo tuples per round cost more than the rest of a time-only round. The list
+    # of WorkerInfo (the contract's view) is built from the columns when something reads it.
+
+    @property
+    def infos(self) -> list[WorkerInfo]:
+        if self._infos is None:
+            make = tuple.__new__  # as DecisionCore.observe_step_times: the same tuples, without NamedTuple's checks
+            observed = self._observed.tolist()
+            for k in np.flatnonzero(~self._has_observed).tolist():
+                observed[k] = None
+            self._infos = [make(WorkerInfo, row) for row in
+                           zip(self._index, self._kind, self._profile, observed, self._rounds.tolist())]
+        return self._infos
+
+    @infos.setter
+    def infos(self, infos: Sequence[WorkerInfo]) -> None:
+        self._infos = list(infos)
+        self._index = [i[0] for i in self._infos]
+        self._kind = [i[1] for i in self._infos]
+        self._profile = [i[2] for i in self._infos]
+        self._has_observed = np.array([i[3] is not None for i in self._infos], dtype=bool)
+        self._observed = np.array([math.nan if i[3] is None else i[3] for i in self._infos], dtype=np.float64)
+        self._rounds = np.array([i[4] for i in self._infos], dtype=np.int64)
+
+    def observe_step_times(self, ks: Sequence[int], mean_step_s: Sequence[float]) -> None:
+        """DecisionCore.observe_step_times on the columns (the same values: float64 in, Python floats out)."""
+        at = np.asarray(ks, dtype=np.int64)
+        self._observed[at] = mean_step_s
+        self._has_observed[at] = True
+        self._rounds[at] += 1
+        if self._infos is not None and len(at) * 8 <= len(self._infos):
+            # a few workers (an asynchronous arrival): their entries, not the whole list again
+            make, infos = tuple.__new__, self._infos
+            for k, t, r in zip(at.tolist(), self._observed[at].tolist(), self._rounds[at].tolist()):
+                i = infos[k]
+                infos[k] = make(WorkerInfo, (i[0], i[1], i[2], t, r))
+        else:
+            self._infos = None
 
     def set_lr(self, lr: float) -> float:
         return lr
@@ -70,11 +115,14 @@ class TimeOnlyCore(DecisionCore):
         pass  # no replicas: nothing to take
 
     def train(self, ks: Sequence[int], steps: Sequence[int]) -> None:
-        b = self.spec.optim.batch_size
-        infos, per_step = self.infos, self.sampler.biased_per_step
         at = np.asarray(ks, dtype=np.int64)
         self._steps[at] = steps
-        self._biased[at] = [n * per_step(infos[k], b) for k, n in zip(ks, steps)]
+        if self._bias_per_step is not None:
+            self._biased[at] = self._steps[at] * self._bias_per_step[at]
+            return
+        b = self.spec.optim.batch_size
+        infos, per_step = self.infos, self.sampler.biased_per_step
+        self._biased[at] = [n * per_step(infos[k], b) for k, n in zip(at.tolist(), self._steps[at].tolist())]
 
     def tallies(self, ks: Sequence[int]) -> Tallies:
         at = np.asarray(ks, dtype=np.int64)
