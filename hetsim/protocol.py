@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,13 @@ import torch
 from hetsim.config import worker_names
 from hetsim.errors import HetsimError
 from hetsim.policies import Arrivals, RoundPlan
-from hetsim.resolve import Experiment
-from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, restoring, run_summary,
+from hetsim.results import (CHECKPOINT, RunResult, RunWriter, load_checkpoint, model_digest, restoring, run_summary,
                             save_checkpoint, trace_event, unsavable)
 from hetsim.seeding import numpy_rng
 from hetsim.training import RoundRecord, RunSchedule, Tallies, lr_at
+
+if TYPE_CHECKING:
+    from hetsim.resolve import Experiment
 
 ProgressFn = Callable[[dict], None]
 Steps = Generator[Any, Any, Any]  # what the driver and the clocks' methods are: generators (SimPy events or none)
@@ -61,9 +63,25 @@ class Work:
     finish: np.ndarray
 
 
+@dataclass
+class Arrived:
+    """What `Clock.next_arrivals` returns: the workers that arrived, in arrival order (ties in time: lower
+    worker index first), their Work (steps; start = when they pulled, finish = when they arrived), their
+    tallies, and where their replicas are: replicas(ks) -> rows, or None when the core holds them
+    (`core.replicas`, the simulator)."""
+
+    workers: list[int]
+    work: Work
+    tallies: Tallies
+    replicas: Callable[[list[int]], torch.Tensor] | None = None
+
+
 class Clock(ABC):
     """Where durations and event order come from. Methods that take time are generators: a simulated
-    clock yields its events, the wall clock yields nothing (the time passes while the code runs)."""
+    clock yields its events, the wall clock yields nothing (the time passes while the code runs).
+
+    Barrier rounds (sync) use `local_work`; event-driven protocols (semi_sync, async, buffered_async) use
+    `dispatch`, `next_arrivals` and `in_flight`."""
 
     @abstractmethod
     def now(self) -> float:
@@ -84,6 +102,28 @@ class Clock(ABC):
         target, None = until plan.time_budget_s, see hetsim.cluster.within_budget), run its math — all of
         it with train(ks, steps) (simulated clocks), or step(k) per step, timed (the wall clock) — and
         return Work for ks."""
+
+    def dispatch(self, ks: Sequence[int], plan: RoundPlan, train: Callable[[list[int], list[int]], None],
+                 step: Callable[[int], None]) -> None:
+        """Workers ks (not in flight; the driver has made them pull) start their work now: plan.local_steps[i]
+        is ks[i]'s target (None = until plan.time_budget_s). A simulated clock draws their durations, runs
+        their math at once with train(ks, steps) (it depends only on what they pulled) and schedules their
+        arrivals; the wall clock sends them their jobs."""
+        raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols (semi_sync, async, "
+                                  f"buffered_async): it has no dispatch")
+
+    def next_arrivals(self, count: int, deadline: float | None) -> Steps:
+        """Wait until `count` in-flight workers have arrived (at most as many as are in flight) or the clock
+        reaches `deadline` (absolute s; None = no deadline), whichever is first; returns the `Arrived` up to
+        then, in arrival order (possibly none at a deadline). Work that arrived while the clock was busy
+        elsewhere (an evaluation, an exchange) is returned at once."""
+        raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols (semi_sync, async, "
+                                  f"buffered_async): it has no next_arrivals")
+
+    def in_flight(self) -> list[int]:
+        """The workers dispatched and not arrived yet, in index order."""
+        raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols (semi_sync, async, "
+                                  f"buffered_async): it has no in_flight")
 
     @abstractmethod
     def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
@@ -181,7 +221,20 @@ class Hooks:
 
 
 class Protocol(ABC):
-    """Decides when the server combines and what happens to late work, using the driver's steps."""
+    """Decides when the server combines and what happens to late work, using the driver's steps.
+
+    name: as in the spec (summary.json's `protocol`); event_driven: it uses the clock's dispatch /
+    next_arrivals (the driver then traces each job at its arrival); alpha: the server's mixing rate
+    x <- x + alpha (x_agg - x) (1: the combination itself)."""
+
+    name: ClassVar[str] = ""
+    event_driven: ClassVar[bool] = False
+    alpha: float = 1.0
+
+    def staleness_weights(self, staleness: np.ndarray) -> np.ndarray | None:
+        """s(tau) per arrival, with which arrival i is damped to x + s_i (x_i - x); None: all 1 (nothing to
+        compute)."""
+        return None
 
     @abstractmethod
     def run(self, driver: "Driver") -> Steps:
@@ -190,6 +243,8 @@ class Protocol(ABC):
 
 class SyncProtocol(Protocol):
     """Every round, all online workers do their planned work and the server combines at a barrier."""
+
+    name = "sync"
 
     def run(self, d: "Driver") -> Steps:
         while True:
@@ -209,8 +264,70 @@ class SyncProtocol(Protocol):
             barrier = d.clock.now()
             d.trace_work(ks, work, barrier)
             yield from d.clock.exchange(ks, d.core.model_bytes)
-            d.aggregate(ks, tallies, plan.time_budget_s, lr)
+            d.aggregate(ks, tallies, plan.time_budget_s, lr, work=work)
             d.trace_comm(ks, barrier)
+
+
+class ArrivalBuffer:
+    """The arrivals an update combines, gathered over one or more `next_arrivals`: their tallies, times,
+    pulled versions and replicas, in arrival order. snapshot: copy the replicas at arrival (a worker that is
+    re-dispatched before the combine, under buffered_async, overwrites its replica)."""
+
+    def __init__(self) -> None:
+        self.workers: list[int] = []
+        self._tallies: list[Tallies] = []
+        self._steps: list[int] = []
+        self._start: list[np.ndarray] = []
+        self._finish: list[np.ndarray] = []
+        self._pulled: list[np.ndarray] = []
+        self._rows: list[Callable[[], torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def add(self, arrived: Arrived, pulled: np.ndarray, replicas: Callable[[list[int]], torch.Tensor],
+            snapshot: bool) -> None:
+        """arrived's workers (or some of them: `arrived` already restricted), with the versions they pulled;
+        replicas: where their replicas are (arrived.replicas or the core's)."""
+        ks = list(arrived.workers)
+        self.workers += ks
+        self._tallies.append(arrived.tallies)
+        self._steps += list(arrived.work.steps)
+        self._start.append(np.asarray(arrived.work.start, dtype=np.float64))
+        self._finish.append(np.asarray(arrived.work.finish, dtype=np.float64))
+        self._pulled.append(np.asarray(pulled, dtype=np.int64))
+        if snapshot:
+            rows = replicas(ks)
+            self._rows.append(lambda: rows)
+        else:
+            self._rows.append(lambda: replicas(ks))
+
+    def tallies(self) -> Tallies:
+        t = self._tallies
+        if len(t) == 1:
+            return t[0]
+        if not t:
+            return Tallies(*(np.zeros(0, dtype=np.int64) for _ in range(4)), np.zeros(0))
+        return Tallies(*(np.concatenate([getattr(x, f) for x in t]) for f in ("workers", "steps", "samples", "biased",
+                                                                             "loss_sum")),
+                       [o for x in t for o in x.observations])
+
+    def work(self) -> Work:
+        return Work(self._steps, _cat(self._start), _cat(self._finish))
+
+    def pulled(self) -> np.ndarray:
+        return np.concatenate(self._pulled) if self._pulled else np.zeros(0, dtype=np.int64)
+
+    def replicas(self, ks: list[int]) -> torch.Tensor:
+        """The replicas of ks (= the buffer's workers, as the comm asks for them) as rows."""
+        if list(ks) != self.workers:
+            raise ValueError(f"the buffer holds workers {self.workers}, asked for {list(ks)}")
+        parts = [rows() for rows in self._rows]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 @dataclass
@@ -263,7 +380,7 @@ class Driver:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
         self.hooks = hooks or Hooks()
-        self.protocol = protocol or SyncProtocol()
+        self.protocol = protocol or experiment.protocol
         self.n = len(core.infos)
         self.workers = list(range(self.n))
         self.names = worker_names(spec.worker_kinds())
@@ -283,6 +400,11 @@ class Driver:
         self.config_changes: list[dict] = []
         self.pending: _Pending | None = None
         self.idle_rounds = 0                                  # consecutive rounds in which nobody worked
+        self.staleness_sum = 0                                # over the combined arrivals (summary's mean)
+        self.arrivals_combined = 0
+        self.dropped_total = 0                                # late work discarded (semi_sync, late = "drop")
+        # when each worker last became free (event-driven protocols trace its idle time until the next dispatch)
+        self.ready_at = np.zeros(self.n)
         checkpoint = None
         if resume:  # read and checked before anything is written: a refused resume changes nothing
             if self.run_dir is None:
@@ -370,23 +492,106 @@ class Driver:
     def _step(self, k: int) -> None:
         self.core.step(k)
 
+    def dispatch_idle(self, idle: Sequence[int]) -> list[int]:
+        """Event-driven protocols: the scheduler plans the whole online set (so its ratios hold) and the
+        workers of `idle` that are online and planned > 0 steps take their entries: they pull the current
+        version and the clock starts their work now (the lr is the one set last, `begin_round`'s). Returns
+        the workers of `idle` left idle (offline, or planned 0 steps), in order."""
+        if not len(idle):
+            return []
+        online = self.clock.online(self.workers)
+        plan, ks, targets = self.plan_round(online)
+        planned = np.asarray(ks, dtype=np.int64)
+        want = np.asarray(sorted(idle), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(planned, want), max(len(planned) - 1, 0))
+        hit = (planned[pos] == want) if len(planned) else np.zeros(len(want), dtype=bool)
+        go = want[hit].tolist()
+        if go:
+            at = want[hit]
+            self.pulled[at] = self.version
+            local = go if self.comm.world == 1 else [k for k in go if k in self.comm.local]
+            self.core.pull(local)
+            now = self.clock.now()
+            if self.writer is not None:
+                for i in self.writer.trace_positions(self.round, go):
+                    self._trace("idle", go[i], float(self.ready_at[go[i]]), now)
+            self.clock.dispatch(go, RoundPlan(tuple(targets[p] for p in pos[hit].tolist()), plan.time_budget_s),
+                                self.core.train, self._step)
+        return want[~hit].tolist()
+
+    def arrivals(self, count: int, deadline: float | None = None) -> Steps:
+        """Event-driven protocols: the next arrivals (Clock.next_arrivals), with their busy time, step
+        times and compute spans recorded; returns the `Arrived`."""
+        arrived = yield from self.clock.next_arrivals(count, deadline)
+        ks = arrived.workers
+        if ks:
+            at = np.asarray(ks, dtype=np.int64)
+            busy = arrived.work.finish - arrived.work.start
+            self.busy_s[at] += busy
+            self.ready_at[at] = arrived.work.finish
+            self.core.observe_step_times(ks, (busy / np.asarray(arrived.work.steps)).tolist())
+            if self.writer is not None:
+                for i in self.writer.trace_positions(self.round, ks):
+                    self._trace("compute", ks[i], float(arrived.work.start[i]), float(arrived.work.finish[i]),
+                                steps=arrived.work.steps[i])
+        return arrived
+
+    def take(self, buffer: "ArrivalBuffer", arrived: Arrived, snapshot: bool = False) -> None:
+        """Add `arrived` to the update's buffer (with the versions its workers pulled)."""
+        buffer.add(arrived, self.pulled[np.asarray(arrived.workers, dtype=np.int64)],
+                   arrived.replicas or self.core.replicas, snapshot)
+
+    def combine(self, buffer: "ArrivalBuffer", lr: float, dropped: "ArrivalBuffer | None" = None) -> Steps:
+        """Close an event-driven update: charge the exchange of the buffered arrivals' models, combine them
+        (damped by staleness, mixed by alpha: `aggregate`), trace their wait and the exchange."""
+        ks = buffer.workers
+        close = self.clock.now()
+        if ks:
+            yield from self.clock.exchange(ks, self.core.model_bytes)
+        work = buffer.work()
+        self.aggregate(ks, buffer.tallies(), None, lr, replicas=buffer.replicas if ks else None,
+                       pulled=buffer.pulled(), work=work, dropped=dropped)
+        end = self.clock.now()
+        self.exchange_total_s += end - close
+        if ks:
+            self.ready_at[np.asarray(ks, dtype=np.int64)] = end
+        if self.writer is not None:
+            for i in self.writer.trace_positions(self.round, ks):
+                self._trace("idle", ks[i], float(work.finish[i]), close)
+                self._trace("comm", ks[i], close, end, bytes=self.core.model_bytes)
+
     def aggregate(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float,
-                replicas: Callable[[list[int]], torch.Tensor] | None = None) -> RoundRecord:
+                  replicas: Callable[[list[int]], torch.Tensor] | None = None, pulled: np.ndarray | None = None,
+                  work: Work | None = None, dropped: ArrivalBuffer | None = None) -> RoundRecord:
         """Combine the arrivals of ks with the aggregator (no combine without arrivals: the global model
         stays), install the new global model, merge the loss scores, check divergence and record the
         decisions; the round's row follows (`end_round`). replicas(local_ks): where this process's
-        replicas of ks are (default: the core's; a protocol that delivers them by comm.send passes its own)."""
+        replicas of ks are (default: the core's; a protocol that delivers them by comm.send passes its own).
+        pulled: the version each arrival pulled (default: the driver's `pulled`); work: their times (for
+        the decisions); dropped: late work discarded in this update (recorded, not combined).
+
+        Applying arrivals (every protocol, one rule): with x the current global model, arrival i is damped
+        to x_i' = x + s(tau_i)(x_i - x) (s: the protocol's staleness weight, tau_i = version - pulled_i);
+        the aggregator combines the x_i'; the server mixes x_new = x + alpha (x_agg - x). With s = 1 and
+        alpha = 1 (sync) nothing of this is computed."""
         samples = int(tallies.samples.sum())
         weights: np.ndarray = np.zeros(0)
         new_global = None
+        at = tallies.workers
+        if pulled is None:
+            pulled = self.pulled[np.asarray(ks, dtype=np.int64)]
+        staleness = self.version - np.asarray(pulled, dtype=np.int64)
         if ks:
             agg = self.aggregator
             weighted_sum, gathered = self.comm.arrivals_source(ks, replicas or self.core.replicas, agg.linear)
-            at = tallies.workers
+            s = self.protocol.staleness_weights(staleness)
+            alpha = self.protocol.alpha
+            x = self.core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
+            if s is not None:
+                weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
             arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
-                                self.version - self.pulled[at], self.round, lr, weighted_sum=weighted_sum,
-                                replicas=gathered)
-            previous = self.core.global_params() if agg.needs_previous_global else None
+                                staleness, self.round, lr, weighted_sum=weighted_sum, replicas=gathered)
+            previous = x if agg.needs_previous_global else None
             out = agg.combine(previous, arrivals, self.aggregator_state)
             if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
                     and np.shape(out[1]) == (len(ks),)):
@@ -394,18 +599,36 @@ class Driver:
                                   f"{len(ks)} arrivals; expected (new global model, {len(ks)} weights, state) "
                                   f"({POLICY_DOCS})")
             new_global, weights, self.aggregator_state = out
+            if alpha != 1.0:
+                new_global = x + alpha * (new_global - x)
             self.core.install(new_global)
             self.version += 1
             self.core.merge_scores(tallies.observations)
             self.core.samples_total += samples
+            if self.protocol.event_driven:  # (sync counts its participants at their local work)
+                self.participation[np.asarray(ks, dtype=np.int64)] += 1
+            self.staleness_sum += int(staleness.sum())
+            self.arrivals_combined += len(ks)
         train_loss = float(tallies.loss_sum.sum()) / samples if samples else float("nan")
         # one reduction over the parameters per combine; a round without samples has no loss to check
         diverged = (new_global is not None and not bool(torch.isfinite(new_global).all())) or \
             (samples > 0 and not math.isfinite(train_loss))
+        if dropped is not None:
+            self.dropped_total += len(dropped)
+        dwork = dropped.work() if dropped is not None else None
         record = RoundRecord(round=self.round, workers=tuple(ks), local_steps=tuple(tallies.steps.tolist()),
                              samples=tuple(tallies.samples.tolist()), biased_samples=tuple(tallies.biased.tolist()),
                              weights=tuple(np.asarray(weights, dtype=np.float64).tolist()), train_loss=train_loss,
-                             time_budget_s=time_budget_s, diverged=diverged)
+                             time_budget_s=time_budget_s, diverged=diverged,
+                             staleness=tuple(staleness.tolist()), pulled=tuple(np.asarray(pulled).tolist()),
+                             # NaN: a caller that did not say when its arrivals worked
+                             start_s=tuple(work.start.tolist()) if work is not None else (math.nan,) * len(ks),
+                             finish_s=tuple(work.finish.tolist()) if work is not None else (math.nan,) * len(ks),
+                             version=self.version,
+                             dropped=tuple(dropped.workers) if dropped is not None else (),
+                             dropped_steps=tuple(dwork.steps) if dwork is not None else (),
+                             dropped_finish_s=tuple(dwork.finish.tolist()) if dwork is not None else (),
+                             digest=model_digest(self.core.global_params()))
         self.schedule.check_divergence(record)
         if self.writer is not None and self.spec.trace.decisions:
             self.writer.add_decision(record)
@@ -454,8 +677,12 @@ class Driver:
         loss, acc = (None if v[2] else v[0]), (None if v[3] else v[1])
         if charged and self.writer is not None:
             end = self.clock.now()
+            # event-driven protocols: the other workers may be computing meanwhile; their idle time is traced
+            # when they are next dispatched
+            traced = [self.evaluator] if self.protocol.event_driven else self.workers
             if end > start:
-                for k in self.writer.trace_positions(self.round, self.workers):
+                for i in self.writer.trace_positions(self.round, traced):
+                    k = traced[i]
                     self.writer.add_trace(trace_event("eval" if k == self.evaluator else "idle", k, start, end,
                                                       round=self.round))
         return loss, acc
@@ -514,7 +741,10 @@ class Driver:
             **self.clock.summary_fields(), **self.comm.summary_fields(), **self.core.summary_fields(),
             exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
             model_bytes=self.core.model_bytes, evaluator=self.names[self.evaluator],
-            rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)})
+            rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)},
+            protocol=self.protocol.name, updates=self.version,
+            mean_staleness=self.staleness_sum / self.arrivals_combined if self.arrivals_combined else 0.0,
+            dropped=self.dropped_total)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -573,7 +803,8 @@ class Driver:
                 "schedule": self.schedule.state_dict(), "version": self.version, "pulled": self.pulled,
                 "last_acc": self.last_acc,
                 "scheduler_state": self.scheduler_state, "scheduler_rng": self.scheduler_rng.bit_generator.state,
-                "aggregator_state": self.aggregator_state}
+                "aggregator_state": self.aggregator_state, "staleness_sum": self.staleness_sum,
+                "arrivals_combined": self.arrivals_combined, "dropped_total": self.dropped_total}
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.run_dir is not None
@@ -598,9 +829,29 @@ class Driver:
             self.version, self.pulled, self.last_acc = run["version"], run["pulled"], run["last_acc"]
             self.scheduler_state, self.aggregator_state = run["scheduler_state"], run["aggregator_state"]
             self.scheduler_rng.bit_generator.state = run["scheduler_rng"]
+            # work in flight at the checkpoint is not saved: it is redone (every worker is idle, ready now)
+            self.staleness_sum, self.arrivals_combined = run["staleness_sum"], run["arrivals_combined"]
+            self.dropped_total = run["dropped_total"]
+            self.ready_at[:] = run["time_s"]
 
 
 POLICY_DOCS = "see README.md, 'Write your own policy'"
+
+
+def _damped(x: torch.Tensor, s: np.ndarray, weighted_sum: Callable[[np.ndarray], torch.Tensor],
+            replicas: Callable[[], torch.Tensor] | None):
+    """The arrivals' callables over the damped replicas x_i' = x + s_i (x_i - x):
+    sum_i w_i x_i' = (sum_i w_i (1 - s_i)) x + sum_i (w_i s_i) x_i, and the rows x + s_i (x_i - x)."""
+
+    def damped_sum(w: np.ndarray) -> torch.Tensor:
+        w = np.asarray(w, dtype=np.float64)
+        return float(np.dot(w, 1.0 - s)) * x + weighted_sum(w * s)
+
+    def damped_rows() -> torch.Tensor:
+        rows = replicas()
+        return x + torch.as_tensor(s, dtype=rows.dtype).unsqueeze(1) * (rows - x)
+
+    return damped_sum, (None if replicas is None else damped_rows)
 
 
 def _shape(out: Any) -> str:

@@ -24,9 +24,11 @@ from hetsim.cluster import COLLECTIVES, DeviceModel, device_model
 from hetsim.config import Spec, _require, worker_names
 from hetsim.errors import SpecError
 from hetsim.policies import base as registry
+from hetsim.protocols import build_protocol
 from hetsim.workloads import build_workload, check_batch_fits, check_workload, known_train_size
 
 if TYPE_CHECKING:
+    from hetsim.protocol import Protocol
     from hetsim.surrogate import LearningCurve
     from hetsim.workloads import Workload
 
@@ -48,6 +50,7 @@ class Experiment:
     policies: Policies
     evaluator: int                     # the device that evaluates the global model (eval.on)
     curve: LearningCurve | None        # sim.surrogate's learning curve, if one is set
+    protocol: Protocol                 # when the server combines (hetsim.protocols)
 
     @functools.cached_property
     def workload(self) -> Workload:
@@ -85,6 +88,7 @@ def _resolve(spec: Spec) -> Experiment:
         curve = LearningCurve.load(spec.sim.surrogate)
     built = build_policies(spec)
     _check_pending(spec)
+    protocol = build_protocol(spec)
     kinds = list(dict.fromkeys(d.kind for d in spec.cluster.devices))
     device_names = list(dict.fromkeys(d.device for d in spec.cluster.devices))
     for category, policy in zip(Policies._fields, built):
@@ -98,12 +102,12 @@ def _resolve(spec: Spec) -> Experiment:
         curve.warn_if_not_fitted_for(spec)
     devices = tuple(m for m, d in zip(groups, spec.cluster.devices) for _ in range(d.count))
     evaluator = evaluator_index(spec, [d.step_time.mean_s for d in devices])
-    return Experiment(spec, groups, devices, built, evaluator, curve)
+    return Experiment(spec, groups, devices, built, evaluator, curve, protocol)
 
 
 def _check_pending(spec: Spec) -> None:
     """The spec sections whose other choices are not built yet refuse them, rather than ignore them."""
-    for key, only in (("protocol", "sync"), ("selector", "all"), ("data", "shared")):
+    for key, only in (("selector", "all"), ("data", "shared")):
         value = getattr(spec, key)
         _require(value.name == only and not value.params, f"{key}.name", f"{only!r} (with no params)", value.name)
 

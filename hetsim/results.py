@@ -4,9 +4,11 @@
     metrics.csv     one row per round: round, time_s, epoch, samples, lr, train_loss, test_loss, test_acc
                     (round 0 is the initial model). An empty cell was not computed (no evaluation that
                     round); a computed non-finite value is written `nan`, `inf` or `-inf`.
-    decisions.bin   every round's decisions, complete: workers, local_steps, samples, biased_samples,
-                    weights per worker and the round's time budget, one compressed columnar record per
-                    round (read it with `hetsim.results.read_decisions`; format below).
+    decisions.bin   every update's decisions, complete: workers, local_steps, samples, biased_samples,
+                    weights per arrival, the time budget; staleness, pulled version, start_s, finish_s per
+                    arrival, the version produced, the dropped late work and the new model's digest; one
+                    compressed columnar record per update (read it with `hetsim.results.read_decisions`;
+                    format below).
     trace.json      Chrome / Perfetto trace events (compute, comm, idle, eval per device) in the JSON
                     array format, one event per line; sampled by `[trace]` (first rounds, some devices).
     summary.json    time_to_accuracy_s, final/best accuracy, utilisation per device, seed, versions,
@@ -21,11 +23,15 @@ through `strict_json`: NaN and infinities become null, so strict JSON readers ac
 Schema 1 (no `schema_version` in summary.json) wrote decisions.jsonl and a `{"traceEvents": [...]}`
 trace; `hetsim.analysis.load_run` still reads it.
 
-decisions.bin: the line `hetsim-decisions/2\\n`, then per round a header (little-endian u64 payload
-length, i64 round, i64 number of workers n, f64 time budget in s or NaN for none, u32 CRC-32 of the
+decisions.bin: the line `hetsim-decisions/3\\n`, then per update a header (little-endian u64 payload
+length, i64 round, i64 number of arrivals n, f64 time budget in s or NaN for none, u32 CRC-32 of the
 payload, 4 bytes: the struct type code of each integer column, B/H/I/q) and a zlib-compressed payload
 of five arrays of n values each: workers, local_steps, samples, biased_samples (integers, each in the
-narrowest of those types that holds its values) and weights (float64, exact).
+narrowest of those types that holds its values) and weights (float64, exact); then (schema 3) i64
+version, i64 m (n, or 0 when the per-arrival columns were not recorded), i64 number of dropped
+arrivals d, u16 digest length, 4 type codes, and the arrays staleness (m), pulled (m), dropped (d),
+dropped_steps (d) (integers), start_s (m), finish_s (m), dropped_finish_s (d) (float64, each array
+stored as 8 byte planes: all first bytes, then all second bytes, ...) and the digest (ASCII). `hetsim-decisions/2` files (the five arrays only) are still read, with those seven keys.
 """
 
 from __future__ import annotations
@@ -61,8 +67,12 @@ os.umask(_UMASK)
 RUN_SCHEMA = 2  # summary.json's schema_version; bump when a run file changes meaning
 METRIC_COLUMNS = ("round", "time_s", "epoch", "samples", "lr", "train_loss", "test_loss", "test_acc")
 _INT_COLUMNS = ("round", "samples")
-DECISIONS_MAGIC = b"hetsim-decisions/2\n"
+DECISIONS_MAGIC = b"hetsim-decisions/3\n"
+_DECISIONS_V2 = b"hetsim-decisions/2\n"  # read, not written
 _RECORD = struct.Struct("<QqqdI4s")
+# /3's extension, after /2's five columns in the payload: version, length m of the per-arrival columns (n,
+# or 0 for a record made without them), number of dropped arrivals, digest length, 4 integer type codes
+_EXTENSION = struct.Struct("<qqqH4s")
 _INT_TYPES = (b"B", b"H", b"I")  # narrowest first; b"q" (int64) otherwise
 _DECISION_INTS = ("workers", "local_steps", "samples", "biased_samples")
 # closes trace.json's JSON array at the end of a run (a cut file without it is still a valid Chrome trace)
@@ -184,6 +194,14 @@ class MetricRows(Sequence):
 
 # -- decisions --------------------------------------------------------------------------------------
 
+def model_digest(params: Any) -> str:
+    """A short hash of a global model's bytes (its flat float tensor): how a replay checks, update by
+    update, that it computes the same model. "" for an empty model (the time-only core has none)."""
+    if params.numel() == 0:
+        return ""
+    return hashlib.sha256(params.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _narrow(values: Sequence[int]) -> tuple[bytes, np.ndarray]:
     """(type code, array) in the narrowest integer type that holds the values: a 10^4-device round's
     columns shrink 4-8x before compression, which is most of its cost."""
@@ -197,19 +215,46 @@ def _narrow(values: Sequence[int]) -> tuple[bytes, np.ndarray]:
 
 
 def encode_decision(record: RoundRecord) -> bytes:
-    """One round's decisions as a decisions.bin record."""
+    """One round's decisions as a decisions.bin record (hetsim-decisions/3)."""
     codes, cols = zip(*(_narrow(c) for c in (record.workers, record.local_steps, record.samples,
                                              record.biased_samples)))
     n = len(cols[0])
     if any(len(c) != n for c in cols) or len(record.weights) != n:
         raise ValueError(f"round {record.round}: decision columns of unequal lengths")
-    raw = b"".join(c.tobytes() for c in cols) + np.asarray(record.weights, dtype="<f8").tobytes()
+    m, nd = len(record.staleness), len(record.dropped)
+    if m not in (0, n) or any(len(c) != m for c in (record.pulled, record.start_s, record.finish_s)):
+        raise ValueError(f"round {record.round}: per-arrival columns of unequal lengths")
+    if len(record.dropped_steps) != nd or len(record.dropped_finish_s) != nd:
+        raise ValueError(f"round {record.round}: dropped columns of unequal lengths")
+    xcodes, xcols = zip(*(_narrow(c) for c in (record.staleness, record.pulled, record.dropped, record.dropped_steps)))
+    digest = record.digest.encode("ascii")
+    raw = b"".join(c.tobytes() for c in cols) + np.asarray(record.weights, dtype="<f8").tobytes() + \
+        _EXTENSION.pack(int(record.version), m, nd, len(digest), b"".join(xcodes)) + \
+        b"".join(c.tobytes() for c in xcols) + \
+        b"".join(_shuffled(c) for c in (record.start_s, record.finish_s, record.dropped_finish_s)) + digest
     payload = zlib.compress(raw, 1)
     budget = math.nan if record.time_budget_s is None else float(record.time_budget_s)
     return _RECORD.pack(len(payload), int(record.round), n, budget, zlib.crc32(payload), b"".join(codes)) + payload
 
 
-def _decode(header: bytes, payload: bytes, where: str) -> dict[str, Any]:
+def _shuffled(values: Sequence[float]) -> bytes:
+    """float64s as 8 byte planes (every value's first byte, then every second byte, ...): times of one
+    update share their sign, exponent and leading digits, which then compress (random finish times: 6.5
+    bytes a value instead of 7.3)."""
+    a = np.asarray(values, dtype="<f8")
+    return a.view(np.uint8).reshape(len(a), 8).T.tobytes()
+
+
+def _ints(raw: bytes, codes: bytes, counts: Sequence[int], pos: int, keys: Sequence[str], out: dict) -> int:
+    for key, code, count in zip(keys, codes, counts):
+        dtype = np.dtype("<" + chr(code))
+        out[key] = np.frombuffer(raw, dtype=dtype, offset=pos, count=count).tolist()
+        pos += count * dtype.itemsize
+    return pos
+
+
+def _decode(header: bytes, payload: bytes, where: str, schema: int = 3) -> dict[str, Any]:
+    """A record as a dict; schema 2 records (hetsim-decisions/2) have the first seven keys only."""
     from hetsim.errors import HetsimError
 
     _, round_, n, budget, crc, codes = _RECORD.unpack(header)
@@ -217,14 +262,35 @@ def _decode(header: bytes, payload: bytes, where: str) -> dict[str, Any]:
         raise HetsimError(f"{where}: the record of round {round_} is corrupt (CRC mismatch)")
     raw = zlib.decompress(payload)
     out: dict[str, Any] = {"round": round_}
-    pos = 0
-    for key, code in zip(_DECISION_INTS, codes):
-        dtype = np.dtype("<" + chr(code))
-        out[key] = np.frombuffer(raw, dtype=dtype, offset=pos, count=n).tolist()
-        pos += n * dtype.itemsize
+    pos = _ints(raw, codes, [n] * 4, 0, _DECISION_INTS, out)
     out["weights"] = np.frombuffer(raw, dtype="<f8", offset=pos, count=n).tolist()
+    pos += 8 * n
     out["time_budget_s"] = None if math.isnan(budget) else budget
+    if schema < 3:
+        return out
+    version, m, nd, digest_len, xcodes = _EXTENSION.unpack_from(raw, pos)
+    pos = _ints(raw, xcodes, [m, m, nd, nd], pos + _EXTENSION.size, ("staleness", "pulled", "dropped", "dropped_steps"),
+                floats := {})
+    for key, count in (("start_s", m), ("finish_s", m), ("dropped_finish_s", nd)):
+        planes = np.frombuffer(raw, dtype=np.uint8, offset=pos, count=8 * count).reshape(8, count)
+        floats[key] = planes.T.copy().view("<f8").reshape(count).tolist()
+        pos += 8 * count
+    out.update(staleness=floats["staleness"], pulled=floats["pulled"], start_s=floats["start_s"],
+               finish_s=floats["finish_s"], version=version, dropped=floats["dropped"],
+               dropped_steps=floats["dropped_steps"], dropped_finish_s=floats["dropped_finish_s"],
+               digest=raw[pos:pos + digest_len].decode("ascii"))
     return out
+
+
+def _schema_of(magic: bytes, where: str) -> int:
+    from hetsim.errors import HetsimError
+
+    if magic == DECISIONS_MAGIC:
+        return 3
+    if magic == _DECISIONS_V2:
+        return 2
+    raise HetsimError(f"{where}: not a hetsim decisions file (expected it to start with {DECISIONS_MAGIC!r} "
+                      f"or {_DECISIONS_V2!r})")
 
 
 def _scan_records(f: Any, size: int, where: str) -> list[int]:
@@ -232,8 +298,7 @@ def _scan_records(f: Any, size: int, where: str) -> list[int]:
     from hetsim.errors import HetsimError
 
     f.seek(0)
-    if f.read(len(DECISIONS_MAGIC)) != DECISIONS_MAGIC:
-        raise HetsimError(f"{where}: not a hetsim decisions file (expected it to start with {DECISIONS_MAGIC!r})")
+    _schema_of(f.read(len(DECISIONS_MAGIC)), where)
     offsets, pos = [], len(DECISIONS_MAGIC)
     while pos + _RECORD.size <= size:
         f.seek(pos)
@@ -266,21 +331,27 @@ class _BufferReader:
 
 
 class Decisions(Sequence):
-    """Every round's decisions, decoded on demand: decisions[i] is a dict with keys round, workers,
-    local_steps, samples, biased_samples, weights, time_budget_s (what RoundRecord.as_json() gives).
+    """Every update's decisions, decoded on demand: decisions[i] is a dict with keys round, workers,
+    local_steps, samples, biased_samples, weights, time_budget_s, staleness, pulled, start_s, finish_s,
+    version, dropped, dropped_steps, dropped_finish_s, digest (what RoundRecord.as_json() gives; a
+    hetsim-decisions/2 file has the first seven).
     Backed by a decisions.bin file, or by the same bytes in memory (`hetsim.simulate` without `out`)."""
 
     def __init__(self, source: Path | bytearray, offsets: list[int]):
         self._source, self._offsets = source, offsets
         self._where = str(source) if isinstance(source, Path) else "decisions"
+        self._schema = 0  # read from the first line on first use (a writer creates the file after this)
 
     def _reader(self) -> Any:
         return open(self._source, "rb") if isinstance(self._source, Path) else _BufferReader(self._source)
 
     def _at(self, f: Any, pos: int) -> dict[str, Any]:
+        if not self._schema:
+            f.seek(0)
+            self._schema = _schema_of(f.read(len(DECISIONS_MAGIC)), self._where)
         f.seek(pos)
         header = f.read(_RECORD.size)
-        return _decode(header, f.read(_RECORD.unpack(header)[0]), self._where)
+        return _decode(header, f.read(_RECORD.unpack(header)[0]), self._where, self._schema)
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -520,6 +591,10 @@ class RunWriter:
             self.rows.columns[c].extend([int(v) for v in values] if c in _INT_COLUMNS else values)
         with open(self.run_dir / "decisions.bin", "rb") as f:
             self._offsets[:] = _scan_records(f, state["decisions_bytes"], str(self.run_dir / "decisions.bin"))
+            f.seek(0)
+            if f.read(len(DECISIONS_MAGIC)) != DECISIONS_MAGIC:  # records of this hetsim would follow older ones
+                raise HetsimError(f"{self.run_dir / 'decisions.bin'}: written by an older hetsim (not "
+                                  f"{DECISIONS_MAGIC.decode().strip()}); start the run again")
 
     def close(self) -> None:
         for f in self._files.values():

@@ -181,12 +181,27 @@ class RoundRecord:
     train_loss: float
     time_budget_s: float | None
     diverged: bool = False            # the round's training loss or new global model is not finite
+    # per arrival (as `workers`; empty in records made without them): the version it pulled, its staleness
+    # (version at the combine - pulled), when it started (pulled) and arrived, in s on the run's timeline
+    staleness: tuple[int, ...] = ()
+    pulled: tuple[int, ...] = ()
+    start_s: tuple[float, ...] = ()
+    finish_s: tuple[float, ...] = ()
+    version: int = 0                  # the global model's version after this update
+    # late work discarded in this update (semi_sync, late = "drop"): workers, steps and arrival times
+    dropped: tuple[int, ...] = ()
+    dropped_steps: tuple[int, ...] = ()
+    dropped_finish_s: tuple[float, ...] = ()
+    digest: str = ""                  # hetsim.results.model_digest of the new global model ("" in time-only)
 
     def as_json(self) -> dict[str, Any]:
         return {"round": self.round, "workers": list(self.workers), "local_steps": list(self.local_steps),
                 "samples": list(self.samples),
                 "biased_samples": list(self.biased_samples), "weights": [float(w) for w in self.weights],
-                "time_budget_s": self.time_budget_s}
+                "time_budget_s": self.time_budget_s, "staleness": list(self.staleness), "pulled": list(self.pulled),
+                "start_s": list(self.start_s), "finish_s": list(self.finish_s), "version": self.version,
+                "dropped": list(self.dropped), "dropped_steps": list(self.dropped_steps),
+                "dropped_finish_s": list(self.dropped_finish_s), "digest": self.digest}
 
 
 class DecisionCore:

@@ -493,7 +493,9 @@ def test_the_driver_runs_without_simpy_on_a_clock_that_never_yields(tiny_spec):
     # rounds of max(1 x 0.01, 4 x 0.003) = 0.012 s; this clock charges no exchange
     assert got.metrics["time_s"] == pytest.approx([0, 0.012, 0.024, 0.036, 0.048], abs=1e-12)
     assert [d["local_steps"] for d in got.decisions] == [[1, 4, 4]] * 4
-    assert list(got.decisions) == list(expected.decisions)
+    untimed = [[{k: v for k, v in d.items() if k not in ("start_s", "finish_s")} for d in run.decisions]
+               for run in (got, expected)]  # (the times differ by the exchange this clock does not charge)
+    assert untimed[0] == untimed[1]
     assert torch.equal(ticking.core.global_params(), emulated.core.global_params())
     assert same(got.metrics["test_acc"], expected.metrics["test_acc"])
 

@@ -32,7 +32,7 @@ import torch
 from hetsim.cluster import DeviceModel, exchange_time, within_budget
 from hetsim.config import Spec, worker_names
 from hetsim.policies import RoundPlan
-from hetsim.protocol import Clock, Comm, Driver, ProgressFn, Steps, Work
+from hetsim.protocol import Arrived, Clock, Comm, Driver, ProgressFn, Steps, Work
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
@@ -63,7 +63,10 @@ class SimClock(Clock):
 
     fidelity_notes: str  # what the clock's fidelity replaces (summary.json)
 
-    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray):
+    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray,
+                 tallies: Callable[[Sequence[int]], Tallies] | None = None):
+        """tallies(ks): the core's tallies of workers ks (what `next_arrivals` reports with their arrival;
+        needed by event-driven protocols only)."""
         self.spec = spec
         self.groups = list(groups)
         self.group_of = group_of
@@ -71,6 +74,47 @@ class SimClock(Clock):
         self.n = len(self.devices)
         self.env = simpy.Environment()
         self._always_online = all(not d.offline for d in self.devices)
+        self.tallies = tallies
+        # the work in flight (event-driven protocols), as arrays: arrival time (inf: not in flight), start, steps
+        self._finish = np.full(self.n, np.inf)
+        self._start = np.zeros(self.n)
+        self._steps = np.zeros(self.n, dtype=np.int64)
+
+    def _launch(self, ks: Sequence[int], start: float, steps: Sequence[int], finish: np.ndarray) -> None:
+        at = np.asarray(ks, dtype=np.int64)
+        self._start[at] = start
+        self._steps[at] = steps
+        self._finish[at] = finish
+
+    def in_flight(self) -> list[int]:
+        return np.flatnonzero(np.isfinite(self._finish)).tolist()
+
+    def next_arrivals(self, count: int, deadline: float | None) -> Steps:
+        """The earliest `count` arrivals (ties in time: lower worker index first), by one partition of the
+        in-flight arrival times; the clock advances to the last of them, or to the deadline if it comes
+        first. One event per call, however many workers are in flight."""
+        f = self._finish
+        if count == 1:
+            i = int(np.argmin(f))  # the first minimum: the lowest index among ties
+            chosen = np.array([i] if np.isfinite(f[i]) else [], dtype=np.int64)
+        else:
+            m = min(count, int(np.isfinite(f).sum()))
+            chosen = np.zeros(0, dtype=np.int64)
+            if m:
+                v = np.partition(f, m - 1)[m - 1]
+                below = np.flatnonzero(f < v)
+                chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
+                chosen = chosen[np.lexsort((chosen, f[chosen]))]
+        until = float(f[chosen[-1]]) if len(chosen) else self.env.now
+        if deadline is not None and (not len(chosen) or until > deadline):
+            chosen = chosen[f[chosen] <= deadline]
+            until = deadline
+        if until > self.env.now:
+            yield self.env.timeout(until - self.env.now)
+        ks = chosen.tolist()
+        work = Work(self._steps[chosen].tolist(), self._start[chosen], f[chosen].copy())
+        f[chosen] = np.inf
+        return Arrived(ks, work, self.tallies(ks))
 
     def now(self) -> float:
         return self.env.now
@@ -111,9 +155,28 @@ class EmulatedClock(SimClock):
 
     fidelity_notes = "emulated: real SGD math for every worker"
 
-    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray):
-        super().__init__(spec, groups, group_of)
+    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray,
+                 tallies: Callable[[Sequence[int]], Tallies] | None = None):
+        super().__init__(spec, groups, group_of, tallies)
         self.rngs = [numpy_rng(spec.seed, "clock", k) for k in range(self.n)]
+
+    def dispatch(self, ks: Sequence[int], plan: RoundPlan, train: Callable[[list[int], list[int]], None],
+                 step: Callable[[int], None]) -> None:
+        """Each worker's steps drawn one by one from its own generator, as `device` does (the same times,
+        bit for bit: each step ends at the previous end + its draw), then all their math at once."""
+        start = self.env.now
+        budget = plan.time_budget_s
+        steps, finish = [], np.empty(len(ks))
+        for i, (k, target) in enumerate(zip(ks, plan.local_steps)):
+            device, rng = self.devices[k], self.rngs[k]
+            n, t = 0, start
+            while (n < target) if target is not None else (n == 0 or within_budget(t - start, budget)):
+                t = t + device.draw_step(rng, t)
+                n += 1
+            steps.append(n)
+            finish[i] = t
+        train(list(ks), steps)
+        self._launch(ks, start, steps, finish)
 
     def device(self, k: int, target: int | None, budget_s: float | None, start: float, steps_done: dict):
         """Device k's local work: each step takes a drawn step time."""
@@ -153,9 +216,21 @@ class TimeOnlyClock(SimClock):
 
     fidelity_notes = FIDELITY_NOTES
 
-    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray):
-        super().__init__(spec, groups, group_of)
+    def __init__(self, spec: Spec, groups: Sequence[DeviceModel], group_of: np.ndarray,
+                 tallies: Callable[[Sequence[int]], Tallies] | None = None):
+        super().__init__(spec, groups, group_of, tallies)
         self.vector = VectorClock(self.groups, group_of, numpy_rng(spec.seed, "clock-vector"))
+
+    def dispatch(self, ks: Sequence[int], plan: RoundPlan, train: Callable[[list[int], list[int]], None],
+                 step: Callable[[int], None]) -> None:
+        """The dispatched workers' durations drawn at once (VectorClock), their arrivals kept as arrays."""
+        start = self.env.now
+        budget = plan.time_budget_s
+        targets = None if budget is not None else np.array(plan.local_steps, dtype=np.int64)
+        durations, steps = self.vector.round(np.asarray(ks, dtype=np.int64), targets, budget, start)
+        steps_list = steps.tolist()
+        train(list(ks), steps_list)
+        self._launch(ks, start, steps_list, start + durations)
 
     def local_work(self, ks: Sequence[int], plan: RoundPlan, train: Callable[[list[int], list[int]], None],
                    step: Callable[[int], None]) -> Steps:
@@ -244,10 +319,10 @@ class Simulation:
         mean_times = [d.step_time.mean_s for d in exp.devices]
         if spec.sim.fidelity == "time_only":
             self.core: Any = TimeOnlyCore(spec, exp.policies, mean_times, FlatParams(build_model(spec.workload)).nbytes)
-            self.clock: SimClock = TimeOnlyClock(spec, groups, group_of)
+            self.clock: SimClock = TimeOnlyClock(spec, groups, group_of, self.core.tallies)
         else:
             self.core = TrainingCore(spec, exp.policies, workload or exp.workload, mean_times)
-            self.clock = EmulatedClock(spec, groups, group_of)
+            self.clock = EmulatedClock(spec, groups, group_of, self.core.tallies)
         self.comm = InProcessComm(len(group_of))
         self.driver = Driver(exp, self.core, self.clock, self.comm, engine="sim", run_dir=run_dir,
                              resume=resume, force=force, progress=progress)
