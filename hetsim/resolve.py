@@ -26,6 +26,7 @@ from hetsim.errors import SpecError
 from hetsim.policies import base as registry
 from hetsim.protocols import build_protocol
 from hetsim.workloads import build_workload, check_batch_fits, check_workload, known_train_size
+from hetsim.workloads.placement import check_placement
 
 if TYPE_CHECKING:
     from hetsim.protocol import Protocol
@@ -89,6 +90,7 @@ def _resolve(spec: Spec) -> Experiment:
     built = build_policies(spec)
     _check_pending(spec)
     protocol = build_protocol(spec)
+    check_placement(spec, known_train_size(w), built.scheduler)
     kinds = list(dict.fromkeys(d.kind for d in spec.cluster.devices))
     device_names = list(dict.fromkeys(d.device for d in spec.cluster.devices))
     for category, policy in zip(Policies._fields, built):
@@ -107,7 +109,7 @@ def _resolve(spec: Spec) -> Experiment:
 
 def _check_pending(spec: Spec) -> None:
     """The spec sections whose other choices are not built yet refuse them, rather than ignore them."""
-    for key, only in (("selector", "all"), ("data", "shared")):
+    for key, only in (("selector", "all"),):
         value = getattr(spec, key)
         _require(value.name == only and not value.params, f"{key}.name", f"{only!r} (with no params)", value.name)
 

@@ -30,9 +30,11 @@ from hetsim.config import OptimSpec, Spec
 from hetsim.losses import per_sample_loss
 from hetsim.errors import HetsimError
 from hetsim.policies import Batch, WorkerInfo
-from hetsim.policies.sampling import EpochStream, LossScores
+from hetsim.config import worker_names
+from hetsim.policies.sampling import EpochStream, LossScores, WindowScores, WindowStream
 from hetsim.seeding import derive, numpy_rng, torch_generator
 from hetsim.workloads import Workload, build_workload, check_batch_fits
+from hetsim.workloads.placement import Authors, build_placement, check_shard_sizes, fixed_steps, shard_summary
 
 
 class FlatParams:
@@ -131,17 +133,21 @@ class Tallies:
 
 class Worker:
     """One replica: model, SGD optimiser (its momentum stays local, as the reference), data stream,
-    augmentation generator, the sampler's state for this worker, and its tally since it last pulled."""
+    augmentation generator, the sampler's state for this worker, and its tally since it last pulled.
+
+    stream: the worker's data stream (default: the whole training set in its own seeded order; the
+    core passes one over the worker's shard, or a window stream, under another data placement)."""
 
     def __init__(self, index: int, workload: Workload, spec: Spec, init: torch.Tensor,
-                 device: torch.device | str = "cpu", sampler_state: Any = None):
+                 device: torch.device | str = "cpu", sampler_state: Any = None,
+                 stream: EpochStream | WindowStream | None = None):
         self.model = workload.make_model().to(device)
         self.flat = FlatParams(self.model)
         self.flat.set(init.to(device))
         o = spec.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
-        self.stream = EpochStream(workload.n_train, numpy_rng(spec.seed, "data", index))
+        self.stream = stream if stream is not None else EpochStream(workload.n_train, numpy_rng(spec.seed, "data", index))
         self.gen = torch_generator(spec.seed, "augment", index)
         self.sampler_state = sampler_state
         self.tally = RoundTally()
@@ -260,6 +266,8 @@ class TrainingCore(DecisionCore):
         self.n_train = self.workload.n_train
         # checked on load where the size is known without the data; here for data-dependent sizes
         check_batch_fits(spec.workload, spec.optim.batch_size, self.workload.n_train)
+        labels = self.workload.train_y.cpu().numpy()  # before the data move to `device`
+        streams = self._place(spec, policies, labels)
         if str(device) != "cpu":
             for name in ("train_x", "train_y", "test_x", "test_y"):
                 setattr(self.workload, name, getattr(self.workload, name).to(device))
@@ -272,17 +280,61 @@ class TrainingCore(DecisionCore):
         local_set = set(range(len(kinds)) if local is None else local)
         self.local = sorted(local_set)
         self.workers: list[Worker] = [
-            Worker(k, self.workload, spec, init, device, self.sampler.init_state(self.infos[k]))
+            Worker(k, self.workload, spec, init, device, self.sampler.init_state(self.infos[k]), streams(k))
             if k in local_set else None for k in range(len(kinds))]  # type: ignore[misc]
-        # filled only for a sampler that declares it reads it (uses_scores); otherwise it stays unseen (+inf)
-        # and the steps compute no per-sample losses
-        self.scores = LossScores(self.workload.n_train, self.sampler.score_rule)
-        self.keep_scores = bool(self.sampler.uses_scores)
+        # filled only for a sampler that declares it reads it (uses_scores), or the authors' biased data path;
+        # otherwise it stays unseen (+inf) and the steps compute no per-sample losses
+        windows_biased = self.windows is not None and bool(self.windows.biased.any())
+        self.scores: LossScores | WindowScores = (
+            WindowScores(self.workload.n_train, groups=len(set(kinds))) if windows_biased
+            else LossScores(self.workload.n_train, self.sampler.score_rule))
+        self.keep_scores = bool(self.sampler.uses_scores) or windows_biased
         self.batched = None
         if spec.sim.batched:
             from hetsim.batched import BatchedSteps
 
             self.batched = BatchedSteps.create([self.workers[k] for k in self.local], self.workload)
+
+    def _place(self, spec: Spec, policies: Any, labels: np.ndarray):
+        """Build the data placement (hetsim.workloads.placement) and return each worker's stream maker;
+        shards that depend on the labels are checked here (the rest were checked on load)."""
+        kinds, b, n = spec.worker_kinds(), spec.optim.batch_size, self.workload.n_train
+        placement = build_placement(spec.data)
+        self.updates = 0       # combines so far: the authors' windows count them (rounds, under sync)
+        self.windows = None
+        shards = None
+        if isinstance(placement, Authors):
+            self.windows = placement.windows(spec, fixed_steps(spec, policies.scheduler), n)
+            self.window_rng = numpy_rng(spec.seed, "placement-window")
+        else:
+            shards = placement.shards(labels, kinds, b, numpy_rng(spec.seed, "placement"))
+            if shards is not None:
+                check_shard_sizes([len(s) for s in shards], kinds, b, spec.data.name)
+            self._data_summary = shard_summary(spec.data.name, spec.data.params, shards, labels,
+                                               self.workload.n_classes, kinds)
+        names = worker_names(kinds)
+
+        def stream(k: int) -> EpochStream | WindowStream:
+            if self.windows is not None:
+                return WindowStream(names[k])
+            rng = numpy_rng(spec.seed, "data", k)
+            return EpochStream(n, rng) if shards is None else EpochStream(len(shards[k]), rng, indices=shards[k])
+
+        return stream
+
+    def _deal_window(self) -> None:
+        """The authors' reshuffle (hetsim.workloads.placement.Authors), at the first pull of a window: merge
+        the window's scores, deal every worker's slice."""
+        assert self.windows is not None
+        window = self.windows.window_of(self.updates)
+        if window == self.windows.window:
+            return
+        biased = self.windows.biased
+        if isinstance(self.scores, WindowScores):
+            self.scores.close_window()
+        slices = self.windows.deal(window, self.scores.values, self.window_rng)
+        for k in self.local:
+            self.workers[k].stream.set_window(window, slices[k], by_loss=bool(biased[k]))
 
     @property
     def model_bytes(self) -> int:
@@ -294,7 +346,10 @@ class TrainingCore(DecisionCore):
         return lr
 
     def pull(self, ks: Sequence[int]) -> None:
-        """Local workers ks start work: each takes the current global model and a fresh tally."""
+        """Local workers ks start work: each takes the current global model and a fresh tally (and, under
+        the authors' data path, the first pull of a window deals its slices to every local worker)."""
+        if self.windows is not None:
+            self._deal_window()
         new = self.global_flat.get()
         for k in ks:
             w = self.workers[k]
@@ -350,6 +405,7 @@ class TrainingCore(DecisionCore):
     def install(self, new_global: torch.Tensor) -> None:
         """The new global model (workers take it when they next pull)."""
         self.global_flat.set(new_global)
+        self.updates += 1
 
     def merge_scores(self, observations: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         if self.keep_scores:
@@ -359,7 +415,10 @@ class TrainingCore(DecisionCore):
         return test_metrics(self.global_model, self.workload)
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"batched": self.batched is not None}
+        data = self._data_summary if self.windows is None else {
+            "placement": self.spec.data.name, "params": dict(self.spec.data.params), "n_train": self.n_train,
+            **self.windows.summary()}
+        return {"batched": self.batched is not None, "data": data}
 
     # -- checkpoints: everything a round boundary needs to continue bit for bit ---------------------
 
@@ -374,6 +433,9 @@ class TrainingCore(DecisionCore):
                             "stream": self.workers[k].stream.state_dict(),
                             "gen": self.workers[k].gen.get_state(),
                             "sampler": self.workers[k].sampler_state} for k in self.local},
+            "data": {"updates": self.updates, **({} if self.windows is None else {
+                "window": self.windows.window, "window_rng": self.window_rng.bit_generator.state,
+                "scores": self.scores.state_dict()})},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,6 +450,13 @@ class TrainingCore(DecisionCore):
             w.stream.load_state_dict(ws["stream"])
             w.gen.set_state(ws["gen"])
             w.sampler_state = ws["sampler"]
+        data = state.get("data", {"updates": 0})  # a checkpoint of before data placements: shared data
+        self.updates = data["updates"]
+        if self.windows is not None:
+            self.windows.window = data["window"]
+            self.window_rng.bit_generator.state = data["window_rng"]
+            if isinstance(self.scores, WindowScores):
+                self.scores.load_state_dict(data["scores"])
 
 
 class RunSchedule:

@@ -2,11 +2,16 @@
 
 State lives in two explicit objects the runner owns, checkpoints and (in the real backend) merges:
 
-- `EpochStream`: one worker's pass over the training set, a fresh permutation per epoch, so uniform
-  sampling is without replacement within an epoch.
+- `EpochStream`: one worker's pass over its data (the whole training set, or its shard under a data
+  placement, hetsim.workloads.placement), a fresh permutation per epoch, so uniform sampling is without
+  replacement within an epoch.
+- `WindowStream`: one worker's slice of a reshuffle window under the authors' data path (data
+  'authors'), read in order.
 - `LossScores`: the last observed training loss of every sample (unseen = +inf, so unseen samples
   are picked first). Merge rule 'latest' keeps the newest observation; 'min' keeps the running
   minimum, as the reference code's Allreduce(MIN) does.
+- `WindowScores`: the reference code's exact score store (data 'authors'): frozen during a window,
+  merged by MIN across its process groups at the reshuffle.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hetsim.errors import HetsimError
 from hetsim.policies.base import Batch, NameRef, Sampler, WorkerInfo, register
 
 SCORE_RULES = ("latest", "min")
@@ -24,6 +30,10 @@ SCORE_RULES = ("latest", "min")
 
 class EpochStream:
     """Sample indices of one worker, without replacement within each epoch and within each `take`.
+
+    `indices`: the worker's shard (global sample indices; None = all n samples, 0..n-1). The stream
+    permutes positions 0..n-1 and returns `indices[position]`, so with a shard of n samples it behaves
+    exactly as a stream over n samples, mapped into the shard.
 
     A take that crosses an epoch boundary gets the tail of epoch e and the head of epoch e+1; the head
     is drawn from the indices not in that tail (the next epoch's permutation moves them to its front,
@@ -34,10 +44,18 @@ class EpochStream:
 
         s = EpochStream(10, np.random.default_rng(0))
         s.take(4), s.take(8)     # 12 indices: all of epoch 0, then 2 of epoch 1 (not among the last 6)
+        EpochStream(3, rng, indices=np.array([7, 2, 9])).take(3)   # 7, 2 and 9 in a random order
     """
 
-    def __init__(self, n: int, rng: np.random.Generator):
+    #: the indices are picked by loss (the authors' top-k window slices): a uniform sampler's batch
+    #: counts them as biased samples
+    by_loss = False
+
+    def __init__(self, n: int, rng: np.random.Generator, indices: np.ndarray | None = None):
+        if indices is not None and len(indices) != n:
+            raise ValueError(f"indices: expected {n} sample indices, got {len(indices)}")
         self.n = n
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.rng = rng
         self.epoch = 0
         self._perm = rng.permutation(n)
@@ -49,11 +67,11 @@ class EpochStream:
             raise ValueError(f"cannot take {k} distinct indices from a stream of {self.n}")
         part = self._perm[self._pos:self._pos + k]
         self._pos += len(part)
-        if len(part) == k:
-            return part
-        self._next_epoch(avoid=part, head=k - len(part))
-        self._pos = k - len(part)
-        return np.concatenate([part, self._perm[:self._pos]])
+        if len(part) < k:
+            self._next_epoch(avoid=part, head=k - len(part))
+            self._pos = k - len(part)
+            part = np.concatenate([part, self._perm[:self._pos]])
+        return part if self.indices is None else self.indices[part]
 
     def _next_epoch(self, avoid: np.ndarray, head: int) -> None:
         """A fresh permutation whose first `head` entries are not in `avoid` (the current take's tail)."""
@@ -69,8 +87,57 @@ class EpochStream:
                 "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["perm"]) != self.n:  # the shard is rebuilt from the config: a changed placement does not fit
+            raise ValueError(f"a data stream over {len(state['perm'])} samples, this config's holds {self.n}")
         self.epoch, self._perm, self._pos = state["epoch"], np.asarray(state["perm"]), state["pos"]
         self.rng.bit_generator.state = state["rng"]
+
+
+class WindowStream:
+    """One worker's slice of the current reshuffle window (data 'authors'), read in order, as the
+    reference code's `DataLoader(shuffle=False)` over the slice; the data path hands a new slice at
+    every reshuffle (`set_window`), and whatever is left of the old one is dropped.
+
+    Under the fixed scheduler a worker reads exactly its slice in a window (window_rounds x its steps x
+    the batch size); reading past it would train a sample twice in one window, which the reference
+    never does, so it is an error.
+
+    Example::
+
+        s = WindowStream("cpu0")
+        s.set_window(0, np.array([5, 1, 4, 2]), by_loss=True)
+        s.take(2), s.take(2)     # [5, 1], [4, 2]; a third take raises
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.window = -1
+        self.indices = np.zeros(0, dtype=np.int64)
+        self.by_loss = False
+        self._pos = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+    def set_window(self, window: int, indices: np.ndarray, by_loss: bool) -> None:
+        self.window, self.indices, self.by_loss, self._pos = window, np.asarray(indices, dtype=np.int64), by_loss, 0
+
+    def take(self, k: int) -> np.ndarray:
+        if self._pos + k > len(self.indices):
+            raise HetsimError(f"data 'authors': worker {self.name} needs {k} more samples in window {self.window}, "
+                              f"its slice has {len(self.indices) - self._pos} left of {len(self.indices)} (a "
+                              f"window's slice is window_rounds x the worker's fixed steps x the batch size)")
+        part = self.indices[self._pos:self._pos + k]
+        self._pos += k
+        return part
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "indices": self.indices.copy(), "by_loss": self.by_loss, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_window(state["window"], state["indices"], state["by_loss"])
+        self._pos = state["pos"]
 
 
 class LossScores:
@@ -107,6 +174,73 @@ class LossScores:
             self.merge(np.concatenate([o[0] for o in observations]), np.concatenate([o[1] for o in observations]))
 
 
+class WindowScores:
+    """The reference code's loss scores (data 'authors'), exactly: `values` is what the top-k ranks and
+    stays frozen during a reshuffle window; the window's observations are folded in at the reshuffle.
+
+    The reference keeps one score array per MPI process (its 'ranks': one per group of replicas, here
+    one per device kind). During a window a rank overwrites a sample's entry with the latest loss it
+    observed for it (`solvers/localsgd.py`, `round`); at the reshuffle the arrays are combined by
+    `Allreduce(MIN)` (`train.py`) and every rank starts the next window from the result. Within a
+    window a rank trains each sample at most once (its replicas' slices are disjoint and each is read
+    once: see `WindowStream`), so its entry for a sample is either that one loss or the merged value of
+    the previous reshuffle. Hence, with `groups` ranks, at the reshuffle:
+
+        seen by every rank:       values[i] = min of this window's losses of i
+        seen by some, or by none: values[i] = min(values[i], this window's losses of i)
+
+    which is what `close_window` computes from the window's minimum and count per sample. (So a score
+    is not the running minimum of every loss ever seen: a sample every rank trained in one window
+    forgets its older, lower score.)
+
+    Example::
+
+        s = WindowScores(3, groups=2)
+        s.merge(np.array([0, 1]), np.array([2.0, 5.0]))   # rank A's losses
+        s.merge(np.array([1]), np.array([4.0]))           # rank B's
+        s.values                                          # still [inf, inf, inf] (frozen)
+        s.close_window(); s.values                        # [2.0, 4.0, inf]
+    """
+
+    rule = "window_min"
+
+    def __init__(self, n: int, groups: int):
+        if groups < 1:
+            raise ValueError(f"groups: expected at least one process group, got {groups}")
+        self.groups = groups
+        self.values = np.full(n, np.inf)
+        self._window_min = np.full(n, np.inf)
+        self._window_count = np.zeros(n, dtype=np.int64)
+
+    def merge(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        """Fold observations of the current window in (they change `values` only at the reshuffle)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        np.minimum.at(self._window_min, indices, np.asarray(losses, dtype=np.float64))
+        np.add.at(self._window_count, indices, 1)
+
+    def merge_all(self, observations: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        if observations:
+            self.merge(np.concatenate([o[0] for o in observations]), np.concatenate([o[1] for o in observations]))
+
+    def close_window(self) -> None:
+        """The reshuffle's Allreduce(MIN) over the ranks' arrays; the next window starts from it."""
+        every_rank = self._window_count >= self.groups
+        self.values = np.where(every_rank, self._window_min, np.minimum(self.values, self._window_min))
+        self._window_min.fill(np.inf)
+        self._window_count.fill(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": self.values.copy(), "window_min": self._window_min.copy(),
+                "window_count": self._window_count.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["values"]) != len(self.values):
+            raise ValueError(f"loss scores of {len(state['values'])} samples, this config has {len(self.values)}")
+        self.values = np.asarray(state["values"], dtype=np.float64).copy()
+        self._window_min = np.asarray(state["window_min"], dtype=np.float64).copy()
+        self._window_count = np.asarray(state["window_count"], dtype=np.int64).copy()
+
+
 @register("sampler", "uniform")
 @dataclass(frozen=True)
 class Uniform(Sampler):
@@ -121,7 +255,8 @@ class Uniform(Sampler):
 
     def batch(self, worker: WorkerInfo, batch_size: int, stream: EpochStream, scores: LossScores,
               state: None) -> tuple[Batch, None]:
-        return Batch(stream.take(batch_size), 0), state
+        indices = stream.take(batch_size)
+        return Batch(indices, len(indices) if stream.by_loss else 0), state
 
 
 @register("sampler", "loss_topk")

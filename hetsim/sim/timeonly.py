@@ -33,6 +33,7 @@ from hetsim.cluster import DeviceModel, within_budget
 from hetsim.config import Spec
 from hetsim.training import DecisionCore, Tallies
 from hetsim.workloads import nominal_train_size
+from hetsim.workloads.placement import time_only_summary
 
 FIDELITY_NOTES = ("time-only: planned steps' sums drawn as one moment-matched lognormal per device and round, "
                   "time budgets' steps drawn one by one; slowdown taken at round start; no losses "
@@ -106,8 +107,8 @@ class TimeOnlyCore(DecisionCore):
 
     def summary_fields(self) -> dict[str, Any]:
         if self.curve is None:
-            return {"batched": False}
-        return {"batched": False, "surrogate": self.spec.sim.surrogate,
+            return {"batched": False, "data": time_only_summary(self.spec)}
+        return {"batched": False, "data": time_only_summary(self.spec), "surrogate": self.spec.sim.surrogate,
                 "surrogate_epochs": [self.curve.epochs_min, self.curve.epochs_max],
                 "surrogate_refused_after_epoch": self.refused_after}
 
