@@ -72,6 +72,7 @@ class Setup:
     config: Path
     local_steps: int           # H: the GPUs' interval, and every plain-local-SGD worker's local steps
     biased_scheduler: str      # biased local SGD's system-aware schedule (TOML)
+    fixed_intervals: str       # the same intervals as a `fixed` schedule (the authors' data path needs one)
     target: float              # time to this accuracy
     budget: str                # the stop rule, in words
 
@@ -79,10 +80,13 @@ class Setup:
 SETUPS = {
     "paper": Setup("paper", "paper cluster (2 CPUs + 8 GPUs), Fashion-MNIST small preset",
                    REPO / "studies" / "paper_cifar10" / "small.toml", 32,
+                   '{name="fixed", params={per_kind={cpu=1, gpu=32}}}',
                    '{name="fixed", params={per_kind={cpu=1, gpu=32}}}', 0.80,
                    "3 epochs for every method (same samples)"),
     "digits": Setup("digits", "digits default (2 CPUs + 8 GPUs, quickstart)", DIGITS_BASE, 8,
-                    '{name="proportional", params={max_steps=8}}', 0.95,
+                    # proportional with the assumed 8:1 speeds and max_steps 8 plans GPU 8 / CPU 1
+                    '{name="proportional", params={max_steps=8}}', '{name="fixed", params={per_kind={cpu=1, gpu=8}}}',
+                    0.95,
                     "0.6 simulated seconds for every method (same time)"),
 }
 DATA = {"shared": [], "dirichlet": ['data={name="dirichlet", params={alpha=0.3}}']}
@@ -129,9 +133,13 @@ def methods(s: Setup) -> dict[str, Method]:
                           (*plain_local, f'protocol={{name="buffered_async", params={{k=4, alpha=1.0, {STALENESS}}}}}')),
         "sync-sgd-gpus": Method("sync SGD on the 8 GPUs alone (CPUs dropped)", sync, gpus_only=True),
         "local-sgd-gpus": Method("local SGD (H steps) on the 8 GPUs alone", plain_local, gpus_only=True),
-        "biased-local-sgd-authors": Method("biased local SGD on the authors' data path (their code's windows, "
-                                           "pool and score merge)",
-                                           (*biased, 'data={name="authors"}'), data=("shared",)),
+        # the authors' path picks the CPUs' top-k itself (once per reshuffle window), so the sampler is
+        # uniform; it needs a fixed schedule (their hand-set intervals size its slices)
+        "biased-local-sgd-authors": Method("biased local SGD on the authors' data path: reshuffle windows, the "
+                                           "CPUs' top-k of a 4x pool once per window, MIN score merge",
+                                           (f"scheduler={s.fixed_intervals}", f"sampler={UNIFORM}", biased[2],
+                                            'data={name="authors", params={biased=true, kinds=["cpu"], '
+                                            'sample_ratio=4}}'), data=("shared",)),
     }
 
 
@@ -157,7 +165,8 @@ def make_spec(setup: Setup, method: Method, data: str, name: str, seed: int, ext
     return spec_from_dict(raw, source=f"{setup.config} [{name}]", base=setup.config.parent, overrides=overrides)
 
 
-def plan(parts: Sequence[str], seeds: int, out: Path, claim_epochs: float) -> tuple[list[Planned], dict[str, str]]:
+def plan(parts: Sequence[str], seeds: int, out: Path, claim_epochs: float, only_methods: Sequence[str] = ()
+         ) -> tuple[list[Planned], dict[str, str]]:
     """Every run of the chosen parts, and the methods not buildable here: '<part>:<data>:<label>' -> error."""
     planned, skipped = [], {}
     todo = [(p, SETUPS["paper" if p == "claim" else p]) for p in parts]
@@ -165,7 +174,8 @@ def plan(parts: Sequence[str], seeds: int, out: Path, claim_epochs: float) -> tu
         arms = ["shared"] if part == "claim" else list(DATA)
         for data in arms:
             for label, method in methods(setup).items():
-                if data not in method.data or (part == "claim" and label not in CLAIM_METHODS):
+                if data not in method.data or (part == "claim" and label not in CLAIM_METHODS) or \
+                        (only_methods and label not in only_methods):
                     continue
                 key = f"{part}:{data}:{label}"
                 extra = [f"stop.max_epochs={claim_epochs}"] if part == "claim" else []
@@ -441,7 +451,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="paper,digits,claim", help="parts: paper, digits, claim (comma-separated)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--claim-epochs", type=float, default=8.0,
+    ap.add_argument("--methods", default="", help="only these methods (comma-separated labels; default all)")
+    ap.add_argument("--claim-epochs", type=float, default=6.0,
                     help="the claim's budget in epochs (long enough for sync SGD to plateau; checked)")
     ap.add_argument("--out", default=str(HERE / "out"), help="run folders (not committed)")
     ap.add_argument("--workers", type=int, default=0, help="parallel runs (0: one per core)")
@@ -460,14 +471,20 @@ def main() -> None:
         raise SpecError(f"--claim-epochs {args.claim_epochs}: expected a number > 0")
     out = Path(args.out)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    planned, skipped = plan(parts, args.seeds, out, args.claim_epochs)
+    only_methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in only_methods if m not in methods(SETUPS["paper"])]
+    if unknown:
+        raise SpecError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(methods(SETUPS['paper']))}")
+    planned, skipped = plan(parts, args.seeds, out, args.claim_epochs, only_methods)
     if args.plan:
         for p in planned:
             print(f"{p.part}:{p.data}:{p.label}: {len(p.runs)} runs, {sum(r.cached for r in p.runs)} cached")
         return
-    # the longest runs first, so that the pool's last minutes are not one long run alone
-    cost = {"claim": 0, "paper": 1, "digits": 2}
-    every = [r for p in sorted(planned, key=lambda p: cost[p.part]) for r in p.runs]
+    # the claim first, then the paper cluster's shared data, digits, and the paper cluster's Dirichlet arm:
+    # an interrupted study has its most-asked parts finished (and long runs do not end the pool alone)
+    priority = {("claim", "shared"): 0, ("paper", "shared"): 1, ("digits", "shared"): 2, ("digits", "dirichlet"): 3,
+             ("paper", "dirichlet"): 4}
+    every = [r for p in sorted(planned, key=lambda p: priority[p.part, p.data]) for r in p.runs]
     cached = sum(r.cached for r in every)
     failed = ""
     try:
