@@ -79,7 +79,7 @@ def test_readme_section_is_replaced_between_its_markers_and_the_rest_kept(tmp_pa
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 def test_every_method_of_the_study_builds_in_this_checkout(tmp_path):
-    planned, skipped = study.plan(["paper", "digits", "claim"], 1, tmp_path, 6.0)
+    planned, skipped = study.plan(["paper", "digits", "claim"], 1, tmp_path, 5.0)
     assert skipped == {}
     labels = {(p.part, p.data, p.label) for p in planned}
     # 9 methods on shared data (the authors' data path only there), 8 on Dirichlet, 2 in the claim
@@ -92,4 +92,4 @@ def test_every_method_of_the_study_builds_in_this_checkout(tmp_path):
     assert (fedbuff.data.name, fedbuff.data.params["alpha"]) == ("dirichlet", 0.3)
     assert fedbuff.scheduler.params["local_steps"] == 8  # digits' H
     claim = next(p for p in planned if (p.part, p.label) == ("claim", "biased-local-sgd")).runs[0].spec
-    assert claim.stop.max_epochs == 6.0 and claim.scheduler.params["per_kind"] == {"cpu": 1, "gpu": 32}
+    assert claim.stop.max_epochs == 5.0 and claim.scheduler.params["per_kind"] == {"cpu": 1, "gpu": 32}

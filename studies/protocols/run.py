@@ -452,7 +452,7 @@ def main() -> None:
     ap.add_argument("--only", default="paper,digits,claim", help="parts: paper, digits, claim (comma-separated)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="", help="only these methods (comma-separated labels; default all)")
-    ap.add_argument("--claim-epochs", type=float, default=6.0,
+    ap.add_argument("--claim-epochs", type=float, default=5.0,
                     help="the claim's budget in epochs (long enough for sync SGD to plateau; checked)")
     ap.add_argument("--out", default=str(HERE / "out"), help="run folders (not committed)")
     ap.add_argument("--workers", type=int, default=0, help="parallel runs (0: one per core)")
@@ -480,10 +480,10 @@ def main() -> None:
         for p in planned:
             print(f"{p.part}:{p.data}:{p.label}: {len(p.runs)} runs, {sum(r.cached for r in p.runs)} cached")
         return
-    # the claim first, then the paper cluster's shared data, digits, and the paper cluster's Dirichlet arm:
-    # an interrupted study has its most-asked parts finished (and long runs do not end the pool alone)
-    priority = {("claim", "shared"): 0, ("paper", "shared"): 1, ("digits", "shared"): 2, ("digits", "dirichlet"): 3,
-             ("paper", "dirichlet"): 4}
+    # digits (cheap), the claim, then the paper cluster's shared data and its Dirichlet arm: an interrupted
+    # study has whole parts finished, the most-asked first
+    priority = {("digits", "shared"): 0, ("digits", "dirichlet"): 1, ("claim", "shared"): 2, ("paper", "shared"): 3,
+                ("paper", "dirichlet"): 4}
     every = [r for p in sorted(planned, key=lambda p: priority[p.part, p.data]) for r in p.runs]
     cached = sum(r.cached for r in every)
     failed = ""
