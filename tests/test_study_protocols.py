@@ -93,3 +93,17 @@ def test_every_method_of_the_study_builds_in_this_checkout(tmp_path):
     assert fedbuff.scheduler.params["local_steps"] == 8  # digits' H
     claim = next(p for p in planned if (p.part, p.label) == ("claim", "biased-local-sgd")).runs[0].spec
     assert claim.stop.max_epochs == 5.0 and claim.scheduler.params["per_kind"] == {"cpu": 1, "gpu": 32}
+
+
+@pytest.mark.parametrize("name, protocol, data", [
+    ("async.toml", ("async", {"alpha": 0.6, "staleness": "polynomial", "a": 0.5}), "shared"),
+    ("semi_sync.toml", ("semi_sync", {"k": 8, "late": "keep", "staleness": "polynomial", "a": 0.5}), "shared"),
+    ("buffered_async.toml", ("buffered_async", {"k": 4, "alpha": 1.0, "staleness": "polynomial", "a": 0.5}),
+     "dirichlet"),
+])
+def test_protocol_examples_load_with_their_protocol(name, protocol, data):
+    from hetsim.resolve import load_spec
+
+    spec = load_spec(ROOT / "examples" / name)
+    assert (spec.protocol.name, dict(spec.protocol.params)) == protocol
+    assert spec.data.name == data and spec.n_workers == 10
