@@ -356,7 +356,9 @@ def markdown_tables(rows: list[dict]) -> str:
                     f"| method | seeds reaching {setup.target:.0%} | time to {setup.target:.0%} (simulated s) | "
                     f"final accuracy | epochs | speedup over sync SGD (seed range) |\n|---|---|---|---|---|---|\n")
         for r in (r for r in rows if (r["setup"], r["data"]) == key):
-            if r["speedup"] is None:
+            if r["method"] == BASELINE:
+                sp = "1 (baseline)"
+            elif r["speedup"] is None:
                 sp = "-" if r["tta_mean_s"] is None else "- (sync SGD not reached)"
             else:
                 rng = (f" ({r['speedup_seed_min']:.2g}-{r['speedup_seed_max']:.2g})"
@@ -378,17 +380,22 @@ def findings(rows: list[dict]) -> str:
         if me is None:
             continue
         reached = [r for r in sub if r["tta_mean_s"] is not None]
-        fastest = min(reached, key=lambda r: r["tta_mean_s"]) if reached else None
         best = max(sub, key=lambda r: r["final_acc_mean"])
         where = f"{key[0]}, {key[1]} data"
         if me["tta_mean_s"] is None:
             t = f"biased local SGD does not reach {SETUPS[key[0]].target:.0%} ({me['reached']}/{me['seeds']} seeds)"
         else:
-            faster = [r["method"] for r in reached if r["tta_mean_s"] < me["tta_mean_s"] and r is not me]
+            # faster beyond the seed spread: the means differ by more than the two standard deviations
+            faster = [r for r in reached if r["tta_mean_s"] < me["tta_mean_s"] and r is not me]
+            clear = [f"{r['method']} ({r['tta_mean_s']:.3g} s)" for r in faster
+                     if me["tta_mean_s"] - r["tta_mean_s"] > (me["tta_std_s"] or 0) + (r["tta_std_s"] or 0)]
+            close = [r["method"] for r in faster if f"{r['method']} ({r['tta_mean_s']:.3g} s)" not in clear]
             t = (f"biased local SGD reaches {SETUPS[key[0]].target:.0%} in {me['tta_mean_s']:.3g} s"
                  + (f", {me['speedup']:.2g}x sync SGD" if me["speedup"] else "")
-                 + ("; it is the fastest" if not faster else f"; faster: {', '.join(faster)}"
-                    + f" (fastest {fastest['method']}, {fastest['tta_mean_s']:.3g} s)"))
+                 + ("; it is the fastest" if not faster else
+                    (f"; faster beyond the seed spread: {', '.join(clear)}" if clear else
+                     "; nothing is faster beyond the seed spread")
+                    + (f"; faster within it: {', '.join(close)}" if close else "")))
         gap = 100 * (me["final_acc_mean"] - best["final_acc_mean"])
         a = ("the best final accuracy" if best is me else
              f"final accuracy {me['final_acc_mean']:.3f}, {-gap:.1f} points below the best ({best['method']}, "
@@ -460,6 +467,8 @@ def main() -> None:
                     help="figures and tables (default: the committed folder, and the README section is rewritten)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite studies/README.md")
     ap.add_argument("--plan", action="store_true", help="list the runs (and what cannot be built) and stop")
+    ap.add_argument("--no-run", action="store_true",
+                    help="run nothing: analyse the finished runs (the README lists the missing ones)")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     bad = [p for p in parts if p not in ("paper", "digits", "claim")]
@@ -488,7 +497,8 @@ def main() -> None:
     cached = sum(r.cached for r in every)
     failed = ""
     try:
-        run_all(every, out, args.workers)
+        if not args.no_run:
+            run_all(every, out, args.workers)
     except HetsimError as e:  # some runs failed: report them, analyse the rest
         failed = str(e)
         print(f"protocols: {e}", file=sys.stderr)
@@ -497,10 +507,12 @@ def main() -> None:
 
     panels: dict[tuple[str, str], dict[str, list[Run]]] = {}
     claim_groups: dict[str, list[Run]] = {}
+    missing = {}  # '<part>:<data>:<label>' -> seeds without a finished run
     for p in planned:
         runs = [load_run(r.run_dir) for r in p.runs if r.cached]
+        if len(runs) < len(p.runs):
+            missing[f"{p.part}:{p.data}:{p.label}"] = [r.seed for r in p.runs if not r.cached]
         if not runs:
-            skipped.setdefault(f"{p.part}:{p.data}:{p.label}", "no run finished")
             continue
         if p.part == "claim":
             claim_groups[p.label] = runs
@@ -538,8 +550,12 @@ def main() -> None:
     section.append("\nMethods (H = each set-up's GPU interval: 32 paper, 8 digits):\n\n" + "".join(
         f"- `{k}`: {m.what}\n" for k, m in methods(SETUPS["paper"]).items()))
     if skipped:
-        section.append("\n**Not run here** (this checkout cannot build them yet, or no run finished):\n\n" + "".join(
+        section.append("\n**Not run here** (this checkout cannot build them):\n\n" + "".join(
             f"- `{k}`: {v}\n" for k, v in skipped.items()))
+    if missing:
+        section.append(f"\n**Not finished** ({sum(map(len, missing.values()))} runs; the same command runs "
+                       "them, the finished ones are cached): " + "; ".join(
+                           f"`{k}` seeds {', '.join(map(str, v))}" for k, v in missing.items()) + ".\n")
     if failed:
         section.append(f"\n**Failed runs:** {failed}\n")
     if rows:
