@@ -273,7 +273,9 @@ def speedup_figure(panels: dict[tuple[str, str], dict[str, list[Run]]], order: S
                     ax.text(1.0, y, "  not reached" if r.reached == 0 else "  baseline not reached", va="center",
                             fontsize=6, color="0.3")
                     continue
-                ax.barh(y, r.speedup, color=colour, height=0.6, left=0)
+                # past the palette's 8 colours a label repeats a colour with another line style: hatch its bar
+                ax.barh(y, r.speedup, color=colour, height=0.6, left=0,
+                        hatch=None if styles[label][1] == "-" else "///", edgecolor="white")
                 dots = per_seed_speedups(groups[BASELINE], groups[label], setup.target)
                 ax.scatter(dots, [y] * len(dots), s=9, color="black", edgecolors="white", linewidths=0.4, zorder=3)
                 note = f" {r.speedup:.2g}x" + (f" ({r.reached}/{r.seeds})" if r.reached < r.seeds else "")
