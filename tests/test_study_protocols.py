@@ -52,6 +52,9 @@ def test_claim_report_checks_the_plateau_over_the_last_fifth_and_targets_final_m
     assert r["biased_tta_mean_s"] == pytest.approx(0.75)  # seed 0 at 1.0, seed 1 at 0.5
     assert r["speedup"] == pytest.approx(8.5 / 0.75)
     assert sorted(r["speedup_per_seed"]) == pytest.approx([9.0, 16.0])
+    # at biased local SGD's own level, mean(0.8815, 0.885) - 0.005 = 0.87825: sync at 8 and 8, biased at 0.5 and 0.5
+    assert r["own_target"] == pytest.approx(0.87825)
+    assert r["own_speedup"] == pytest.approx(16.0)
     assert "not plateaued" in study.claim_markdown(r)
 
 
