@@ -372,8 +372,9 @@ def markdown_tables(rows: list[dict]) -> str:
                 rng = (f" ({r['speedup_seed_min']:.2g}-{r['speedup_seed_max']:.2g})"
                        if r["speedup_seed_min"] is not None else "")
                 sp = f"{r['speedup']:.2f}x{rng}"
-            text.append(f"| {r['method']} | {r['reached']}/{r['seeds']} | {fmt(r['tta_mean_s'], '.3g')} ± "
-                        f"{fmt(r['tta_std_s'], '.2g')} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | "
+            tta = "not reached" if r["tta_mean_s"] is None else f"{r['tta_mean_s']:.3g} ± {r['tta_std_s']:.2g}"
+            text.append(f"| {r['method']} | {r['reached']}/{r['seeds']} | {tta} | "
+                        f"{r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | "
                         f"{r['epochs_mean']:.3g} | {sp} |\n")
         text.append("\n")
     return "".join(text)
