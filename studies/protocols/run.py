@@ -555,12 +555,18 @@ def main() -> None:
     times = {"parts": ",".join(parts), "runs": len(every), "cached_before": cached, "wall_s": round(wall, 1),
              "sum_of_run_wall_s": round(compute_s, 1), "workers": args.workers or default_workers(),
              "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in load1]}
-    (figures / "run_times.json").write_text(json.dumps(times, indent=1) + "\n")
+    timing = figures / "run_times.json"
+    if args.no_run and timing.is_file():  # an analysis only: the last invocation that ran is the measurement
+        times = json.loads(timing.read_text())
+    else:
+        timing.write_text(json.dumps(times, indent=1) + "\n")
 
     section = [f"`python studies/protocols/run.py` — every run emulated (real math), {args.seeds} seeds. "
-               f"Last invocation: {times['runs']} runs ({cached} cached), {wall / 60:.1f} min wall on "
-               f"{times['workers']} cores; the runs' own wall times sum to {compute_s / 60:.1f} min; load average "
-               f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end (`figures/run_times.json`).\n"]
+               f"Last invocation that ran: {times['runs']} runs ({times['cached_before']} cached from an earlier "
+               f"one), {times['wall_s'] / 60:.1f} min wall on {times['workers']} cores; the runs' own wall times "
+               f"sum to {times['sum_of_run_wall_s'] / 60:.1f} min; load average {times['loadavg_start'][0]:.1f} at "
+               f"the start, {times['loadavg_end'][0]:.1f} at the end (other work on the machine; "
+               f"`figures/run_times.json`).\n"]
     section.append("\nMethods (H = each set-up's GPU interval: 32 paper, 8 digits):\n\n" + "".join(
         f"- `{k}`: {m.what}\n" for k, m in methods(SETUPS["paper"]).items()))
     if skipped:
