@@ -18,7 +18,7 @@ with a budget long enough for sync SGD to plateau (checked: < 0.2 points gained 
 the budget, else the report says so), the speedup of biased local SGD over sync SGD to sync SGD's
 final accuracy minus 0.5 points.
 
-    python studies/protocols/run.py                 # everything, ~1 h on 2 cores (see the README)
+    python studies/protocols/run.py                 # everything: 108 runs, ~45-55 min on 2 busy cores
     python studies/protocols/run.py --only claim    # parts: paper, digits, claim (comma-separated)
 
 Runs are cached by config hash (hetsim.sweep.run_all): re-running computes only what is missing.
