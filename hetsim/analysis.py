@@ -306,7 +306,7 @@ def _decides_the_math(key: str) -> bool:
     top = key.split(".")[0]
     if key == "workload.path":  # where the data lives (machines differ), not what it is
         return False
-    if top in ("workload", "scheduler", "sampler", "aggregator", "optim", "eval"):
+    if top in ("workload", "scheduler", "sampler", "aggregator", "optim", "eval", "selector", "protocol", "data"):
         return True
     parts = key.split(".")
     return top == "cluster" and len(parts) == 4 and parts[1] == "devices" and parts[3] in ("kind", "count")
@@ -319,7 +319,8 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
     over the rounds both runs have; its median and p90 are the headline numbers.
 
     The runs must train and decide the same thing: an error names the keys that differ in the
-    workload, the policies, optim, eval or the device groups' kinds and counts. The time model (step
+    workload, the policies (selector, protocol and data placement included), optim, eval or the device
+    groups' kinds and counts. The time model (step
     times, profiles, links, conditions, where devices run), the data's folder, the seed and the stop
     rule may differ: a warning names them, and the report lists them in `config_differences`.
     """

@@ -794,7 +794,7 @@ class Driver:
             exchange_s=self.exchange_total_s / self.round if self.round else 0.0,
             model_bytes=self.core.model_bytes, evaluator=self.names[self.evaluator],
             rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)},
-            protocol=self.protocol.name, updates=self.version,
+            protocol=self.protocol.name, selector=self.spec.selector.name, updates=self.version,
             mean_staleness=self.staleness_sum / self.arrivals_combined if self.arrivals_combined else 0.0,
             dropped=self.dropped_total)
 

@@ -16,7 +16,9 @@
 
 The three per-round files are append-only: every finished round is handed to the OS before the next
 starts (a SIGKILL loses no finished round), whole lines or whole records, and readers drop a partial last
-line or record. Checkpoints store the files' lengths, and `--resume` cuts the files back to them.
+line or record. One exception: the time-only fast path (hetsim/sim/fastpath.py, sync and semi_sync at
+scale) compresses decision records on a second thread, so a kill can lose the last finished update's
+decisions record (never its metrics row; a resume from a checkpoint loses nothing). Checkpoints store the files' lengths, and `--resume` cuts the files back to them.
 config.toml and summary.json are written atomically (temporary file + rename). Every JSON file goes
 through `strict_json`: NaN and infinities become null, so strict JSON readers accept them.
 

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 FORMAT = "hetsim-learning-curve/1"
 #: the parts of a run's config a learning curve depends on; a spec differing in one gets a warning
-COMPARED = ("workload", "scheduler", "sampler", "aggregator", "optim")
+COMPARED = ("workload", "scheduler", "sampler", "aggregator", "optim", "selector", "protocol", "data")
+#: spec sections whose absence (a curve recorded before they existed) means their default
+_DEFAULT_NAMES = {"selector": "all", "protocol": "sync", "data": "shared"}
 #: workload keys that change where the data are, not what is learnt
 _WORKLOAD_IGNORED = ("path", "n_test")
 
@@ -48,7 +50,7 @@ def fitted_for(config: Mapping[str, Any]) -> dict[str, Any]:
     run's cluster shape ([[kind, count], ...] per device group)."""
     workload = {k: v for k, v in dict(config.get("workload", {})).items() if k not in _WORKLOAD_IGNORED}
     policies = {c: {"name": config.get(c, {}).get("name", ""), "params": dict(config.get(c, {}).get("params", {}))}
-                for c in ("scheduler", "sampler", "aggregator")}
+                for c in ("scheduler", "sampler", "aggregator", "selector", "protocol", "data")}
     shape = [[d.get("kind", "cpu"), d.get("count", 1)] for d in config.get("cluster", {}).get("devices", [])]
     return {"workload": workload, **policies, "optim": dict(config.get("optim", {})), "cluster_shapes": [shape]}
 
@@ -59,6 +61,10 @@ def _normal(key: str, table: Mapping[str, Any]) -> Any:
     from hetsim.config import OptimSpec, PolicySpec, WorkloadSpec, build_dataclass
     from hetsim.policies import build
 
+    if key in _DEFAULT_NAMES:
+        table = {"name": table.get("name") or _DEFAULT_NAMES[key], "params": dict(table.get("params", {}))}
+        if key != "selector":  # (protocol and data are not policy objects: compared as written)
+            return table
     try:
         if key == "workload":
             return build_dataclass(WorkloadSpec, {**table, **{k: getattr(WorkloadSpec, k) for k in _WORKLOAD_IGNORED}})
@@ -67,6 +73,10 @@ def _normal(key: str, table: Mapping[str, Any]) -> Any:
         return build(key, PolicySpec(table.get("name", ""), table.get("params", {})))
     except SpecError:
         return dict(table)  # e.g. a plug-in policy that is not importable here: compare as written
+
+
+def _normal_name(key: str, table: Mapping[str, Any]) -> str:
+    return table.get("name") or _DEFAULT_NAMES.get(key, "")
 
 
 def differences(first: Mapping[str, Any], second: Mapping[str, Any], labels: tuple[str, str] = ("fitted", "here")
@@ -81,8 +91,9 @@ def differences(first: Mapping[str, Any], second: Mapping[str, Any], labels: tup
         if type(a) is type(b) and dataclasses.is_dataclass(a):
             out += [f"{key}.{f.name}: {labels[0]} {getattr(a, f.name)!r}, {labels[1]} {getattr(b, f.name)!r}"
                     for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
-        elif key in ("scheduler", "sampler", "aggregator") and ta.get("name") != tb.get("name"):
-            out.append(f"{key}: {labels[0]} {ta.get('name')!r}, {labels[1]} {tb.get('name')!r}")
+        elif key in ("scheduler", "sampler", "aggregator", "selector", "protocol", "data") and \
+                _normal_name(key, ta) != _normal_name(key, tb):
+            out.append(f"{key}: {labels[0]} {_normal_name(key, ta)!r}, {labels[1]} {_normal_name(key, tb)!r}")
         else:
             out.append(f"{key}: {labels[0]} {dict(ta)!r}, {labels[1]} {dict(tb)!r}")
     return out

@@ -348,3 +348,19 @@ def test_a_run_reads_back_plots_and_compares_after_its_profile_and_plugin_policy
     assert main(["compare", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.json").is_file()
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table, shown", [("protocol", "protocol.name: 'sync' vs 'async'"),
+                                          ("selector", "selector.name: 'all' vs 'async'"),
+                                          ("data", "data.name: 'shared' vs 'async'")])
+def test_compare_refuses_runs_of_another_protocol_selector_or_placement(runs, tmp_path, capsys, table, shown):
+    # (the name is what matters here, not whether it is a valid one: compare reads the recorded configs)
+    shutil.copytree(runs / "sgd-a0", tmp_path / "other")
+    config = tmp_path / "other" / "config.toml"
+    text = config.read_text()
+    default = {"protocol": "sync", "selector": "all", "data": "shared"}[table]
+    assert f'[{table}]\nname = "{default}"\n' in text
+    config.write_text(text.replace(f'[{table}]\nname = "{default}"\n', f'[{table}]\nname = "async"\n'))
+    assert main(["compare", str(runs / "sgd-a0"), str(tmp_path / "other"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"are runs of different configs ({shown})" in err and err.count("\n") == 1

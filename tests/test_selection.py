@@ -215,6 +215,7 @@ def test_uniform_runs_k_workers_per_round_as_drawn_from_the_selectors_rng(tiny_s
     names = {0: "cpu0", 1: "gpu0", 2: "gpu1"}
     counts = {names[k]: sum(k in d["workers"] for d in r.decisions) for k in names}
     assert r.summary["rounds_participated"] == counts
+    assert r.summary["selector"] == "uniform" and r.summary["protocol"] == "sync"
 
 
 @dataclass(frozen=True)

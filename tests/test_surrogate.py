@@ -69,6 +69,11 @@ def test_the_same_policy_on_a_larger_cluster_is_not_warned(tiny_spec, tmp_path):
     (["sampler={name='loss_topk', params={kinds=['cpu']}}", "aggregator={name='biased'}"],
      "aggregator: fitted 'mean', here 'biased'"),
     (["sampler={name='loss_topk', params={kinds=['cpu']}}", "optim.lr=0.5"], "optim.lr: fitted 0.1, here 0.5"),
+    (["sampler={name='loss_topk', params={kinds=['cpu']}}", "protocol={name='semi_sync', params={k=2}}"],
+     "protocol: fitted 'sync', here 'semi_sync'"),
+    (["sampler={name='loss_topk', params={kinds=['cpu']}}", "data={name='iid'}"], "data: fitted 'shared', here 'iid'"),
+    (["sampler={name='loss_topk', params={kinds=['cpu']}}", "selector={name='uniform', params={k=2}}"],
+     "selector: fitted 'all', here 'uniform'"),
 ])
 def test_a_time_only_spec_of_another_policy_is_warned(tiny_spec, tmp_path, overrides, difference):
     curve = curve_file(tmp_path, [run(tmp_path / "a", biased())])
@@ -109,3 +114,16 @@ def test_a_curve_whose_record_is_not_a_table_is_a_one_line_error(tiny_spec, tmp_
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(SpecError, match=r"bad.json: fitted_for: expected a table, got 'digits'$"):
         time_only(tiny_spec, tmp_path / "bad.json")
+
+
+def test_a_curve_recorded_before_protocols_selectors_and_placements_means_their_defaults(tiny_spec, tmp_path):
+    curve = json.loads(curve_file(tmp_path, [run(tmp_path / "a", biased())]).read_text())
+    for key in ("selector", "protocol", "data"):
+        assert curve["fitted_for"].pop(key) is not None
+    (tmp_path / "old.json").write_text(json.dumps(curve))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        time_only(tiny_spec, tmp_path / "old.json", "sampler={name='loss_topk', params={kinds=['cpu']}}")
+    with pytest.warns(HetsimWarning, match="protocol: fitted 'sync', here 'async'"):
+        time_only(tiny_spec, tmp_path / "old.json", "sampler={name='loss_topk', params={kinds=['cpu']}}",
+                  "protocol={name='async'}")
