@@ -490,6 +490,17 @@ def test_concurrent_profiling_of_a_configs_devices(tiny_spec, tmp_path):
     assert cpu["hardware"].endswith("emulated 2x slowdown") and "emulated" not in gpu["hardware"]
 
 
+def test_a_cpu_profile_names_the_cpu_model(tmp_path):
+    from backends.torchmp.profiler import cpu_name
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                                      "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu\n")
+    assert cpu_name(tmp_path / "cpuinfo") == "Intel(R) Xeon(R) Processor"
+    import platform
+
+    assert cpu_name(tmp_path / "missing") == f"{platform.processor() or platform.machine()} CPU"
+
+
 def test_concurrent_profiling_gives_each_device_the_threads_a_run_gives_it(tiny_spec, monkeypatch):
     from backends.torchmp.profiler import _device_kwargs
 

@@ -67,6 +67,8 @@ CASES = {
     "paper_cluster.toml": (24, 2000, False, ("sim.batched=true",)),
     "synthetic.toml": (600, 6000, False, ()),    # time budget with noisy step times
     "validate_cpu2.toml": (20, 2000, True, ()),  # a multiple of eval.every_rounds: the 2 s evaluations weigh the same
+    "validate_gpu1.toml": (20, 2000, True, ()),      # (measured H100 profiles; the simulator runs anywhere)
+    "validate_cpu_gpu.toml": (20, 2000, True, ()),
     # event-driven: a "round" is an update, and the first updates come faster than the steady rate (every
     # worker starts at 0, the fast ones arrive first), so the emulated run needs enough updates for its mean
     # to settle (at 30 updates async's mean is 9% above the long-run rate: that is the start, not the clock)

@@ -94,6 +94,20 @@ def measure_steps(core: TrainingCore, device: torch.device, slowdown: float, war
     return samples
 
 
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows ('x86_64 CPU')."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
 def measure_exchange(model_bytes: int, repeats: int = 20) -> dict[str, float]:
     """Latency and bandwidth of an all-reduce between two local gloo processes."""
     import torch.multiprocessing as mp
@@ -195,9 +209,7 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
     if dev.type == "cuda":
         hardware = torch.cuda.get_device_name(dev)
     else:
-        import platform
-
-        hardware = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+        hardware = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     if slowdown > 1:
         hardware += f", emulated {slowdown:g}x slowdown"
     return {"entry": entry, "link": measure_exchange(core.model_bytes) if exchange else None, "hardware": hardware}
