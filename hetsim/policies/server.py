@@ -270,7 +270,7 @@ class Yogi(torch.optim.Optimizer):
 
 @register("aggregator", "fedyogi")
 @dataclass(frozen=True)
-class FedYogi(ServerOptimizer):
+class FedYogi(FedAdam):
     """FedYogi (Reddi et al. 2021, Alg. 2): `FedAdam` with Yogi's second moment (see `Yogi`),
     v = v − (1−β₂) · g² · sign(v − g²), which keeps the effective rate from growing fast when
     pseudo-gradients shrink. In torch.optim.Adam's form, as `FedAdam` (see there for the paper's).
@@ -284,18 +284,6 @@ class FedYogi(ServerOptimizer):
         # aggregator = {name = "fedyogi", params = {server_lr = 0.01}}
         FedYogi(server_lr=0.01)
     """
-
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-
-    def __post_init__(self) -> None:
-        _check_server_lr(self.server_lr)
-        _check_betas(self.beta1, self.beta2)
-        if not (self.tau > 0 and math.isfinite(self.tau)):
-            raise ValueError(f"tau: expected a number > 0, got {self.tau!r}")
-        super().__post_init__()
 
     def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return Yogi(params, lr=self.server_lr, betas=(self.beta1, self.beta2), eps=self.tau)
