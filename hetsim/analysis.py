@@ -351,10 +351,16 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
         m = min(len(predicted.decisions), len(measured.decisions))
         same_decisions = all({k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
                              for a, b in zip(predicted.decisions[:m], measured.decisions[:m]))
+    from scipy.stats import ks_2samp
+
+    ks = ks_2samp(dp, dm)
     return {
         "predicted": str(predicted.path), "measured": str(measured.path), "rounds_compared": n - 1,
         "round_time_rel_error_median": float(np.nanmedian(rel)),
         "round_time_rel_error_p90": float(np.nanquantile(rel, 0.9)),
+        # the round times as distributions (order ignored): the two-sample Kolmogorov-Smirnov statistic
+        # (the largest gap between the empirical CDFs, 0 = the same) and its p-value
+        "round_time_ks": float(ks.statistic), "round_time_ks_pvalue": float(ks.pvalue),
         "total_time_predicted_s": float(tp[-1]), "total_time_measured_s": float(tm[-1]),
         "total_time_rel_error": float(abs(tp[-1] - tm[-1]) / tm[-1]) if tm[-1] > 0 else None,
         "target_accuracy": target, "time_to_accuracy_predicted_s": tta_p, "time_to_accuracy_measured_s": tta_m,
@@ -365,3 +371,26 @@ def compare_runs(predicted: Run, measured: Run) -> dict[str, Any]:
         "same_decisions": same_decisions,
         "config_differences": sorted(tolerated),
     }
+
+
+#: the metrics of a comparison that a noise floor repeats real-vs-real
+NOISE_METRICS = ("round_time_rel_error_median", "round_time_rel_error_p90", "total_time_rel_error",
+                 "time_to_accuracy_rel_error", "round_time_ks")
+
+
+def noise_floor(measured: Sequence[Run]) -> dict[str, Any]:
+    """The machine's noise: `compare_runs` applied real-vs-real to every pair of repeated measurements of
+    one config (2+ runs), each metric of NOISE_METRICS as the median over the pairs (None where no pair
+    has it, e.g. a target never reached). A prediction error at or below these is machine noise, not
+    model error."""
+    if len(measured) < 2:
+        raise SpecError(f"a noise floor needs 2 or more repeated measurements, got {len(measured)}")
+    with warnings.catch_warnings():  # repeated runs differ only in where they ran: no warning per pair
+        warnings.simplefilter("ignore", HetsimWarning)
+        pairs = [compare_runs(measured[j], measured[i]) for i in range(len(measured))
+                 for j in range(i + 1, len(measured))]
+    out: dict[str, Any] = {"runs": [str(r.path) for r in measured], "pairs": len(pairs)}
+    for key in NOISE_METRICS:
+        values = [p[key] for p in pairs if p[key] is not None]
+        out[key] = float(np.median(values)) if values else None
+    return out

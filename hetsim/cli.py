@@ -256,13 +256,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hetsim.analysis import compare_runs, load_run
+    from hetsim.analysis import compare_runs, load_run, noise_floor
     from hetsim.plots import plot_compare
     from hetsim.results import write_json
     from hetsim.rundir import writable_dir
 
     predicted, measured = load_run(args.predicted), load_run(args.measured)
     report = compare_runs(predicted, measured)
+    repeats = [measured] + [load_run(r) for r in args.repeats]
+    if args.repeats:  # each repeat must be a measurement of the prediction's config, too
+        for r in repeats[1:]:
+            compare_runs(predicted, r)
+        report["noise_floor"] = noise_floor(repeats)
     out = writable_dir(Path(args.out) if args.out else Path(args.measured) / "compare")
     write_json(out / "compare.json", report)
     plot_compare(predicted, measured, out)
@@ -286,7 +291,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"mean {report['accuracy_abs_diff_mean']:.4g} over {report['accuracy_points_compared']} evaluations")
     else:
         print("accuracy difference:        n/a (no accuracy evaluated in both runs)")
+    print(f"round-time distribution:    KS {report['round_time_ks']:.3f} (p {report['round_time_ks_pvalue']:.2g})")
     print(f"same decisions:             {report['same_decisions']}")
+    if "noise_floor" in report:
+        nf = report["noise_floor"]
+        print(f"noise floor ({len(nf['runs'])} real runs, {nf['pairs']} pairs, medians): per-round "
+              f"{pct(nf['round_time_rel_error_median'])} (p90 {pct(nf['round_time_rel_error_p90'])}), total "
+              f"{pct(nf['total_time_rel_error'])}, time to accuracy {pct(nf['time_to_accuracy_rel_error'])}, "
+              f"KS {nf['round_time_ks']:.3f}")
     print(out)
     return 0
 
@@ -418,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="predicted (simulator) vs measured (real backend) run directories")
     c.add_argument("predicted", help="run directory of the prediction (hetsim simulate)")
     c.add_argument("measured", help="run directory of the measurement (hetsim run)")
+    c.add_argument("repeats", nargs="*", help="more measurements of the same config: the report adds the noise "
+                   "floor (the same metrics real vs real, median over every pair of measurements)")
     c.add_argument("--out", help="folder for compare.json and the figure (default MEASURED/compare)")
     c.set_defaults(func=cmd_compare)
 

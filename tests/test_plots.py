@@ -1,6 +1,7 @@
 """Grouping runs into curves, the inputs of `hetsim plot` / `hetsim compare`, and the decisions the
 figures make (colours, order, labels, axes, legends), read from the figure objects, not pixels."""
 
+import csv
 import json
 import shutil
 import sys
@@ -8,6 +9,7 @@ import tomllib
 import warnings
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 import hetsim.plots as plots
@@ -364,3 +366,55 @@ def test_compare_refuses_runs_of_another_protocol_selector_or_placement(runs, tm
     assert main(["compare", str(runs / "sgd-a0"), str(tmp_path / "other"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert f"are runs of different configs ({shown})" in err and err.count("\n") == 1
+
+
+def _scaled_copy(run, to, factor):
+    """A copy of `run` whose every round took `factor` times as long (metrics.csv's time_s scaled)."""
+    shutil.copytree(run, to)
+    rows = list(csv.DictReader((to / "metrics.csv").open()))
+    for r in rows:
+        r["time_s"] = repr(float(r["time_s"]) * factor)
+    with (to / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return [float(r["time_s"]) for r in rows]
+
+
+def test_compare_reports_the_round_time_distributions_ks_statistic(runs, tmp_path):
+    from scipy.stats import ks_2samp
+
+    from hetsim.analysis import compare_runs
+
+    slower = _scaled_copy(runs / "sgd-a0", tmp_path / "slower", 1.5)
+    base = [float(r["time_s"]) for r in csv.DictReader((runs / "sgd-a0" / "metrics.csv").open())]
+    report = compare_runs(load_run(runs / "sgd-a0"), load_run(tmp_path / "slower"))
+    expected = ks_2samp(np.diff(base), np.diff(slower))
+    assert report["round_time_ks"] == pytest.approx(expected.statistic)
+    assert report["round_time_ks_pvalue"] == pytest.approx(expected.pvalue)
+    assert compare_runs(load_run(runs / "sgd-a0"), load_run(runs / "sgd-a0"))["round_time_ks"] == 0.0
+
+
+def test_compare_with_repeated_measurements_reports_the_noise_floor(runs, tmp_path, capsys):
+    shutil.copytree(runs / "sgd-a0", tmp_path / "real1")
+    _scaled_copy(runs / "sgd-a0", tmp_path / "real2", 1.1)
+    shutil.copytree(runs / "sgd-a0", tmp_path / "real3")
+    assert main(["compare", str(runs / "sgd-a0"), str(tmp_path / "real1"), str(tmp_path / "real2"),
+                 str(tmp_path / "real3"), "--out", str(tmp_path / "c")]) == 0
+    nf = json.loads((tmp_path / "c" / "compare.json").read_text())["noise_floor"]
+    # every round of real2 is 10% longer than real1's and real3's, real1 = real3: the pairs (later run
+    # predicting the earlier) give per-round and total errors 0.1 (real2 vs real1), 0 (real3 vs real1) and
+    # |d - 1.1 d| / 1.1 d = 0.1/1.1 (real3 vs real2): median 0.1/1.1
+    assert nf["pairs"] == 3 and len(nf["runs"]) == 3
+    assert nf["round_time_rel_error_median"] == pytest.approx(0.1 / 1.1)
+    assert nf["total_time_rel_error"] == pytest.approx(0.1 / 1.1)
+    out = capsys.readouterr().out
+    assert "noise floor (3 real runs, 3 pairs, medians): per-round 9.1%" in out
+
+
+def test_compare_refuses_a_repeat_of_another_config(runs, tmp_path, capsys):
+    shutil.copytree(runs / "sgd-a0", tmp_path / "real1")
+    assert main(["compare", str(runs / "sgd-a0"), str(tmp_path / "real1"), str(runs / "sgd-b0"),
+                 "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "are runs of different configs (optim.lr: 0.1 vs 0.05)" in err and err.count("\n") == 1
