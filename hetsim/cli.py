@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from hetsim.config import worker_names
         from hetsim.rundir import claim_run_dir
 
-        from backends.torchmp.server import event_driven
+        from hetsim.protocols import event_driven
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         served = event_driven(spec.protocol.name)  # a server rank 0 before the devices' ranks

@@ -11,6 +11,11 @@ The exchange cost model is the standard alpha-beta model of collectives:
   T = 2·a + 2·max(n·S/B_s, S/B_w)  (every worker pushes and pulls S through the server)
 - tree all-reduce (reduce then broadcast along a binary tree, pipelined as NCCL's trees):
   T = 2·ceil(log2 n)·a + 2(n-1)/n · S/B  (latency grows with log n instead of n)
+
+Under the event-driven protocols (semi_sync, async, buffered_async) the models go through the server
+whatever `collective` says (as in the real backend: each arrival pushes its replica to the server and
+pulls the global model back), so an update combining n arrivals costs the parameter-server time above,
+with n = the arrivals: one arrival pays 2·a + 2·S/B, not nothing.
 """
 
 from __future__ import annotations
@@ -279,19 +284,20 @@ def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> D
 
 
 def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int, t: float = 0.0,
-                  n: int | None = None) -> float:
+                  n: int | None = None, through_server: bool = False) -> float:
     """Seconds for one model exchange among `devices` starting at time t (formulas in the module
     docstring; the network's bandwidth follows its bandwidth_schedule). With `n`, `devices` need only
     hold one model per device group present (the slowest link and latency are the same) and n is the
-    number of participants."""
+    number of participants. through_server: the models go through a server (the event-driven protocols),
+    the parameter-server formula whatever the collective, and a single participant pays it too."""
     n = len(devices) if n is None else n
-    if n <= 1:
+    if n < 1 or (n == 1 and not through_server):  # one worker all-reducing with itself exchanges nothing
         return 0.0
     net_bw = network_bandwidth_at(network, t) * 1e9
     link_bw = min(d.bandwidth_Bps or net_bw for d in devices)
     latency = max(d.latency_s if d.latency_s is not None else network.latency_s for d in devices)
-    if network.collective == "ring_allreduce":
+    if network.collective == "ring_allreduce" and not through_server:
         return 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / link_bw
-    if network.collective == "tree_allreduce":
+    if network.collective == "tree_allreduce" and not through_server:
         return 2 * math.ceil(math.log2(n)) * latency + 2 * (n - 1) / n * model_bytes / link_bw
     return 2 * latency + 2 * max(n * model_bytes / net_bw, model_bytes / link_bw)

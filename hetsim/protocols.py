@@ -219,6 +219,12 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+def event_driven(protocol_name: str) -> bool:
+    """Whether a protocol runs with a server that holds the global model (everything but the barrier):
+    the real backend's rank 0, and in the simulator's time model the models go through it."""
+    return protocol_name != "sync"
+
+
 def build_protocol(spec: Spec) -> Protocol:
     """The spec's protocol, its parameters checked (one-line SpecErrors naming the key)."""
     p = spec.protocol

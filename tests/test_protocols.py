@@ -437,3 +437,41 @@ def test_an_aggregator_reading_the_replicas_as_rows_sees_them_damped(tiny_spec):
         assert column(r, "staleness")[2] == [0, 2]  # damped by 1 and 1/3 (see the keep tests above)
         finals.append(sim.core.global_params())
     assert torch.allclose(finals[0], finals[1], atol=1e-6)
+
+
+# With a 0.25 s latency every arrival pays a push and a pull through the server, 2 x 0.25 s (the bytes
+# are free at this bandwidth), during which the server is busy and the arriving worker waits; the others
+# go on computing. By hand: w0 arrives at 1, the update ends at 1.5 and w0 (pulling 1) runs 1.5-2.5; w1
+# arrives at 2 (update 2 ends 2.5; w1 pulls 2 and runs 2.5-4.5); w0 arrives at 2.5 (update 3 ends 3.0; w0
+# pulls 3, runs 3.0-4.0); w0 at 4.0 (update 4 ends 4.5); w1 at 4.5 (update 5 ends 5.0); w2 at 5.0 (update 6
+# ends 5.5). Before this was charged, a lone arrival's exchange cost nothing.
+ASYNC_EXCHANGE = [(0, 0, 0, 0.0, 1.0, 1.5), (1, 0, 1, 0.0, 2.0, 2.5), (0, 1, 1, 1.5, 2.5, 3.0),
+                  (0, 3, 0, 3.0, 4.0, 4.5), (1, 2, 2, 2.5, 4.5, 5.0), (2, 0, 5, 0.0, 5.0, 5.5)]
+
+
+@pytest.mark.parametrize("fidelity", ["emulated", "time_only"])
+def test_each_async_arrival_pays_a_push_and_a_pull_through_the_server(tiny_spec, fidelity):
+    r = simulate(three(tiny_spec, "{name='async'}", "cluster.network.latency_s=0.25", "stop.max_rounds=6",
+                       f"sim.fidelity='{fidelity}'", "workload.n_train=256"))
+    assert column(r, "workers") == [[k] for k, *_ in ASYNC_EXCHANGE]
+    assert column(r, "pulled") == [[p] for _, p, *_ in ASYNC_EXCHANGE]
+    assert column(r, "staleness") == [[s] for _, _, s, *_ in ASYNC_EXCHANGE]
+    assert column(r, "start_s") == [[t] for *_, t, _, _ in ASYNC_EXCHANGE]
+    assert column(r, "finish_s") == [[t] for *_, t, _ in ASYNC_EXCHANGE]
+    assert r.metrics["time_s"] == [0.0] + [t for *_, t in ASYNC_EXCHANGE]
+
+
+def test_the_exchange_goes_through_the_server_under_event_driven_protocols():
+    from hetsim.cluster import exchange_time
+    from hetsim.config import NetworkSpec
+
+    class Link:  # what exchange_time reads of a device
+        bandwidth_Bps, latency_s = None, None
+
+    ring = NetworkSpec(collective="ring_allreduce", bandwidth_GBps=2.0, latency_s=0.001)
+    s = 4e9  # bytes: 2 s at 2 GB/s
+    assert exchange_time(ring, [Link()], int(s), n=1) == 0.0  # an all-reduce with oneself
+    assert exchange_time(ring, [Link()], int(s), n=1, through_server=True) == pytest.approx(2 * 0.001 + 2 * 2.0)
+    # n arrivals through the server: the server's link carries n models each way (the parameter-server formula)
+    assert exchange_time(ring, [Link()], int(s), n=3, through_server=True) == pytest.approx(2 * 0.001 + 2 * 3 * 2.0)
+    assert exchange_time(ring, [Link()], int(s), n=0, through_server=True) == 0.0

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from backends.torchmp.server import ALIVE, EXITED, NO_PROGRESS, event_driven
+from backends.torchmp.server import ALIVE, EXITED, NO_PROGRESS
+from hetsim.protocols import event_driven
 from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec, worker_names

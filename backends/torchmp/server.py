@@ -50,6 +50,7 @@ import torch.distributed as dist
 from hetsim.errors import HetsimError
 from hetsim.policies import RoundPlan
 from hetsim.protocol import Arrived, Clock, Comm, Steps, Work, run_to_end
+from hetsim.protocols import event_driven
 from hetsim.training import Tallies, TrainingCore
 
 # message tags: a job's three parts, a result's three parts, the final acknowledgement
@@ -71,11 +72,6 @@ RESULT_COLUMNS = 8
 ALIVE, EXITED, NO_PROGRESS, UNREACHABLE = 0, 1, 2, 3
 FAILURE_CAUSES = {EXITED: "its process exited with an error", NO_PROGRESS: "no progress in a job for "
                   "run.fault_timeout_s (ended by the launcher)", UNREACHABLE: "its connection was lost"}
-
-
-def event_driven(protocol_name: str) -> bool:
-    """Whether a protocol runs with a server rank (everything but the barrier)."""
-    return protocol_name != "sync"
 
 
 @dataclass

@@ -33,7 +33,8 @@ from hetsim.training import TrainingCore
 
 from backends.torchmp.clock import WallClock
 from backends.torchmp.comm import TorchComm
-from backends.torchmp.server import ServerClock, ServerComm, ServerCore, event_driven, serve_jobs
+from backends.torchmp.server import ServerClock, ServerComm, ServerCore, serve_jobs
+from hetsim.protocols import event_driven
 
 FAULT_ENV = "HETSIM_INJECT_FAULT"  # testing aid: "crash:RANK:ROUND" or "hang:RANK:ROUND"
 

@@ -33,11 +33,12 @@ from hetsim.cluster import DeviceModel, exchange_time, within_budget
 from hetsim.config import Spec, worker_names
 from hetsim.policies import RoundPlan
 from hetsim.protocol import Arrived, Clock, Comm, Driver, ProgressFn, Steps, Work
+from hetsim.protocols import event_driven
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
 from hetsim.sim.fastpath import TimeOnlyDriver, fast_protocol
-from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock
+from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock, timeout_until
 from hetsim.training import FlatParams, Tallies, TrainingCore
 from hetsim.workloads import Workload, build_model
 
@@ -76,6 +77,7 @@ class SimClock(Clock):
         self.env = simpy.Environment()
         self._always_online = all(not d.offline for d in self.devices)
         self.tallies = tallies
+        self._through_server = event_driven(spec.protocol.name)  # the models go through the server
         # the work in flight (event-driven protocols), as arrays: arrival time (inf: not in flight), start, steps
         self._finish = np.full(self.n, np.inf)
         self._start = np.zeros(self.n)
@@ -116,7 +118,7 @@ class SimClock(Clock):
             chosen = chosen[f[chosen] <= deadline]
             until = deadline
         if until > self.env.now:
-            yield self.env.timeout(until - self.env.now)
+            yield from timeout_until(self.env, until)
         ks = chosen.tolist()
         work = Work(self._steps[chosen].tolist(), self._start[chosen], f[chosen].copy())
         f[chosen] = np.inf
@@ -137,7 +139,8 @@ class SimClock(Clock):
 
     def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
         groups = self.groups if len(ks) == self.n else [self.groups[g] for g in np.unique(self.group_of[ks])]
-        exchange_s = exchange_time(self.spec.cluster.network, groups, nbytes, self.env.now, n=len(ks))
+        exchange_s = exchange_time(self.spec.cluster.network, groups, nbytes, self.env.now, n=len(ks),
+                                   through_server=self._through_server)
         if exchange_s > 0:
             yield self.env.timeout(exchange_s)
 

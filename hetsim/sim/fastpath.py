@@ -34,6 +34,7 @@ from hetsim.policies import Arrivals
 from hetsim.protocol import POLICY_DOCS, Driver, Protocol, Steps, SyncProtocol, Work, _damped, _Pending, _shape
 from hetsim.protocols import SemiSyncProtocol
 from hetsim.results import model_digest
+from hetsim.sim.timeonly import timeout_until
 from hetsim.training import RoundRecord, Tallies
 
 
@@ -442,7 +443,7 @@ def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None =
         chosen = chosen[f[chosen] <= deadline]
         until = deadline
     if until > clock.env.now:
-        yield clock.env.timeout(until - clock.env.now)
+        yield from timeout_until(clock.env, until)
     arrived = _Arrivals(chosen, clock._steps[chosen], clock._start[chosen], f[chosen].copy(), d.core.tallies(chosen))
     f[chosen] = np.inf
     clock._flying -= len(chosen)

@@ -179,6 +179,20 @@ JUMP_MIN_STEPS = 64
 JUMP_SIGMAS = 6.0
 
 
+def timeout_until(env: Any, t: float) -> Any:
+    """Wait (yield from) until exactly time t (> env.now). SimPy schedules at now + delay, and no delay may
+    give exactly t (t - now rounded, then added back, can miss t by an ulp, and by a different ulp from a
+    different `now`): two paths waiting for the same arrival from different moments would disagree in the
+    last digit. So wait for the largest delay that does not pass t, then set the clock to t: nothing can be
+    scheduled within that last ulp."""
+    delay = t - env.now
+    while delay > 0 and env.now + delay > t:
+        delay = math.nextafter(delay, -math.inf)
+    yield env.timeout(delay)
+    if env.now < t:
+        env._now = t  # (SimPy's clock, a plain float: there is no public way to land on t)
+
+
 class VectorClock:
     """Round durations of many devices at once, drawn per device group (see the module docstring)."""
 
