@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hetsim.cluster import DeviceModel, StepTimeModel
+from hetsim.results import read_decisions
 from hetsim.sim import Simulation, simulate
 from hetsim.sim.timeonly import VectorClock
 
@@ -353,6 +354,19 @@ def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_pat
         assert fast[name] == general[name], name
     files = fast["metrics.csv"] + fast["decisions.bin"] + fast["trace.json"]
     assert hashlib.sha256(files).hexdigest()[:16] == before
+
+
+@pytest.mark.parametrize("protocol", ["{name='sync'}", "{name='semi_sync', params={k=5}}"])
+def test_a_stateful_selector_observes_every_update_on_the_array_path_too(tiny_spec, tmp_path, monkeypatch, protocol):
+    # utility's state is every worker's latest loss (+inf before its first round: everyone is tried once);
+    # an array path that skipped `observe` would keep picking the fastest k (the review found it did)
+    args = (f"protocol={protocol}", "selector={name='utility', params={k=3, epsilon=0.0}}", "stop.max_rounds=12")
+    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    picked = {k for d in read_decisions(tmp_path / "fast" / "decisions.bin") for k in d["workers"]}
+    assert picked == set(range(8))  # NOISY's 8 workers: each tried at least once
 
 
 def test_a_static_plan_is_made_once_per_set_of_online_workers(tiny_spec, monkeypatch):
