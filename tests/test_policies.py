@@ -16,6 +16,7 @@ from hetsim.policies.aggregation import Biased, FedNova, Mean, Median, SampleWei
 from hetsim.policies.sampling import EpochStream, LossBiasedTopK, LossScores, Uniform
 from hetsim.policies.scheduling import FixedSteps, Proportional, Synchronous, TimeBudget
 from hetsim.policies.server import OuterSGD
+from hetsim.sim import simulate
 
 
 RNG = np.random.default_rng(0)
@@ -370,6 +371,15 @@ def test_median_weights_are_the_share_of_coordinates_each_replica_supplies():
     # even: the two middle values of the one coordinate (2 of worker 2, 3 of worker 3), half each
     new, w, _ = Median().combine(None, gathered_only([[1.0], [4.0], [2.0], [3.0]]), None)
     assert torch.equal(new, torch.tensor([2.5])) and np.array_equal(w, [0.0, 0.0, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("aggregator", ["{name='median'}", "{name='trimmed_mean', params={beta=0.2}}"])
+def test_robust_aggregators_in_time_only_give_every_participant_an_equal_share(tiny_spec, aggregator):
+    # the time-only model has no coordinates: a share of none is 0/0, so by symmetry 1/n each, with no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = simulate(tiny_spec(f"aggregator={aggregator}", "sim.fidelity='time_only'", "stop.max_rounds=3"))
+    assert [d["weights"] for d in r.decisions] == [[1 / len(d["workers"])] * len(d["workers"]) for d in r.decisions]
 
 
 def test_median_ignores_a_far_away_replica_that_the_mean_follows():

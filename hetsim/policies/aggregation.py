@@ -167,7 +167,8 @@ class _OrderStatistic(Aggregator):
             combined[j:j + width] = values[lo:hi].mean(dim=0)
             counts += torch.bincount(order[lo:hi].reshape(-1), minlength=n)
         w = np.zeros(len(active))
-        w[rows] = counts.cpu().numpy() / ((hi - lo) * size)
+        # a model without coordinates (the time-only fidelity's): by symmetry every participant an equal share
+        w[rows] = counts.cpu().numpy() / ((hi - lo) * size) if size else 1.0 / len(rows)
         return combined, w, state
 
 
