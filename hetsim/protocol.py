@@ -421,6 +421,7 @@ class Driver:
         self.dropped_total = 0                                # late work discarded (semi_sync, late = "drop")
         # when each worker last became free (event-driven protocols trace its idle time until the next dispatch)
         self.ready_at = np.zeros(self.n)
+        self.resumed_at: list[int] = []  # the updates a resume continued from (summary.json, and replay refuses)
         checkpoint = None
         if resume:  # read and checked before anything is written: a refused resume changes nothing
             if self.run_dir is None:
@@ -796,7 +797,7 @@ class Driver:
             rounds_participated={name: int(p) for name, p in zip(self.names, self.participation)},
             protocol=self.protocol.name, selector=self.spec.selector.name, updates=self.version,
             mean_staleness=self.staleness_sum / self.arrivals_combined if self.arrivals_combined else 0.0,
-            dropped=self.dropped_total)
+            dropped=self.dropped_total, resumed_at_updates=self.resumed_at or None)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -858,6 +859,7 @@ class Driver:
                 "scheduler_state": self.scheduler_state, "scheduler_rng": self.scheduler_rng.bit_generator.state,
                 "aggregator_state": self.aggregator_state, "staleness_sum": self.staleness_sum,
                 "arrivals_combined": self.arrivals_combined, "dropped_total": self.dropped_total,
+                "resumed_at": self.resumed_at,
                 "selector_state": self.selector_state, "selector_rng": self.selector_rng.bit_generator.state}
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -886,6 +888,7 @@ class Driver:
             # work in flight at the checkpoint is not saved: it is redone (every worker is idle, ready now)
             self.staleness_sum, self.arrivals_combined = run["staleness_sum"], run["arrivals_combined"]
             self.dropped_total = run["dropped_total"]
+            self.resumed_at = [*run.get("resumed_at", []), self.round]
             self.ready_at[:] = run["time_s"]
             if "selector_rng" in run:  # a checkpoint from before selectors: its run selected everyone
                 self.selector_state = run["selector_state"]

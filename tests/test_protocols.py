@@ -302,6 +302,11 @@ def test_a_resumed_async_run_redoes_the_work_in_flight_and_completes(tiny_spec, 
     assert [d["pulled"] for d in after] == [[4], [5], [4], [6]]
     assert [d["start_s"] for d in after] == [[3.0], [4.0], [3.0], [5.0]]
     assert got.metrics["time_s"][5:] == [4.0, 5.0, 5.0, 6.0]
+    # the run says where it was resumed, and a replay refuses it (its arrivals after update 4 are two runs')
+    assert got.summary["resumed_at_updates"] == [4]
+    from hetsim.cli import main
+
+    assert main(["simulate", "--replay", str(tmp_path), "--quiet"]) == 2
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -379,6 +384,12 @@ def test_simulate_replay_on_the_command_line(tiny_spec, tmp_path, capsys):
                                                f"model digests 5/5 equal")
     assert main(["simulate", "--replay", str(tmp_path / "run"), "--set", "seed=1"]) == 2
     assert "hetsim: error: --replay RUN runs RUN's own config.toml" in capsys.readouterr().err
+    assert simulate(tiny_spec("protocol={name='async'}", "stop.max_rounds=5")).summary["resumed_at_updates"] is None
+    # a folder that is not a run is bad input (exit 2), in one line
+    assert main(["simulate", "--replay", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hetsim: error: {tmp_path}: no decisions.bin to replay (not a run directory, or run with " \
+                  f"trace.decisions = false)\n"
 
 
 # -- decisions and trace ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from hetsim.protocols import event_driven
 from backends.torchmp.worker import drop_empty_log, error_path, log_path, spawn_entry
 from hetsim.analysis import load_run
 from hetsim.config import Spec, worker_names
-from hetsim.errors import HetsimError
+from hetsim.errors import HetsimError, SpecError
 from hetsim.resolve import check
 from hetsim.results import CHECKPOINT, RunResult, load_checkpoint
 from hetsim.rundir import claim_run_dir
@@ -121,9 +121,9 @@ def check_event_driven(spec: Spec) -> None:
     starts: checkpoints (the workers' momentum, data streams and sampler states live in their processes
     and would have to be gathered at a checkpoint)."""
     if spec.run.checkpoint_every:
-        raise HetsimError(f"run.checkpoint_every = {spec.run.checkpoint_every}: the real backend does not checkpoint "
-                          f"protocol {spec.protocol.name!r} (only 'sync'); set it to 0, or simulate the config "
-                          f"(hetsim simulate checkpoints every protocol)")
+        raise SpecError(f"run.checkpoint_every = {spec.run.checkpoint_every}: the real backend does not checkpoint "
+                        f"protocol {spec.protocol.name!r} (only 'sync'); set it to 0, or simulate the config "
+                        f"(hetsim simulate checkpoints every protocol)")
 
 
 def run(spec: Spec, run_dir: str | Path, resume: bool = False, poll_s: float = 0.1, force: bool = False,

@@ -17,6 +17,7 @@ a real one only as far as its exchange and evaluation times agree with the simul
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import deque
 from pathlib import Path
@@ -26,9 +27,10 @@ import numpy as np
 
 from hetsim.cluster import DeviceModel
 from hetsim.config import Spec, worker_names
-from hetsim.errors import HetsimError
+from hetsim.errors import HetsimError, SpecError
 from hetsim.policies import RoundPlan
 from hetsim.protocol import Driver, Hooks, ProgressFn, Steps, Work
+from hetsim.protocols import event_driven
 from hetsim.resolve import load_spec, resolve
 from hetsim.results import Decisions, RunResult, read_decisions
 from hetsim.sim.engine import SimClock, Simulation, _torch_threads
@@ -173,14 +175,20 @@ def replay(run: str | Path, out: str | Path | None = None, progress: ProgressFn 
     run = Path(run)
     where = str(run)
     if not (run / "decisions.bin").is_file():
-        raise HetsimError(f"{run}: no decisions.bin to replay (not a run directory, or run with trace.decisions "
-                          f"= false)")
+        raise SpecError(f"{run}: no decisions.bin to replay (not a run directory, or run with trace.decisions "
+                        f"= false)")
     spec = load_spec(run / "config.toml")
     recorded = read_decisions(run / "decisions.bin")
     if not len(recorded):
-        raise HetsimError(f"{run}: its decisions hold no update to replay")
+        raise SpecError(f"{run}: its decisions hold no update to replay")
     if not spec.trace.decisions:
-        raise HetsimError(f"{run}: its config has trace.decisions = false: a replay compares decisions")
+        raise SpecError(f"{run}: its config has trace.decisions = false: a replay compares decisions")
+    summary = run / "summary.json"
+    resumed = json.loads(summary.read_text()).get("resumed_at_updates") if summary.is_file() else None
+    if resumed and event_driven(spec.protocol.name):
+        raise SpecError(f"{run}: resumed at update {resumed[0]} with its work in flight redone (protocol "
+                        f"{spec.protocol.name!r}), so its arrivals after that are not one run's to replay; "
+                        f"replay a run that was not resumed")
     # a replay checkpoints nothing (run.* does not change what a run decides)
     spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, checkpoint_every=0))
     experiment = resolve(spec)
