@@ -136,6 +136,10 @@ class Clock(ABC):
         """How many workers are in flight (a clock that counts them answers without building the list)."""
         return len(self.in_flight())
 
+    def in_flight_since(self) -> dict[int, float]:
+        """The workers in flight and when each was dispatched (the run's end counts their busy time so far)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run event-driven protocols: it has no in_flight")
+
     @abstractmethod
     def exchange(self, ks: Sequence[int], nbytes: int) -> Steps:
         """Charge exchanging nbytes among the workers ks (a simulated clock; the wall clock's comm takes
@@ -784,7 +788,10 @@ class Driver:
             yield from self.end_round("")
         self.clock.start()
         self.stopped_by = yield from self.protocol.run(self)
-        self.end_time = self.clock.now()  # work still in flight when the protocol stopped does not count
+        self.end_time = self.clock.now()  # work still in flight when the protocol stopped is not combined,
+        if self.protocol.event_driven:  # but its workers were busy until now (utilization)
+            for k, since in self.clock.in_flight_since().items():
+                self.busy_s[k] += max(0.0, self.end_time - since)
 
     def summary(self, wall_s: float) -> dict:
         return run_summary(

@@ -64,6 +64,8 @@ def test_async_combines_each_arrival_at_once_with_its_staleness(tiny_spec, fidel
     assert r.summary["mean_staleness"] == pytest.approx(13 / 8)
     assert r.summary["time_s"] == 5.0  # w1's job pulled at t = 4 is in flight at the stop: discarded
     assert r.summary["rounds_participated"] == {"cpu0": 5, "gpu0": 2, "gpu1": 1}
+    # every worker computed all the time: w1's job in flight since t = 4 counts its second to the end
+    assert r.summary["utilization"] == {"cpu0": 1.0, "gpu0": 1.0, "gpu1": 1.0}
 
 
 def test_async_math_by_hand_is_fedasync_with_polynomial_staleness(tiny_spec):

@@ -285,6 +285,9 @@ class ServerClock(Clock):
     def in_flight(self) -> list[int]:
         return sorted(self._in_flight)
 
+    def in_flight_since(self) -> dict[int, float]:
+        return dict(sorted(self._in_flight.items()))
+
     def next_arrivals(self, count: int, deadline: float | None) -> Steps:
         """Wait until `count` in-flight workers have arrived or the timeline reaches `deadline`
         (absolute; None: no deadline), whichever comes first, and return those arrivals in arrival order.

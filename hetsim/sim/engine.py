@@ -97,6 +97,9 @@ class SimClock(Clock):
     def in_flight_count(self) -> int:
         return self._flying
 
+    def in_flight_since(self) -> dict[int, float]:
+        return {k: float(self._start[k]) for k in self.in_flight()}
+
     def next_arrivals(self, count: int, deadline: float | None) -> Steps:
         """The earliest `count` arrivals (ties in time: lower worker index first), by one partition of the
         in-flight arrival times; the clock advances to the last of them, or to the deadline if it comes
