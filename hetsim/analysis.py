@@ -284,7 +284,8 @@ def speedup_markdown(rows: Sequence[SpeedupRow], target: float, baseline: str | 
     head = (f"| policy | seeds reaching {target:.0%} | time to {target:.0%} (s) | final accuracy | "
             f"speedup over {baseline or '- (no --baseline)'} |\n|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r.label} | {r.reached}/{r.seeds} | {f(r.tta_mean_s, '.4g')} ± {f(r.tta_std_s, '.2g')} | "
+        f"| {r.label} | {r.reached}/{r.seeds} | "
+        f"{'not reached' if r.tta_mean_s is None else f(r.tta_mean_s, '.4g') + ' ± ' + f(r.tta_std_s, '.2g')} | "
         f"{r.final_acc_mean:.3f} ± {r.final_acc_std:.3f} | {speedup(r)} |\n"
         for r in rows)
     return head + body

@@ -35,6 +35,11 @@ def _report_divergence(summary: dict, out: Path) -> int:
     return EXIT_DIVERGED
 
 
+def _unit(summary: dict) -> str:
+    """What a run's rows count: rounds (sync) or updates (the event-driven protocols)."""
+    return "rounds" if summary.get("protocol", "sync") == "sync" else "updates"
+
+
 class Progress:
     """One status line per run, refreshed in place on a terminal and every few seconds otherwise."""
 
@@ -45,11 +50,13 @@ class Progress:
         self._last = 0.0
         self.prefix = ""
         self.last_acc = math.nan
+        self.unit = "round"
 
-    def start(self, prefix: str) -> None:
+    def start(self, prefix: str, protocol: str = "sync") -> None:
         self.prefix = prefix
         self._last = 0.0
         self.last_acc = math.nan
+        self.unit = "round" if protocol == "sync" else "update"  # an event-driven protocol's row is an update
 
     def __call__(self, row: dict) -> None:
         if not math.isnan(row["test_acc"]):
@@ -59,13 +66,13 @@ class Progress:
             return
         self._last = now
         acc = "n/a" if math.isnan(self.last_acc) else f"{self.last_acc:.3f}"  # n/a: not evaluated yet, or time-only
-        self._print(f"round {row['round']:>5}  t={row['time_s']:.4g}s  epoch {row['epoch']:.2f}  acc {acc}",
+        self._print(f"{self.unit} {row['round']:>5}  t={row['time_s']:.4g}s  epoch {row['epoch']:.2f}  acc {acc}",
                     final=False)
 
     def done(self, summary: dict) -> None:
         from hetsim.results import summary_outcome
 
-        self._print(f"done: {summary['rounds']} rounds, t={summary['time_s']:.4g}s, {summary_outcome(summary)} "
+        self._print(f"done: {summary['rounds']} {_unit(summary)}, t={summary['time_s']:.4g}s, {summary_outcome(summary)} "
                     f"(wall {summary['wall_time_s']:.1f}s)", final=True)
 
     def _print(self, text: str, final: bool) -> None:
@@ -106,7 +113,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec, out = _spec_and_out(args, "sim")
     progress = None if args.quiet else Progress()
     if progress:
-        progress.start(f"[{spec.name} seed {spec.seed}]")
+        progress.start(f"[{spec.name} seed {spec.seed}]", spec.protocol.name)
     result = simulate(spec, out, progress, resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
     if progress:
         progress.done(result.summary)
@@ -190,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"hetsim: error: {e}", file=sys.stderr)
         return 128 + e.signum
     s = result.summary
-    print(f"{spec.name}: {s['rounds']} rounds in {s['time_s']:.3g}s wall, {summary_outcome(s)}", file=sys.stderr)
+    print(f"{spec.name}: {s['rounds']} {_unit(s)} in {s['time_s']:.3g}s wall, {summary_outcome(s)}", file=sys.stderr)
     status = _report_divergence(s, out)
     print(out)
     return status
