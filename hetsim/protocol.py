@@ -436,8 +436,8 @@ class Driver:
             self.aggregator_state = self.aggregator.init_state(core.global_params())
             self.selector_state = self.selector.init_state(core.infos)
             self._check_savable(core.state_dict)
-        self.writer = RunWriter(self.run_dir, spec, self.names, always_traced=[self.evaluator],
-                                resume=resume) if comm.leader else None
+        self.writer = RunWriter(self.run_dir, spec, self.names, always_traced=[self.evaluator], resume=resume,
+                                server_lane=self.protocol.event_driven) if comm.leader else None
         if checkpoint is not None:
             self.config_changes = checkpoint.config_changes
             self._restore(checkpoint.state)
@@ -734,12 +734,14 @@ class Driver:
         loss, acc = (None if v[2] else v[0]), (None if v[3] else v[1])
         if charged and self.writer is not None:
             end = self.clock.now()
-            # event-driven protocols: the other workers may be computing meanwhile; their idle time is traced
-            # when they are next dispatched
-            traced = [self.evaluator] if self.protocol.event_driven else self.workers
-            if end > start:
-                for i in self.writer.trace_positions(self.round, traced):
-                    k = traced[i]
+            if self.protocol.event_driven:
+                # the server evaluates (the real backend's rank 0; the time model charges the `eval.on`
+                # device's eval_time_s) while the workers may be computing: on the server's own track
+                if end > start:
+                    self.writer.add_trace(trace_event("eval", self.n, start, end, round=self.round))
+            elif end > start:
+                for i in self.writer.trace_positions(self.round, self.workers):
+                    k = self.workers[i]
                     self.writer.add_trace(trace_event("eval" if k == self.evaluator else "idle", k, start, end,
                                                       round=self.round))
         return loss, acc

@@ -425,7 +425,8 @@ class TraceSample:
             self.mask = None
 
     def keeps(self, worker: int) -> bool:
-        return self.mask is None or bool(self.mask[worker])
+        """(a track beyond the workers', the server's, is always kept)"""
+        return self.mask is None or worker >= len(self.mask) or bool(self.mask[worker])
 
     def positions(self, round_: int, workers: Sequence[int]) -> list[int]:
         """Indices i of `workers` whose events of this round are kept."""
@@ -484,7 +485,7 @@ class RunWriter:
     """
 
     def __init__(self, run_dir: Path | None, spec: Spec, names: Sequence[str], always_traced: Iterable[int] = (),
-                 resume: bool = False):
+                 resume: bool = False, server_lane: bool = False):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.spec = spec
         self.rows = MetricRows()
@@ -514,7 +515,9 @@ class RunWriter:
             self._write("metrics.csv", (",".join(METRIC_COLUMNS) + "\n").encode())
             self._write("decisions.bin", DECISIONS_MAGIC)
             self._write("trace.json", b"[\n")
-        for event in trace_thread_names(list(names)):
+        # server_lane: a track after the workers' (tid = len(names)) for what the server does (event-driven
+        # protocols: the evaluation), so it does not overlap the evaluator device's own compute
+        for event in trace_thread_names(list(names) + (["server"] if server_lane else [])):
             self.add_trace(event)
         self.flush()
 

@@ -488,3 +488,14 @@ def test_the_exchange_goes_through_the_server_under_event_driven_protocols():
     # n arrivals through the server: the server's link carries n models each way (the parameter-server formula)
     assert exchange_time(ring, [Link()], int(s), n=3, through_server=True) == pytest.approx(2 * 0.001 + 2 * 3 * 2.0)
     assert exchange_time(ring, [Link()], int(s), n=0, through_server=True) == 0.0
+
+
+def test_event_driven_evaluations_are_on_the_servers_track(tiny_spec):
+    # the server evaluates while the workers compute: its own track (after the workers'), not the evaluator's
+    r = simulate(tiny_spec("protocol={name='async'}", "stop.max_rounds=4", "eval.every_rounds=2",
+                           "cluster.devices.0.eval_time_s=0.01", "cluster.devices.1.eval_time_s=0.01"))
+    names = {e["tid"]: e["args"]["name"] for e in r.trace if e.get("name") == "thread_name"}
+    assert names == {0: "cpu0", 1: "gpu0", 2: "gpu1", 3: "server"}
+    evals = [e for e in r.trace if e.get("name") == "eval"]
+    assert [e["args"]["round"] for e in evals] == [2, 4] and all(e["tid"] == 3 for e in evals)
+    assert all(e["dur"] == pytest.approx(0.01 * 1e6) for e in evals)

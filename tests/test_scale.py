@@ -317,7 +317,8 @@ BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
 
 #: each case's metrics.csv + decisions.bin + trace.json (SHA-256, first 16 hex digits) as the code before the
 #: array round wrote them (h-proto at fb590e5 and 164d297: decisions /3); the event-driven cases as they
-#: are since their exchange goes through the server (a lone arrival pays a push and a pull)
+#: are since their exchange goes through the server (a lone arrival pays a push and a pull) and their
+#: evaluations are on the trace's server track
 @pytest.mark.parametrize("args, before", [
     # the bench's policies; gpu3 away for a while (another online set: planned afresh, then the old plan again)
     (("scheduler={name='proportional', params={max_steps=8}}", "sampler={name='loss_topk', params={kinds=['cpu']}}",
@@ -331,21 +332,21 @@ BENCH_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
       "stop.max_rounds=0", "stop.max_time_s=0.3", "optim.lr_schedule='cosine'"), "42281df408a0591d"),
     # event-driven protocols: the driver's own protocols, the static plan reused at every dispatch
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5, late='keep', staleness='polynomial'}}",
-      "stop.max_rounds=30"), "6da310c4b1e6f263"),
+      "stop.max_rounds=30"), "66218d79e4a7fa94"),
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=6, deadline_s=0.012}}", "stop.max_rounds=30"),
-     "d63d3cb1856d156a"),
+     "fea9e59e9e32ad1f"),
     # no deadline, late work dropped (3 workers' every other round): the earliest arrivals up to the k-th fresh one
-    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5}}", "stop.max_rounds=40"), "a2064cdaef7b0d06"),
+    ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=5}}", "stop.max_rounds=40"), "aba6b99c531e6e01"),
     # nobody by a short deadline: the first arrival closes every round (late work dropped)
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=7, deadline_s=0.004}}", "stop.max_rounds=40"),
-     "aaa4db2c50abe392"),
+     "b3ecb6da5dbd1cb0"),
     # the deadline closes rounds with 1-3 of k = 4; late work kept, damped
     ((*BENCH_POLICIES, "protocol={name='semi_sync', params={k=4, deadline_s=0.011, late='keep', staleness='hinge', "
-      "a=0.3, b=1}}", "stop.max_rounds=40"), "924b36c8392a4ec3"),
+      "a=0.3, b=1}}", "stop.max_rounds=40"), "64e9bcf9f5e3011e"),
     ((*BENCH_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}",
-      "stop.max_rounds=60"), "2e91693bfb862697"),
+      "stop.max_rounds=60"), "e09b1bbe20914e50"),
     ((*BENCH_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='hinge', a=0.3, b=2}}",
-      "stop.max_rounds=40"), "4a97ff5594c2fcd5"),
+      "stop.max_rounds=40"), "66cd0b00f41844e2"),
 ])
 def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_path, monkeypatch, args, before):
     fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
