@@ -500,6 +500,34 @@ def test_time_only_update_loop_stops_at_the_surrogates_target_accuracy(tiny_spec
         assert fast[name] == general[name], name
     summary = json.loads(fast["summary"])
     assert summary["stopped_by"] == "target_accuracy" and 50 < summary["rounds"] < 2000
+    # the summary's accuracy fields (kept as the rows came) from metrics.csv's rows
+    from hetsim.results import read_metrics_columns
+    m = read_metrics_columns(tmp_path / "fast" / "metrics.csv")
+    evaluated = [i for i, a in enumerate(m["test_acc"]) if not np.isnan(a)]
+    hit = next(i for i in evaluated if m["test_acc"][i] >= 0.85)
+    assert 10 < len(evaluated) < len(m["round"]) and hit == evaluated[-1]
+    assert (summary["time_to_accuracy_s"], summary["rounds_to_accuracy"], summary["epochs_to_accuracy"]) == \
+        (m["time_s"][hit], m["round"][hit], m["epoch"][hit])
+    assert summary["final_test_acc"] == m["test_acc"][evaluated[-1]]
+    assert summary["best_test_acc"] == max(m["test_acc"][i] for i in evaluated)
+    assert summary["final_train_loss"] == m["train_loss"][-1] == 1.0
+
+
+def test_a_run_with_a_directory_keeps_its_metrics_on_disk_only(tiny_spec, tmp_path):
+    from hetsim.results import read_metrics_columns
+    args = ("sim.fidelity='time_only'", "protocol={name='async'}", "stop.max_rounds=500", "eval.every_rounds=100")
+    r = simulate(tiny_spec(*args), tmp_path / "run")
+    in_memory = simulate(tiny_spec(*args))
+    assert len(r.metrics["round"]) == 501 and json.dumps(dict(r.metrics)) == json.dumps(in_memory.metrics)
+    assert r.metrics["round"][:3] == [0, 1, 2] and type(r.metrics["samples"][-1]) is int
+    assert read_metrics_columns(tmp_path / "run" / "metrics.csv")["time_s"] == r.metrics["time_s"]
+    sim = Simulation(tiny_spec(*args), tmp_path / "again")
+    sim.run()
+    rows = sim.writer.rows
+    assert len(rows) == 501 and repr(rows[-1]) == repr({c: in_memory.metrics[c][-1] for c in in_memory.metrics})
+    assert not rows.keep and not any(len(col) for col in rows.columns.values())  # nothing per row in memory
+    with pytest.raises(IndexError, match="metrics.csv"):
+        rows[3]
 
 
 @pytest.mark.parametrize("protocol", ["async", "buffered_async"])

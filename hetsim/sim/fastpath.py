@@ -36,7 +36,7 @@ from hetsim.policies import Arrivals, WorkerInfo
 from hetsim.protocol import (POLICY_DOCS, ArrivalBuffer, Driver, Hooks, Protocol, Steps, SyncProtocol, Work, _damped,
                              _Pending, _shape)
 from hetsim.protocols import AsyncProtocol, BufferedAsyncProtocol, SemiSyncProtocol
-from hetsim.results import METRIC_COLUMNS, _cell, encode_update, model_digest
+from hetsim.results import _cell, encode_arrival, encode_update, model_digest
 from hetsim.sim.timeonly import STAND_IN_LOSS, TimeOnlyCore
 from hetsim.training import RoundRecord, Tallies, lr_at
 
@@ -535,12 +535,24 @@ class _UpdateLoop:
         self.write_decisions = d.writer is not None and d.spec.trace.decisions
         self._params: dict[tuple, tuple] = {}
         self._weights: dict[tuple, list[float]] = {}
+        self._single: dict[tuple, float] = {}
+        self.batch = d.spec.optim.batch_size
+        self._lr_cell: tuple[float, str] | None = None
         self.group_of = d.clock.group_of.tolist()
         self.kind_of = d.kinds.tolist()
         self.target: dict[int, int | None] = {}
         self.budget: float | None = None
 
     # -- writing ---------------------------------------------------------------------------------------
+
+    def line(self, row: dict) -> str:
+        """metrics_line(row) (the same cells: no cell of a row needs quoting), with the lr's cell kept."""
+        lr = row["lr"]
+        if self._lr_cell is None or self._lr_cell[0] != lr or type(self._lr_cell[0]) is not type(lr):
+            self._lr_cell = (lr, _cell(lr))
+        tl, ta = row["test_loss"], row["test_acc"]
+        return (f"{row['round']},{float(row['time_s'])!r},{float(row['epoch'])!r},{row['samples']},{self._lr_cell[1]},"
+                f"{float(row['train_loss'])!r},{'' if tl is None else _cell(tl)},{'' if ta is None else _cell(ta)}\n")
 
     def flush(self) -> None:
         w = self.d.writer
@@ -728,6 +740,34 @@ class _UpdateLoop:
                 d._trace("comm", k, close, now, bytes=core.model_bytes)
         return now, train_loss
 
+    def combine_one(self, k: int, finish: float, now: float, lr: float, round_: int, trace: bool) -> float:
+        """`combine` of one arrival (async), with fewer Python objects per update. Returns the training loss."""
+        d, core = self.d, self.d.core
+        n = self.steps[k]
+        samples = n * self.batch
+        pulled = int(d.pulled[k])
+        version = d.version
+        tau = version - pulled
+        key = (self.kind_of[k], n)
+        w = self._single.get(key)
+        if w is None:
+            w = self._single[key] = self.weights([k], [n], [tau], lr)[0]
+        d.version = version = version + 1
+        core.samples_total += samples
+        d.participation[k] += 1
+        d.staleness_sum += tau
+        d.arrivals_combined += 1
+        if self.write_decisions:
+            self.records.append(encode_arrival(round_, k, n, samples, int(core._biased[k]), w, version, tau, pulled,
+                                               self.start[k], finish))
+        d.exchange_total_s += 0.0  # (now - close: one arrival exchanges with nobody)
+        d.ready_at[k] = now
+        if trace:
+            for _ in d.writer.trace_positions(round_, [k]):
+                d._trace("idle", k, finish, now)
+                d._trace("comm", k, now, now, bytes=core.model_bytes)
+        return float(samples * STAND_IN_LOSS) / samples
+
     # -- the run ---------------------------------------------------------------------------------------
 
     def run(self) -> Steps:
@@ -760,7 +800,7 @@ class _UpdateLoop:
                     row = {"round": d.round, "time_s": now, "epoch": core.epochs, "samples": core.samples_total,
                            "lr": lr, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc}
                     self.rows.append(row)
-                    self.lines.append(",".join([_cell(row[c]) for c in METRIC_COLUMNS]) + "\n")
+                    self.lines.append(self.line(row))
                     if d.progress:
                         self.flush()
                         d.progress(writer.rows[-1])
@@ -786,6 +826,11 @@ class _UpdateLoop:
                 self._adopt(d._plan)
             elif last >= 0:
                 self.dispatch(last, now, round_, trace)
+            if not buffered and self.heap:  # async: one arrival
+                now, k, finish = self.arrive(now, round_, trace)
+                last = k
+                pending = (lr, self.combine_one(k, finish, now, lr, round_, trace))
+                continue
             arrived = []
             while len(arrived) < k_buffer and self.heap:
                 now, k, finish = self.arrive(now, round_, trace)
