@@ -573,7 +573,7 @@ def test_time_only_update_loop_hands_runs_it_does_not_model_to_the_general_proto
 
 
 def test_encode_update_writes_encode_decisions_bytes():
-    from hetsim.results import encode_decision, encode_update
+    from hetsim.results import encode_arrival, encode_decision, encode_update
     from hetsim.training import RoundRecord
     rng = np.random.default_rng(1)
     for n in (1, 2, 3, 9):
@@ -585,7 +585,13 @@ def test_encode_update_writes_encode_decisions_bytes():
                         start_s=floats[1], finish_s=floats[2])
             record = RoundRecord(round=int(rng.integers(0, top)), train_loss=1.0, time_budget_s=None, **args)
             assert encode_update(record.round, **args) == encode_decision(record)
+            if n == 1:
+                one = [args[k][0] if isinstance(args[k], list) else args[k] for k in
+                       ("workers", "local_steps", "samples", "biased_samples", "weights", "version", "staleness",
+                        "pulled", "start_s", "finish_s")]
+                assert encode_arrival(record.round, *one) == encode_decision(record)
     negative = dict(workers=[3], local_steps=[-1], samples=[0], biased_samples=[0], weights=[1.0], version=2,
                     staleness=[0], pulled=[-5], start_s=[0.5], finish_s=[1.5])
-    assert encode_update(7, **negative) == encode_decision(RoundRecord(round=7, train_loss=1.0, time_budget_s=None,
-                                                                        **negative))
+    expected = encode_decision(RoundRecord(round=7, train_loss=1.0, time_budget_s=None, **negative))
+    assert encode_update(7, **negative) == expected
+    assert encode_arrival(7, 3, -1, 0, 0, 1.0, 2, 0, -5, 0.5, 1.5) == expected
