@@ -365,7 +365,7 @@ class TimeOnlySemiSync(Protocol):
         ks = _ints([a.workers for a in taken])
         close = d.clock.now()
         if len(ks):
-            yield from d.clock.exchange(ks, d.core.model_bytes)
+            yield from _exchange(d, ks)
         tallies = _concat([a.tallies for a in taken])
         start = _cat([a.start for a in taken])
         finish = _cat([a.finish for a in taken])
@@ -380,6 +380,20 @@ class TimeOnlySemiSync(Protocol):
                 k = int(ks[i])
                 d._trace("idle", k, float(finish[i]), close)
                 d._trace("comm", k, close, end, bytes=d.core.model_bytes)
+
+
+def _exchange(d: Driver, ks: np.ndarray) -> Steps:
+    """SimClock.exchange among workers ks, their device groups found by counting (np.unique hashes 10^5
+    indices; the groups come in the same, ascending order)."""
+    clock = d.clock
+    if len(ks) == clock.n:
+        groups = clock.groups
+    else:
+        present = np.flatnonzero(np.bincount(clock.group_of[ks], minlength=len(clock.groups)))
+        groups = [clock.groups[g] for g in present.tolist()]
+    exchange_s = exchange_time(d.spec.cluster.network, groups, d.core.model_bytes, clock.env.now, n=len(ks))
+    if exchange_s > 0:
+        yield clock.env.timeout(exchange_s)
 
 
 def _concat(parts: list[Tallies]) -> Tallies:
@@ -419,6 +433,16 @@ class _Arrivals:
         return _Arrivals(self.workers[mask], self.steps[mask], self.start[mask], self.finish[mask], tallies)
 
 
+def _by_time(times: np.ndarray) -> np.ndarray:
+    """argsort(times, kind="stable"): the order by time, ties in their order in `times`. Sorted by numpy's
+    default (unstable, ~5x faster on 10^5 times); only if two times are equal is the stable sort needed."""
+    order = np.argsort(times)
+    ordered = times[order]
+    if (ordered[1:] == ordered[:-1]).any():
+        return np.argsort(times, kind="stable")
+    return order
+
+
 def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None) -> Steps:
     """TimeOnlyClock.next_arrivals and Driver.arrivals on arrays: the earliest `count` in-flight arrivals
     (ties in time: lower worker index first), up to the deadline; busy time, step times and compute spans
@@ -428,7 +452,7 @@ def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None =
     f = clock._finish
     if fresh is not None:
         flying = np.flatnonzero(np.isfinite(f))
-        order = flying[np.argsort(f[flying], kind="stable")]  # by time, ties by index (flying is ascending)
+        order = flying[_by_time(f[flying])]  # by time, ties by index (flying is ascending)
         upto = int(np.searchsorted(np.cumsum(d.pulled[order] == fresh), count))  # the count-th fresh one
         chosen = order[:upto + 1]
     elif count == 1:
@@ -443,7 +467,7 @@ def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None =
             chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
             # by time, ties by index (the clock's lexsort): chosen is in index order within each time
             # (below: ascending; the ties at v, ascending, after them), so a stable sort by time is enough
-            chosen = chosen[np.argsort(f[chosen], kind="stable")]
+            chosen = chosen[_by_time(f[chosen])]
     until = float(f[chosen[-1]]) if len(chosen) else clock.env.now
     if deadline is not None and (not len(chosen) or until > deadline):
         chosen = chosen[f[chosen] <= deadline]
