@@ -595,3 +595,11 @@ def test_encode_update_writes_encode_decisions_bytes():
     expected = encode_decision(RoundRecord(round=7, train_loss=1.0, time_budget_s=None, **negative))
     assert encode_update(7, **negative) == expected
     assert encode_arrival(7, 3, -1, 0, 0, 1.0, 2, 0, -5, 0.5, 1.5) == expected
+
+
+def test_the_order_by_time_breaks_ties_by_position():
+    from hetsim.sim.fastpath import _by_time
+    rng = np.random.default_rng(0)
+    for times in (rng.random(1000), rng.integers(0, 5, 1000).astype(float), np.zeros(7), np.array([2.0, 1.0]),
+                  np.concatenate([rng.random(500), np.full(500, 0.5)])[rng.permutation(1000)], np.zeros(0)):
+        assert _by_time(times).tolist() == np.argsort(times, kind="stable").tolist()

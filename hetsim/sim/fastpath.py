@@ -435,12 +435,16 @@ class _Arrivals:
 
 def _by_time(times: np.ndarray) -> np.ndarray:
     """argsort(times, kind="stable"): the order by time, ties in their order in `times`. Sorted by numpy's
-    default (unstable, ~5x faster on 10^5 times); only if two times are equal is the stable sort needed."""
+    default (unstable, ~5x faster on 10^5 times); where times tie (a device group of constant speed: many),
+    each run of equal times is put in position order by one sort of (run, position) as integers."""
     order = np.argsort(times)
     ordered = times[order]
-    if (ordered[1:] == ordered[:-1]).any():
-        return np.argsort(times, kind="stable")
-    return order
+    tie = ordered[1:] == ordered[:-1]
+    if not tie.any():
+        return order
+    n = len(times)
+    run = np.concatenate([[0], np.cumsum(~tie)])
+    return np.sort(run * n + order) % n
 
 
 def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None) -> Steps:
