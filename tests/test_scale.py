@@ -293,7 +293,7 @@ def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[st
     files = {name: (out / name).read_bytes() for name in ("metrics.csv", "decisions.bin", "trace.json")}
     d = sim.driver  # what a checkpoint would hold: the core's (what the policies know of each worker) and the run's
     state = (sim.core.state_dict(), sim.clock.state_dict(), d.busy_s, d.participation, d.pulled, d.version,
-             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state)
+             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state, d.selector_state)
     return {**files, "summary": json.dumps(summary, sort_keys=True).encode(), "state": as_bytes(state)}
 
 
@@ -603,3 +603,16 @@ def test_the_order_by_time_breaks_ties_by_position():
     for times in (rng.random(1000), rng.integers(0, 5, 1000).astype(float), np.zeros(7), np.array([2.0, 1.0]),
                   np.concatenate([rng.random(500), np.full(500, 0.5)])[rng.permutation(1000)], np.zeros(0)):
         assert _by_time(times).tolist() == np.argsort(times, kind="stable").tolist()
+
+
+@pytest.mark.parametrize("protocol", ["sync", "semi_sync"])
+def test_time_only_array_rounds_let_a_stateful_selector_observe_every_update(tiny_spec, tmp_path, monkeypatch,
+                                                                             protocol):
+    # the utility selector (Oort-like) learns from each combination's arrivals: its choices follow what it saw
+    params = "{k=4}" if protocol == "semi_sync" else "{}"
+    args = ("selector={name='utility', params={k=5}}", f"protocol={{name='{protocol}', params={params}}}",
+            "stop.max_rounds=30")
+    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name

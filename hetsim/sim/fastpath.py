@@ -225,6 +225,7 @@ def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pull
         new_global, weights, d.aggregator_state = out
         if alpha != 1.0:
             new_global = x + alpha * (new_global - x)
+        d.selector_state = d.selector.observe(d.round, arrivals, d.selector_state)
         core.install(new_global)
         d.version += 1
         core.merge_scores(tallies.observations)
