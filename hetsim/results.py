@@ -16,9 +16,11 @@
 
 The three per-round files are append-only: every finished round is handed to the OS before the next
 starts (a SIGKILL loses no finished round), whole lines or whole records, and readers drop a partial last
-line or record. One exception: the time-only fast path (hetsim/sim/fastpath.py, sync and semi_sync at
-scale) compresses decision records on a second thread, so a kill can lose the last finished update's
-decisions record (never its metrics row; a resume from a checkpoint loses nothing). Checkpoints store the files' lengths, and `--resume` cuts the files back to them.
+line or record. Two exceptions, in the time-only fast path (hetsim/sim/fastpath.py): at scale, sync and
+semi_sync compress decision records on a second thread, so a kill can lose the last finished update's
+decisions record (never its metrics row); async and buffered_async write rows and records a few thousand
+updates at a time, so a kill can lose up to that many (a resume from a checkpoint loses nothing).
+Checkpoints store the files' lengths, and `--resume` cuts the files back to them.
 config.toml and summary.json are written atomically (temporary file + rename). Every JSON file goes
 through `strict_json`: NaN and infinities become null, so strict JSON readers accept them.
 
@@ -614,8 +616,9 @@ _FILES = (("metrics.csv", "metrics_bytes"), ("decisions.bin", "decisions_bytes")
 class RunWriter:
     """Writes a run's rows, decisions and trace events as they happen (see the module docstring).
 
-    Memory stays flat as rounds grow: rows are 8 numbers a round, decisions go to disk (or to one
-    compressed buffer without a run directory) and only the sampled trace events are kept.
+    Memory stays flat as rounds grow: rows go to metrics.csv (kept in memory, 8 numbers a round, only
+    without a run directory; `MetricRows`), decisions go to disk (or to one compressed buffer without a run
+    directory; 8 bytes a round of offsets) and only the sampled trace events are kept.
 
     names: the workers' names (trace tracks); always_traced: workers whose events the trace sample keeps
     whatever its size (the evaluator); resume: the files exist and `load_state_dict` will cut them back to

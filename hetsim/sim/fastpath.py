@@ -14,9 +14,13 @@ semi_sync. Here the workers of a round stay int64 arrays from the plan to the de
 - `DecisionsThread`: the record (~3 MB to compress at 10^5 arrivals) is written on a second thread while
   the next round runs.
 
-Everything else (stop check, lr, evaluation, rows, checkpoints, summary) is the driver's. async and
-buffered_async run the driver's own protocols (with the reused plan). The files equal the general
-path's byte for byte (tests/test_scale.py compares them, and with the files h-proto's code wrote).
+- `TimeOnlyEvents`: async and buffered_async as a loop over updates with a heap of arrivals instead of a
+  SimPy event and array operations per update (10^6 updates of 10^4 workers), where the run's plan and
+  speeds allow it (static plan, always online; see the class); otherwise the driver's own protocols.
+
+Everything else (stop check, lr, evaluation, rows, checkpoints, summary) is the driver's. The files equal
+the general path's byte for byte (tests/test_scale.py compares them, and with the files h-proto's code
+wrote).
 """
 
 from __future__ import annotations
