@@ -55,7 +55,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -247,31 +247,11 @@ class MetricRows(Sequence):
         return {c: col.tolist() for c, col in self.columns.items()}
 
 
-class _LazyMetrics(Mapping):
-    """metrics.csv's columns, read on first use (as MetricRows.as_lists gives them: round and samples ints,
-    what was not computed NaN)."""
-
-    def __init__(self, path: Path):
-        self._path = path
-        self._columns: dict[str, list[Any]] | None = None
-
-    def _all(self) -> dict[str, list[Any]]:
-        if self._columns is None:
-            cols = read_metrics_columns(self._path)
-            self._columns = {c: [int(v) for v in col] if c in _INT_COLUMNS else col for c, col in cols.items()}
-        return self._columns
-
-    def __getitem__(self, key: str) -> list[Any]:
-        return self._all()[key]
-
-    def __iter__(self):
-        return iter(METRIC_COLUMNS)
-
-    def __len__(self) -> int:
-        return len(METRIC_COLUMNS)
-
-    def __repr__(self) -> str:
-        return f"metrics of {self._path}"
+def read_metric_lists(path: Path) -> dict[str, list[Any]]:
+    """metrics.csv's columns as MetricRows.as_lists gives them: round and samples ints, what was not computed
+    NaN."""
+    cols = read_metrics_columns(path)
+    return {c: [int(v) for v in col] if c in _INT_COLUMNS else col for c, col in cols.items()}
 
 
 # -- decisions --------------------------------------------------------------------------------------
@@ -600,14 +580,23 @@ class _LazyTrace(Sequence):
 class RunResult:
     """What a run produced. `metrics` is a dict of equal-length columns, so
     `pandas.DataFrame(result.metrics)` gives the table; values not computed are NaN. `decisions` is a
-    sequence of per-round dicts (decoded on demand), `trace` the trace events the run kept."""
+    sequence of per-round dicts (decoded on demand), `trace` the trace events the run kept.
+
+    The metrics are given as columns, or as the path of the metrics.csv to read them from on first use (a
+    run with a directory: 10^6 updates' rows are ~250 MB of Python lists, which a run does not hold)."""
 
     spec: Spec
-    metrics: dict[str, list[Any]]
+    _metrics: dict[str, list[Any]] | Path
     decisions: Sequence[dict[str, Any]]
     summary: dict[str, Any]
     run_dir: Path | None = None
     trace: Sequence[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, list[Any]]:
+        if not isinstance(self._metrics, dict):
+            self._metrics = read_metric_lists(self._metrics)
+        return self._metrics
 
 
 _FILES = (("metrics.csv", "metrics_bytes"), ("decisions.bin", "decisions_bytes"), ("trace.json", "trace_bytes"))
@@ -774,7 +763,7 @@ class RunWriter:
             self.close()
             write_json(self.run_dir / "summary.json", summary)
             trace = _LazyTrace(self.run_dir / "trace.json")
-        metrics = self.rows.as_lists() if self.rows.keep else _LazyMetrics(self.run_dir / "metrics.csv")
+        metrics = self.rows.as_lists() if self.rows.keep else self.run_dir / "metrics.csv"
         return RunResult(self.spec, metrics, self.decisions, summary, self.run_dir, trace)
 
 
