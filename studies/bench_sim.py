@@ -22,8 +22,8 @@ Prints PASS or FAIL for each target and exits with status 1 when any is missed:
      devices and against the rounds (updates), measured at smaller sizes. A run still going after
      SCALE_LIMIT_S is stopped and missed, with the time the exponent projects for it. The time-only
      sync and semi_sync rounds compress each update's decisions record (~3 MB at 10^5 arrivals) on a
-     second thread: with another process busy on one of the 2 cores, those two targets take ~1.5-2x as
-     long as on an idle machine (the async target writes one small record per update, on one core).
+     second thread, as long as the rest of a round: another process busy on one of the 2 cores slows
+     those two targets most (the async target writes one small record per update, on one core).
 """
 
 from __future__ import annotations
