@@ -55,13 +55,17 @@ class TimeOnlyDriver(Driver):
     _planned: list[int] | None = None
     _plan: tuple | None = None
 
+    def online_workers(self) -> list[int]:
+        """clock.online(self.workers); `workers` itself while nobody can be away (its plan found by identity)."""
+        return self.workers if self.clock._always_online else self.clock.online(self.workers)
+
     def plan_round(self, ks: list[int]) -> tuple:
-        if self._plan is not None and ks == self._planned:
+        if self._plan is not None and (ks is self.workers is self._planned or ks == self._planned):
             self.idle_rounds = 0  # what plan_round does when somebody works (a reused plan has participants)
             return self._plan
         out = super().plan_round(ks)
         reuse = self.scheduler.static and self.spec.selector.name == "all" and len(out[1]) > 0
-        self._planned, self._plan = (list(ks), out) if reuse else (None, None)
+        self._planned, self._plan = ((ks if ks is self.workers else list(ks)), out) if reuse else (None, None)
         return out
 
 
@@ -140,7 +144,7 @@ class TimeOnlySync(Protocol):
                     continue  # evaluated: the accuracy may have reached the target, the time the budget
             if reason:
                 return reason
-            ks = d.clock.online(d.workers)
+            ks = d.online_workers()
             if not ks:  # everyone is away: wait for the first device to return
                 yield from d.clock.until_online()
                 continue
@@ -305,7 +309,7 @@ class TimeOnlySemiSync(Protocol):
             if self.late == "drop" and deadline is None and need > 0:
                 # the loop below asks again for as many as were late, until `need` fresh ones came: together
                 # its calls take the earliest arrivals up to the need-th fresh one, which one call takes here
-                arrived = yield from _arrivals(d, need, None, fresh=d.version)
+                arrived = yield from _arrivals(d, need, None, fresh=d.version, flying=flying)
                 at = arrived.workers
                 idle = np.concatenate([idle, at])
                 late = d.pulled[at] < d.version
@@ -337,7 +341,7 @@ class TimeOnlySemiSync(Protocol):
         their entries (pull, trace their idle time, start). Returns the idle workers left, sorted."""
         if not len(idle):
             return idle
-        out = d.plan_round(d.clock.online(d.workers))
+        out = d.plan_round(d.online_workers())
         if self._arrays is None or self._arrays[0] is not out:
             plan, ks, targets = out
             budget = plan.time_budget_s
@@ -346,9 +350,13 @@ class TimeOnlySemiSync(Protocol):
                                   budget))
         planned, targets, budget = self._arrays[1]
         want = np.sort(idle)
-        pos = np.minimum(np.searchsorted(planned, want), max(len(planned) - 1, 0))
-        hit = (planned[pos] == want) if len(planned) else np.zeros(len(want), dtype=bool)
-        go = want[hit]
+        if len(planned) == d.n:  # everyone planned (planned = 0..n-1): every idle worker goes, at its own index
+            go = targets_at = want
+            left = want[:0]
+        else:
+            pos = np.minimum(np.searchsorted(planned, want), max(len(planned) - 1, 0))
+            hit = (planned[pos] == want) if len(planned) else np.zeros(len(want), dtype=bool)
+            go, targets_at, left = want[hit], pos[hit], want[~hit]
         if len(go):
             d.pulled[go] = d.version
             d.core.pull(go)
@@ -359,10 +367,10 @@ class TimeOnlySemiSync(Protocol):
                     d._trace("idle", k, float(d.ready_at[k]), now)
             # TimeOnlyClock.dispatch: the durations drawn at once, the math (tallies) at once, the arrivals kept
             clock = d.clock
-            durations, steps = clock.vector.round(go, None if targets is None else targets[pos[hit]], budget, now)
+            durations, steps = clock.vector.round(go, None if targets is None else targets[targets_at], budget, now)
             d.core.train(go, steps)
             clock._launch(go, now, steps, now + durations)
-        return want[~hit]
+        return left
 
     def _combine(self, d: Driver, taken: list["_Arrivals"], dropped: list["_Arrivals"], lr: float,
                  decisions: DecisionsThread) -> Steps:
@@ -452,15 +460,17 @@ def _by_time(times: np.ndarray) -> np.ndarray:
     return np.sort(run * n + order) % n
 
 
-def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None) -> Steps:
+def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None,
+              flying: np.ndarray | None = None) -> Steps:
     """TimeOnlyClock.next_arrivals and Driver.arrivals on arrays: the earliest `count` in-flight arrivals
     (ties in time: lower worker index first), up to the deadline; busy time, step times and compute spans
     recorded. fresh: a version; then the earliest arrivals up to the count-th of those that pulled it
-    (no deadline). Returns _Arrivals."""
+    (no deadline; flying: the workers in flight, if known). Returns _Arrivals."""
     clock = d.clock
     f = clock._finish
     if fresh is not None:
-        flying = np.flatnonzero(np.isfinite(f))
+        if flying is None:
+            flying = np.flatnonzero(np.isfinite(f))
         order = flying[_by_time(f[flying])]  # by time, ties by index (flying is ascending)
         upto = int(np.searchsorted(np.cumsum(d.pulled[order] == fresh), count))  # the count-th fresh one
         chosen = order[:upto + 1]
