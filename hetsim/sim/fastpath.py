@@ -312,7 +312,7 @@ class TimeOnlySemiSync(Protocol):
                 arrived = yield from _arrivals(d, need, None, fresh=d.version, flying=flying)
                 at = arrived.workers
                 idle = np.concatenate([idle, at])
-                late = d.pulled[at] < d.version
+                late = arrived.late
                 if late.any():
                     dropped.append(arrived.subset(late))
                     arrived = arrived.subset(~late)
@@ -349,7 +349,7 @@ class TimeOnlySemiSync(Protocol):
                                   None if budget is not None else np.asarray(targets, dtype=np.int64).reshape(-1),
                                   budget))
         planned, targets, budget = self._arrays[1]
-        want = np.sort(idle)
+        want = idle  # (sorted: the round's end sorts it)
         if len(planned) == d.n:  # everyone planned (planned = 0..n-1): every idle worker goes, at its own index
             go = targets_at = want
             left = want[:0]
@@ -437,27 +437,31 @@ class _Arrivals:
     start: np.ndarray
     finish: np.ndarray
     tallies: Tallies
+    late: np.ndarray | None = None  # where known (`_arrivals` with fresh): which pulled an earlier version
 
     def subset(self, mask: np.ndarray) -> "_Arrivals":
         """The arrivals where `mask` holds (hetsim.protocols._subset; the time-only core has no loss
         observations to split)."""
-        t = self.tallies
-        tallies = Tallies(t.workers[mask], t.steps[mask], t.samples[mask], t.biased[mask], t.loss_sum[mask])
-        return _Arrivals(self.workers[mask], self.steps[mask], self.start[mask], self.finish[mask], tallies)
+        t, i = self.tallies, np.flatnonzero(mask)
+        workers = self.workers[i]
+        tallies = Tallies(workers if t.workers is self.workers else t.workers[i], t.steps[i], t.samples[i],
+                          t.biased[i], t.loss_sum[i])
+        return _Arrivals(workers, self.steps[i], self.start[i], self.finish[i], tallies)
 
 
-def _by_time(times: np.ndarray) -> np.ndarray:
-    """argsort(times, kind="stable"): the order by time, ties in their order in `times`. Sorted by numpy's
-    default (unstable, ~5x faster on 10^5 times); where times tie (a device group of constant speed: many),
-    each run of equal times is put in position order by one sort of (run, position) as integers."""
+def _by_time(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argsort(times, kind="stable"), the times in that order): the order by time, ties in their order in
+    `times`. Sorted by numpy's default (unstable, ~5x faster on 10^5 times); where times tie (a device group
+    of constant speed: many), each run of equal times is put in position order by one sort of (run,
+    position) as integers (which moves only equal times: the ordered times stay)."""
     order = np.argsort(times)
     ordered = times[order]
     tie = ordered[1:] == ordered[:-1]
     if not tie.any():
-        return order
+        return order, ordered
     n = len(times)
     run = np.concatenate([[0], np.cumsum(~tie)])
-    return np.sort(run * n + order) % n
+    return np.sort(run * n + order) % n, ordered
 
 
 def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None = None,
@@ -465,15 +469,20 @@ def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None =
     """TimeOnlyClock.next_arrivals and Driver.arrivals on arrays: the earliest `count` in-flight arrivals
     (ties in time: lower worker index first), up to the deadline; busy time, step times and compute spans
     recorded. fresh: a version; then the earliest arrivals up to the count-th of those that pulled it
-    (no deadline; flying: the workers in flight, if known). Returns _Arrivals."""
+    (no deadline; flying: the workers in flight, if known), with `late` set (those that pulled an earlier
+    version). Returns _Arrivals."""
     clock = d.clock
     f = clock._finish
     if fresh is not None:
         if flying is None:
             flying = np.flatnonzero(np.isfinite(f))
-        order = flying[_by_time(f[flying])]  # by time, ties by index (flying is ascending)
-        upto = int(np.searchsorted(np.cumsum(d.pulled[order] == fresh), count))  # the count-th fresh one
+        by_time, ordered = _by_time(f[flying])
+        order = flying[by_time]  # by time, ties by index (flying is ascending)
+        is_fresh = d.pulled[order] == fresh
+        upto = int(np.searchsorted(np.cumsum(is_fresh), count))  # the count-th fresh one
         chosen = order[:upto + 1]
+        finish = ordered[:upto + 1]
+        late = ~is_fresh[:upto + 1]
     elif count == 1:
         i = int(np.argmin(f))  # the first minimum: the lowest index among ties
         chosen = np.array([i] if np.isfinite(f[i]) else [], dtype=np.int64)
@@ -486,14 +495,18 @@ def _arrivals(d: Driver, count: int, deadline: float | None, fresh: int | None =
             chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
             # by time, ties by index (the clock's lexsort): chosen is in index order within each time
             # (below: ascending; the ties at v, ascending, after them), so a stable sort by time is enough
-            chosen = chosen[_by_time(f[chosen])]
+            chosen = chosen[_by_time(f[chosen])[0]]
     until = float(f[chosen[-1]]) if len(chosen) else clock.env.now
     if deadline is not None and (not len(chosen) or until > deadline):
         chosen = chosen[f[chosen] <= deadline]
         until = deadline
     if until > clock.env.now:
         yield clock.env.timeout(until - clock.env.now)
-    arrived = _Arrivals(chosen, clock._steps[chosen], clock._start[chosen], f[chosen].copy(), d.core.tallies(chosen))
+    if fresh is None:
+        finish = f[chosen]  # (a copy: f is changed below)
+    arrived = _Arrivals(chosen, clock._steps[chosen], clock._start[chosen], finish, d.core.tallies(chosen))
+    if fresh is not None:
+        arrived.late = late
     f[chosen] = np.inf
     clock._flying -= len(chosen)
     if len(chosen):
