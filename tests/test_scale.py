@@ -462,9 +462,10 @@ def no_general_event_protocols(m) -> None:
     # FedBuff: 3 of 8 per update, polynomial; exchanges among the arrivals' groups
     (*ASYNC_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='polynomial', a=0.5}}",
      "stop.max_rounds=300", "eval.every_rounds=25"),
-    # all 8 per update, hinge, mixing; checkpoints every 7 updates
+    # all 8 per update, hinge, mixing; checkpoints every 7 updates; the bandwidth halves at 0.1 s
     ("protocol={name='buffered_async', params={k=8, alpha=0.5, staleness='hinge', a=0.3, b=1}}",
-     "aggregator={name='samples'}", "stop.max_rounds=100", "run.checkpoint_every=7"),
+     "aggregator={name='samples'}", "stop.max_rounds=100", "run.checkpoint_every=7",
+     "cluster.network.bandwidth_schedule=[[0.1, 0.5]]"),
     # 2 per update; the cpu straggles too
     ("protocol={name='buffered_async', params={k=2}}", "optim.lr_schedule='cosine'", "stop.max_rounds=300",
      "cluster.devices.0.straggler_prob=0.3", "cluster.devices.0.straggler_factor=2.0"),
@@ -619,3 +620,22 @@ def test_time_only_array_rounds_let_a_stateful_selector_observe_every_update(tin
     general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
     for name in fast:
         assert fast[name] == general[name], name
+
+
+@pytest.mark.parametrize("protocol", ["{name='async'}", "{name='buffered_async', params={k=2}}"])
+def test_time_only_update_loop_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_path, monkeypatch, protocol):
+    from hetsim.protocol import Driver
+    from hetsim.sim import engine
+    # constant speeds: the cpu's 1 step of 0.01 s and each gpu's 5 of 0.002 s all arrive together, every time
+    args = ("sim.fidelity='time_only'", f"protocol={protocol}", "stop.max_rounds=40", *NO_NET)
+    with monkeypatch.context() as m:
+        no_general_event_protocols(m)
+        fast = simulate(tiny_spec(*args), tmp_path / "fast")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "fast_protocol", lambda protocol: None)
+        m.setattr(engine, "TimeOnlyDriver", Driver)
+        simulate(tiny_spec(*args), tmp_path / "general")
+    first = [w for d in fast.decisions[:6] for w in d["workers"]]
+    assert first[:6] == [0, 1, 2, 0, 1, 2]  # 0.01 s: 0, 1, 2 by index; 0.02 s: the same
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name

@@ -539,8 +539,8 @@ class TimeOnlyEvents(Protocol):
     floating-point sums as the events' (t + (arrival - t), t + exchange). Stop check, lr, rows, records,
     checkpoints and summary are the driver's, in its order: the files equal the general path's byte for
     byte (tests/test_scale.py). Rows and records are written WRITE_EVERY updates at a time (and before a
-    checkpoint, an evaluation's progress call and at the end): a kill loses up to that many finished
-    updates' rows (a resume from a checkpoint loses nothing).
+    checkpoint, before each call of the run's progress function and at the end): a kill loses up to that
+    many finished updates' rows (a resume from a checkpoint loses nothing).
 
     Runs whose plan or speeds change in ways this does not model go to the general protocol: offline
     windows, a scheduler that is not static, a selector other than 'all', a sampler without a static bias,
@@ -606,9 +606,10 @@ class _UpdateLoop:
         lr = row["lr"]
         if self._lr_cell is None or self._lr_cell[0] != lr or type(self._lr_cell[0]) is not type(lr):
             self._lr_cell = (lr, _cell(lr))
-        tl, ta = row["test_loss"], row["test_acc"]
-        return (f"{row['round']},{float(row['time_s'])!r},{float(row['epoch'])!r},{row['samples']},{self._lr_cell[1]},"
-                f"{float(row['train_loss'])!r},{'' if tl is None else _cell(tl)},{'' if ta is None else _cell(ta)}\n")
+        t, e, loss, tl, ta = row["time_s"], row["epoch"], row["train_loss"], row["test_loss"], row["test_acc"]
+        return (f"{row['round']},{repr(t) if type(t) is float else _cell(t)},"
+                f"{repr(e) if type(e) is float else _cell(e)},{row['samples']},{self._lr_cell[1]},"
+                f"{repr(loss) if type(loss) is float else _cell(loss)},{_cell(tl)},{_cell(ta)}\n")
 
     def flush(self) -> None:
         w = self.d.writer
