@@ -1,9 +1,9 @@
 """Benchmark of the simulator: ratios measured side by side in one run (absolute times vary by machine).
 
-    python studies/bench_sim.py            # ~18 minutes on 2 cores (targets 8-10: ~10 of them)
+    python studies/bench_sim.py            # ~16 minutes on 2 cores (targets 8-10: ~8 of them)
     python studies/bench_sim.py --quick    # smaller sizes, for a smoke test
     python studies/bench_sim.py --fidelity # only target 7
-    python studies/bench_sim.py --scale    # only targets 8-10 (issue 11's scale targets; ~10 minutes)
+    python studies/bench_sim.py --scale    # only targets 8-10 (issue 11's scale targets; ~8 minutes)
 
 Prints PASS or FAIL for each target and exits with status 1 when any is missed:
   1. per-replica emulation / a bare torch loop doing the same local-SGD steps    (target <= 1.05)
@@ -20,7 +20,10 @@ Prints PASS or FAIL for each target and exits with status 1 when any is missed:
      same, 10. async 10,000 devices x 1,000,000 updates: wall time < 60 s and peak RSS at the full length
      against a tenth of it <= 1.1 (flat memory); with the growth exponents of the wall time against the
      devices and against the rounds (updates), measured at smaller sizes. A run still going after
-     SCALE_LIMIT_S is stopped and missed, with the time the exponent projects for it.
+     SCALE_LIMIT_S is stopped and missed, with the time the exponent projects for it. The time-only
+     sync and semi_sync rounds compress each update's decisions record (~3 MB at 10^5 arrivals) on a
+     second thread, as long as the rest of a round: another process busy on one of the 2 cores slows
+     those two targets most (the async target writes one small record per update, on one core).
 """
 
 from __future__ import annotations

@@ -277,14 +277,15 @@ def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[st
     """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
     from hetsim.protocol import Driver, SyncProtocol
     from hetsim.sim import engine
-    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlySemiSync, TimeOnlySync
+    from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlyEvents, TimeOnlySemiSync, TimeOnlySync
     with monkeypatch.context() as m:
         if general:
             m.setattr(engine, "fast_protocol", lambda protocol: None)
             m.setattr(engine, "TimeOnlyDriver", Driver)
         sim = Simulation(tiny_spec(*NOISY, *args), out)
         assert type(sim.driver) is (Driver if general else TimeOnlyDriver)
-        fast = {"sync": TimeOnlySync, "semi_sync": TimeOnlySemiSync}.get(sim.driver.protocol.name)
+        fast = {"sync": TimeOnlySync, "semi_sync": TimeOnlySemiSync, "async": TimeOnlyEvents,
+                "buffered_async": TimeOnlyEvents}.get(sim.driver.protocol.name)
         if fast is not None:
             assert (type(sim.driver.protocol) is fast) != general
         r = sim.run()
@@ -293,7 +294,7 @@ def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[st
     files = {name: (out / name).read_bytes() for name in ("metrics.csv", "decisions.bin", "trace.json")}
     d = sim.driver  # what a checkpoint would hold: the core's (what the policies know of each worker) and the run's
     state = (sim.core.state_dict(), sim.clock.state_dict(), d.busy_s, d.participation, d.pulled, d.version,
-             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state)
+             d.exchange_total_s, d.idle_rounds, d.scheduler_state, d.aggregator_state, d.selector_state)
     return {**files, "summary": json.dumps(summary, sort_keys=True).encode(), "state": as_bytes(state)}
 
 
@@ -355,19 +356,6 @@ def test_time_only_array_round_writes_the_general_paths_files(tiny_spec, tmp_pat
         assert fast[name] == general[name], name
     files = fast["metrics.csv"] + fast["decisions.bin"] + fast["trace.json"]
     assert hashlib.sha256(files).hexdigest()[:16] == before
-
-
-@pytest.mark.parametrize("protocol", ["{name='sync'}", "{name='semi_sync', params={k=5}}"])
-def test_a_stateful_selector_observes_every_update_on_the_array_path_too(tiny_spec, tmp_path, monkeypatch, protocol):
-    # utility's state is every worker's latest loss (+inf before its first round: everyone is tried once);
-    # an array path that skipped `observe` would keep picking the fastest k (the review found it did)
-    args = (f"protocol={protocol}", "selector={name='utility', params={k=3, epsilon=0.0}}", "stop.max_rounds=12")
-    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
-    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
-    for name in fast:
-        assert fast[name] == general[name], name
-    picked = {k for d in read_decisions(tmp_path / "fast" / "decisions.bin") for k in d["workers"]}
-    assert picked == set(range(8))  # NOISY's 8 workers: each tried at least once
 
 
 def test_a_static_plan_is_made_once_per_set_of_online_workers(tiny_spec, monkeypatch):
@@ -439,5 +427,221 @@ def test_time_only_semi_sync_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_p
     # three again (tie at 0.03: 0 and 1), round 4 drops 2's work like round 2
     assert [d["workers"] for d in fast.decisions] == [[0, 1], [0, 1], [0, 1], [0, 1]]
     assert [d["dropped"] for d in fast.decisions] == [[], [2], [], [2]]
+    for name in ("metrics.csv", "decisions.bin", "trace.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name
+
+
+# -- async and buffered_async as an update loop (hetsim/sim/fastpath.py, TimeOnlyEvents) -----------------
+
+ASYNC_POLICIES = ("scheduler={name='proportional', params={max_steps=8}}",
+                  "sampler={name='loss_topk', params={kinds=['cpu']}}", "aggregator={name='biased'}")
+
+
+def no_general_event_protocols(m) -> None:
+    """Make the driver's async and buffered_async protocols fail if they run (the update loop must)."""
+    from hetsim.protocols import AsyncProtocol, BufferedAsyncProtocol
+
+    def refuse(self, d):
+        raise AssertionError(f"the general {self.name} protocol ran")
+        yield
+
+    for cls in (AsyncProtocol, BufferedAsyncProtocol):
+        m.setattr(cls, "run", refuse)
+
+
+@pytest.mark.parametrize("args", [
+    # constant staleness; evaluations (charged to the clock: arrivals during them come at once)
+    (*ASYNC_POLICIES, "protocol={name='async'}", "stop.max_rounds=300", "eval.every_rounds=37"),
+    # polynomial staleness, server mixing; evaluations by epochs; checkpoints every 50 updates
+    (*ASYNC_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial', a=0.5}}",
+     "stop.max_rounds=300", "eval.every_rounds=0", "eval.every_epochs=1.5", "run.checkpoint_every=50"),
+    # hinge; time budgets drawn step by step; an aggregator reading the previous global model; a time budget stops it
+    ("protocol={name='async', params={staleness='hinge', a=0.3, b=2}}",
+     "scheduler={name='time_budget', params={budget_s=0.007}}", "aggregator={name='fednova'}", "stop.max_rounds=0",
+     "stop.max_time_s=0.4", "optim.lr_schedule='cosine'"),
+    # the gpus slow down for a while (the slowdown in force at each dispatch); an epoch budget stops it
+    (*ASYNC_POLICIES, "protocol={name='async'}", "cluster.devices.1.slowdown=[[0.05, 2.5], [0.2, 1.0]]",
+     "stop.max_rounds=0", "stop.max_epochs=60"),
+    # FedBuff: 3 of 8 per update, polynomial; exchanges among the arrivals' groups
+    (*ASYNC_POLICIES, "protocol={name='buffered_async', params={k=3, staleness='polynomial', a=0.5}}",
+     "stop.max_rounds=300", "eval.every_rounds=25"),
+    # all 8 per update, hinge, mixing; checkpoints every 7 updates; the bandwidth halves at 0.1 s
+    ("protocol={name='buffered_async', params={k=8, alpha=0.5, staleness='hinge', a=0.3, b=1}}",
+     "aggregator={name='samples'}", "stop.max_rounds=100", "run.checkpoint_every=7",
+     "cluster.network.bandwidth_schedule=[[0.1, 0.5]]"),
+    # 2 per update; the cpu straggles too
+    ("protocol={name='buffered_async', params={k=2}}", "optim.lr_schedule='cosine'", "stop.max_rounds=300",
+     "cluster.devices.0.straggler_prob=0.3", "cluster.devices.0.straggler_factor=2.0"),
+])
+def test_time_only_update_loop_writes_the_general_paths_files(tiny_spec, tmp_path, monkeypatch, args):
+    with monkeypatch.context() as m:
+        no_general_event_protocols(m)
+        fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    assert len(read_decisions_of(tmp_path / "fast")) > 50
+
+
+def read_decisions_of(run_dir):
+    from hetsim.results import read_decisions
+    return read_decisions(run_dir / "decisions.bin")
+
+
+@pytest.mark.filterwarnings("ignore:sim.surrogate")  # a hand-made curve records no fitted_for
+def test_time_only_update_loop_stops_at_the_surrogates_target_accuracy(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.surrogate import LearningCurve
+    curve = tmp_path / "curve.json"
+    LearningCurve(a=0.9, b=0.8, c=0.05, epochs_min=0.0, epochs_max=1000.0).save(curve)
+    args = (*ASYNC_POLICIES, "protocol={name='async', params={alpha=0.6, staleness='polynomial'}}",
+            f"sim.surrogate='{curve}'", "stop.max_rounds=2000", "stop.target_accuracy=0.85", "stop.stop_at_target=true",
+            "eval.every_rounds=7")
+    with monkeypatch.context() as m:
+        no_general_event_protocols(m)
+        fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    summary = json.loads(fast["summary"])
+    assert summary["stopped_by"] == "target_accuracy" and 50 < summary["rounds"] < 2000
+    # the summary's accuracy fields (kept as the rows came) from metrics.csv's rows
+    from hetsim.results import read_metrics_columns
+    m = read_metrics_columns(tmp_path / "fast" / "metrics.csv")
+    evaluated = [i for i, a in enumerate(m["test_acc"]) if not np.isnan(a)]
+    hit = next(i for i in evaluated if m["test_acc"][i] >= 0.85)
+    assert 10 < len(evaluated) < len(m["round"]) and hit == evaluated[-1]
+    assert (summary["time_to_accuracy_s"], summary["rounds_to_accuracy"], summary["epochs_to_accuracy"]) == \
+        (m["time_s"][hit], m["round"][hit], m["epoch"][hit])
+    assert summary["final_test_acc"] == m["test_acc"][evaluated[-1]]
+    assert summary["best_test_acc"] == max(m["test_acc"][i] for i in evaluated)
+    assert summary["final_train_loss"] == m["train_loss"][-1] == 1.0
+
+
+def test_a_run_with_a_directory_keeps_its_metrics_on_disk_only(tiny_spec, tmp_path):
+    from hetsim.results import read_metrics_columns
+    args = ("sim.fidelity='time_only'", "protocol={name='async'}", "stop.max_rounds=500", "eval.every_rounds=100")
+    r = simulate(tiny_spec(*args), tmp_path / "run")
+    in_memory = simulate(tiny_spec(*args))
+    assert type(r.metrics) is dict and json.dumps(r.metrics) == json.dumps(in_memory.metrics)
+    assert len(r.metrics["round"]) == 501
+    assert r.metrics["round"][:3] == [0, 1, 2] and type(r.metrics["samples"][-1]) is int
+    assert read_metrics_columns(tmp_path / "run" / "metrics.csv")["time_s"] == r.metrics["time_s"]
+    sim = Simulation(tiny_spec(*args), tmp_path / "again")
+    sim.run()
+    rows = sim.writer.rows
+    assert len(rows) == 501 and repr(rows[-1]) == repr({c: in_memory.metrics[c][-1] for c in in_memory.metrics})
+    assert not rows.keep and not any(len(col) for col in rows.columns.values())  # nothing per row in memory
+    with pytest.raises(IndexError, match="metrics.csv"):
+        rows[3]
+
+
+@pytest.mark.parametrize("protocol", ["async", "buffered_async"])
+def test_time_only_update_loop_resumes_as_the_general_path_does(tiny_spec, tmp_path, monkeypatch, protocol):
+    from hetsim.protocol import Driver
+    from hetsim.sim import engine
+    params = "{k=3, staleness='hinge', a=0.3, b=2}" if protocol == "buffered_async" else "{staleness='polynomial'}"
+    args = (*NOISY, *ASYNC_POLICIES, f"protocol={{name='{protocol}', params={params}}}", "stop.max_rounds=200",
+            "run.checkpoint_every=40")
+
+    def crash_at_update_130(row):
+        if row["round"] == 130:
+            raise Interrupt
+
+    def crashed_and_resumed(out):
+        with pytest.raises(Interrupt):
+            simulate(tiny_spec(*args), out, progress=crash_at_update_130)
+        simulate(tiny_spec(*args), out, resume=True)  # from update 120: what was in flight is redone
+        return {name: (out / name).read_bytes() for name in ("metrics.csv", "decisions.bin", "trace.json")}
+
+    with monkeypatch.context() as m:
+        no_general_event_protocols(m)
+        fast = crashed_and_resumed(tmp_path / "fast")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "fast_protocol", lambda protocol: None)
+        m.setattr(engine, "TimeOnlyDriver", Driver)
+        general = crashed_and_resumed(tmp_path / "general")
+    assert fast == general
+
+
+def test_time_only_update_loop_hands_runs_it_does_not_model_to_the_general_protocol(tiny_spec, tmp_path, monkeypatch):
+    from hetsim.sim.fastpath import TimeOnlyEvents
+    # offline windows change the plan: the driver's protocol runs (and writes the same files)
+    args = (*ASYNC_POLICIES, "protocol={name='async'}", "cluster.devices.1.offline=[[0.02, 0.05]]", "stop.max_rounds=60")
+    sim = Simulation(tiny_spec(*NOISY, *args))
+    assert type(sim.driver.protocol) is TimeOnlyEvents and not TimeOnlyEvents.applies(sim.driver)
+    # a stateful server optimizer, a scheduler that plans from what it observed: the same
+    for extra in (("aggregator={name='fedavgm'}",),
+                  ("scheduler={name='proportional', params={max_steps=8, source='observed'}}",)):
+        sim = Simulation(tiny_spec(*NOISY, *ASYNC_POLICIES, "protocol={name='async'}", *extra))
+        assert not TimeOnlyEvents.applies(sim.driver)
+    assert TimeOnlyEvents.applies(Simulation(tiny_spec(*NOISY, *ASYNC_POLICIES, "protocol={name='async'}")).driver)
+
+
+def test_encode_update_writes_encode_decisions_bytes():
+    from hetsim.results import encode_arrival, encode_decision, encode_update
+    from hetsim.training import RoundRecord
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 3, 9):
+        for top in (200, 60_000, 4_000_000_000, 2 ** 40):
+            ints = [rng.integers(0, top, n).tolist() for _ in range(6)]
+            floats = [rng.random(n).tolist() for _ in range(3)]
+            args = dict(workers=ints[0], local_steps=ints[1], samples=ints[2], biased_samples=ints[3],
+                        weights=floats[0], version=int(rng.integers(0, top)), staleness=ints[4], pulled=ints[5],
+                        start_s=floats[1], finish_s=floats[2])
+            record = RoundRecord(round=int(rng.integers(0, top)), train_loss=1.0, time_budget_s=None, **args)
+            assert encode_update(record.round, **args) == encode_decision(record)
+            if n == 1:
+                one = [args[k][0] if isinstance(args[k], list) else args[k] for k in
+                       ("workers", "local_steps", "samples", "biased_samples", "weights", "version", "staleness",
+                        "pulled", "start_s", "finish_s")]
+                assert encode_arrival(record.round, *one) == encode_decision(record)
+    negative = dict(workers=[3], local_steps=[-1], samples=[0], biased_samples=[0], weights=[1.0], version=2,
+                    staleness=[0], pulled=[-5], start_s=[0.5], finish_s=[1.5])
+    expected = encode_decision(RoundRecord(round=7, train_loss=1.0, time_budget_s=None, **negative))
+    assert encode_update(7, **negative) == expected
+    assert encode_arrival(7, 3, -1, 0, 0, 1.0, 2, 0, -5, 0.5, 1.5) == expected
+
+
+def test_the_order_by_time_breaks_ties_by_position():
+    from hetsim.sim.fastpath import _by_time
+    rng = np.random.default_rng(0)
+    for times in (rng.random(1000), rng.integers(0, 5, 1000).astype(float), np.zeros(7), np.array([2.0, 1.0]),
+                  np.concatenate([rng.random(500), np.full(500, 0.5)])[rng.permutation(1000)], np.zeros(0)):
+        order, ordered = _by_time(times)
+        assert order.tolist() == np.argsort(times, kind="stable").tolist()
+        assert ordered.tolist() == times[order].tolist()
+
+
+@pytest.mark.parametrize("protocol", ["sync", "semi_sync"])
+def test_time_only_array_rounds_let_a_stateful_selector_observe_every_update(tiny_spec, tmp_path, monkeypatch,
+                                                                             protocol):
+    # the utility selector (Oort-like) learns from each combination's arrivals: its choices follow what it saw
+    params = "{k=4}" if protocol == "semi_sync" else "{}"
+    args = ("selector={name='utility', params={k=5}}", f"protocol={{name='{protocol}', params={params}}}",
+            "stop.max_rounds=30")
+    fast = run_files(tiny_spec, tmp_path / "fast", False, monkeypatch, *args)
+    general = run_files(tiny_spec, tmp_path / "general", True, monkeypatch, *args)
+    for name in fast:
+        assert fast[name] == general[name], name
+    # and it does learn: utility tries every worker once (+inf loss before its first round), epsilon or not
+    picked = {k for d in read_decisions(tmp_path / "fast" / "decisions.bin") for k in d["workers"]}
+    assert picked == set(range(8))  # NOISY's 8 workers
+
+
+@pytest.mark.parametrize("protocol", ["{name='async'}", "{name='buffered_async', params={k=2}}"])
+def test_time_only_update_loop_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_path, monkeypatch, protocol):
+    from hetsim.protocol import Driver
+    from hetsim.sim import engine
+    # constant speeds: the cpu's 1 step of 0.01 s and each gpu's 5 of 0.002 s all arrive together, every time
+    args = ("sim.fidelity='time_only'", f"protocol={protocol}", "stop.max_rounds=40", *NO_NET)
+    with monkeypatch.context() as m:
+        no_general_event_protocols(m)
+        fast = simulate(tiny_spec(*args), tmp_path / "fast")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "fast_protocol", lambda protocol: None)
+        m.setattr(engine, "TimeOnlyDriver", Driver)
+        simulate(tiny_spec(*args), tmp_path / "general")
+    first = [w for d in fast.decisions[:6] for w in d["workers"]]
+    assert first[:6] == [0, 1, 2, 0, 1, 2]  # 0.01 s: 0, 1, 2 by index; 0.02 s: the same
     for name in ("metrics.csv", "decisions.bin", "trace.json"):
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name

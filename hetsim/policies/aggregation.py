@@ -49,6 +49,8 @@ class Mean(Averaging):
         Mean().weights(arrivals)   # [0.25, 0.25, 0.25, 0.25] for four workers that took steps
     """
 
+    work_weights = True  # (declared: see hetsim.policies.base)
+
     def unnormalised_weights(self, arrivals: Contributions) -> np.ndarray:
         return np.ones(len(arrivals))
 
@@ -57,6 +59,8 @@ class Mean(Averaging):
 @dataclass(frozen=True)
 class SampleWeighted(Averaging):
     """x = Σ_k (m_k / Σ_j m_j) x_k with m_k the samples worker k processed this round (FedAvg weights)."""
+
+    work_weights = True  # (declared: see hetsim.policies.base)
 
     def unnormalised_weights(self, arrivals: Contributions) -> np.ndarray:
         return arrivals.samples
@@ -74,6 +78,8 @@ class FedNova(Aggregator):
     x⁺ = (1 − Σ c_k) x + Σ c_k x_k with c_k = τ_eff p_k / τ_k; the c_k are the logged weights.
     Momentum buffers are not renormalised.
     """
+
+    work_weights = True  # (declared: see hetsim.policies.base)
 
     needs_previous_global = True  # x enters with weight 1 − Σ c_k
 
@@ -108,6 +114,8 @@ class Biased(Averaging):
         # steps 1 and 3, strength 1  ->  weights [0.25, 0.75]
         Biased(strength=1.0, basis="steps").weights(arrivals)
     """
+
+    work_weights = True  # (declared: see hetsim.policies.base)
 
     strength: float = 1.0
     basis: str = "steps"

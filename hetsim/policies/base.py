@@ -33,6 +33,10 @@ Capabilities are class attributes that a policy *declares*; the driver reads the
 |            |                         |          | False: it reads `arrivals.replicas` (an all_gather)       |
 | Aggregator | `stateful`              | False    | `combine` keeps state (`init_state(global_params)`)       |
 | Aggregator | `needs_previous_global` | False    | `combine` reads `global_params`; False: it may be None    |
+| Aggregator | `work_weights`          | False    | the weights depend only on the arrivals' kinds, local     |
+|            |                         |          | steps, samples and mean losses (not on worker indices,    |
+|            |                         |          | staleness, round, lr, state or replica values): the       |
+|            |                         |          | time-only fidelity computes them once per distinct update |
 | Selector   | `stateful`              | False    | `select` keeps state (`init_state(workers)`); `observe`   |
 |            |                         |          | adds each combination's arrivals to it                    |
 
@@ -342,6 +346,8 @@ class Aggregator(Policy):
     stateful: ClassVar[bool] = False
     #: `combine` reads `global_params` (else the driver may pass None)
     needs_previous_global: ClassVar[bool] = False
+    #: `combine`'s weights are a function of the arrivals' kinds, local_steps, samples and mean_loss alone
+    work_weights: ClassVar[bool] = False
 
     def init_state(self, global_params: "torch.Tensor") -> Any:
         """The state before the first combination, given the initial global model."""
