@@ -36,6 +36,7 @@ import math
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Sequence
@@ -216,6 +217,56 @@ class Comm(ABC):
     @abstractmethod
     def summary_fields(self) -> dict[str, Any]:
         """Engine-specific summary.json fields (the torch backend's name, ...)."""
+
+
+class InProcessComm(Comm):
+    """One process holds every worker: agreement and sharing are the identity, the arrivals are the
+    core's own replicas, and point-to-point messages go through a mailbox per (source, destination)."""
+
+    def __init__(self, n: int):
+        self.rank, self.world, self.leader = 0, 1, True
+        self.local = list(range(n))
+        self._mail: dict[tuple[int, int], deque[torch.Tensor]] = defaultdict(deque)
+
+    def agree(self, values: Sequence[float]) -> list[float]:
+        return list(values)
+
+    def share(self, worker: int, values: Sequence[float]) -> list[float]:
+        return list(values)
+
+    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
+        return tallies, work
+
+    def arrivals_source(self, ks, replicas, linear):
+        ks = list(ks)
+        cache: list[torch.Tensor] = []
+
+        def rows() -> torch.Tensor:
+            if not cache:
+                cache.append(replicas(ks))
+            return cache[0]
+
+        def weighted_sum(w: np.ndarray) -> torch.Tensor:
+            x = rows()
+            return torch.as_tensor(w, dtype=x.dtype) @ x
+
+        return weighted_sum, (None if linear else rows)
+
+    def barrier(self) -> None:
+        pass  # one process runs the Driver
+
+    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
+        self._mail[(src, dst)].append(tensor.detach().clone())
+
+    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+        box = self._mail[(src, dst)]
+        if not box:
+            raise RuntimeError(f"recv: worker {src} sent nothing to worker {dst}")
+        tensor.copy_(box.popleft())
+        return tensor
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {}
 
 
 class Hooks:

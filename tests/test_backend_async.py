@@ -7,7 +7,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from hetsim.config import spec_to_dict, to_toml

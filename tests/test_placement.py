@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hetsim.errors import HetsimError, SpecError
 from hetsim.policies.sampling import EpochStream, WindowScores, WindowStream

@@ -275,7 +275,7 @@ NOISY = ("sim.fidelity='time_only'", "cluster.devices.1.count=7",
 
 def run_files(tiny_spec, out, general: bool, monkeypatch, *args: str) -> dict[str, bytes]:
     """A time-only run's files, by the array round or (general) by the driver's SyncProtocol."""
-    from hetsim.protocol import Driver, SyncProtocol
+    from hetsim.protocol import Driver
     from hetsim.sim import engine
     from hetsim.sim.fastpath import TimeOnlyDriver, TimeOnlyEvents, TimeOnlySemiSync, TimeOnlySync
     with monkeypatch.context() as m:
@@ -421,7 +421,7 @@ def test_time_only_semi_sync_ties_in_time_go_to_the_lower_index(tiny_spec, tmp_p
     with monkeypatch.context() as m:
         m.setattr(engine, "fast_protocol", lambda protocol: None)
         m.setattr(engine, "TimeOnlyDriver", Driver)
-        general = simulate(tiny_spec(*args), tmp_path / "general")
+        simulate(tiny_spec(*args), tmp_path / "general")
     # round 1: all three tie at 0.01, the first two by index close it; gpu1 (2) is still in flight, so round 2
     # dispatches 0 and 1 only, drops 2's late work at once (0.01) and closes at 0.02; round 3 dispatches all
     # three again (tie at 0.03: 0 and 1), round 4 drops 2's work like round 2

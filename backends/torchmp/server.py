@@ -39,7 +39,6 @@ import math
 import queue
 import threading
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -49,8 +48,7 @@ import torch.distributed as dist
 
 from hetsim.errors import HetsimError
 from hetsim.policies import RoundPlan
-from hetsim.protocol import Arrived, Clock, Comm, Steps, Work, run_to_end
-from hetsim.protocols import event_driven
+from hetsim.protocol import Arrived, Clock, InProcessComm, Steps, Work, run_to_end
 from hetsim.training import Tallies, TrainingCore
 
 # message tags: a job's three parts, a result's three parts, the final acknowledgement
@@ -112,54 +110,11 @@ class ServerCore(TrainingCore):
         raise RuntimeError("the server holds no tallies: they arrive with the workers' results (Arrived.tallies)")
 
 
-class ServerComm(Comm):
+class ServerComm(InProcessComm):
     """The Driver's Comm on the server: it is the only process running the Driver, and every worker's
-    pull and result passes through it, so it stands for all of them (world 1, every worker local).
-    The workers' messages travel through ServerClock, not here."""
-
-    def __init__(self, n: int):
-        self.rank, self.world, self.leader = 0, 1, True
-        self.local = list(range(n))
-        self._mail: dict[tuple[int, int], deque[torch.Tensor]] = defaultdict(deque)
-
-    def agree(self, values: Sequence[float]) -> list[float]:
-        return list(values)
-
-    def share(self, worker: int, values: Sequence[float]) -> list[float]:
-        return list(values)
-
-    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
-        return tallies, work
-
-    def arrivals_source(self, ks, replicas, linear):
-        # the simulator's in-process arithmetic (one matmul over the rows, in arrival order), so that a
-        # replay of this run computes the same bits
-        ks = list(ks)
-        cache: list[torch.Tensor] = []
-
-        def rows() -> torch.Tensor:
-            if not cache:
-                cache.append(replicas(ks))
-            return cache[0]
-
-        def weighted_sum(w: np.ndarray) -> torch.Tensor:
-            x = rows()
-            return torch.as_tensor(w, dtype=x.dtype) @ x
-
-        return weighted_sum, (None if linear else rows)
-
-    def barrier(self) -> None:
-        pass  # one process runs the Driver
-
-    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
-        self._mail[(src, dst)].append(tensor.detach().clone())
-
-    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
-        box = self._mail[(src, dst)]
-        if not box:
-            raise RuntimeError(f"recv: worker {src} sent nothing to worker {dst}")
-        tensor.copy_(box.popleft())
-        return tensor
+    pull and result passes through it, so it stands for all of them (world 1, every worker local), with
+    the simulator's in-process arithmetic (one matmul over the rows, in arrival order: a replay of this run
+    computes the same bits). The workers' messages travel through ServerClock, not here."""
 
     def summary_fields(self) -> dict[str, Any]:
         return {"backend": "gloo", "server_rank": 0}
@@ -451,7 +406,6 @@ def serve_jobs(k: int, core: TrainingCore, clock: Any, on_job: Callable[[int], N
     start), which runs and times the steps exactly as in a sync run. on_job(j) / on_sent(j): called when
     the j-th job (1, 2, ...) arrives and when its result is sent (heartbeat, fault injection). Returns
     how many jobs it ran."""
-    rank = k + 1
     header = torch.zeros(JOB_COLUMNS, dtype=torch.float64)
     params = torch.empty(core.global_flat.numel, dtype=core.global_params().dtype)
     scores = torch.empty(core.workload.n_train, dtype=torch.float64)

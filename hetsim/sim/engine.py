@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +31,7 @@ import torch
 from hetsim.cluster import DeviceModel, exchange_time, within_budget
 from hetsim.config import Spec, worker_names
 from hetsim.policies import RoundPlan
-from hetsim.protocol import Arrived, Clock, Comm, Driver, ProgressFn, Steps, Work
+from hetsim.protocol import Arrived, Clock, Driver, InProcessComm, ProgressFn, Steps, Work
 from hetsim.protocols import event_driven
 from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
@@ -265,56 +264,6 @@ class TimeOnlyClock(SimClock):
         self.vector.rng.bit_generator.state = state["rng"]
 
 
-class InProcessComm(Comm):
-    """One process holds every worker: agreement and sharing are the identity, the arrivals are the
-    core's own replicas, and point-to-point messages go through a mailbox per (source, destination)."""
-
-    def __init__(self, n: int):
-        self.rank, self.world, self.leader = 0, 1, True
-        self.local = list(range(n))
-        self._mail: dict[tuple[int, int], deque[torch.Tensor]] = defaultdict(deque)
-
-    def agree(self, values: Sequence[float]) -> list[float]:
-        return list(values)
-
-    def share(self, worker: int, values: Sequence[float]) -> list[float]:
-        return list(values)
-
-    def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
-        return tallies, work
-
-    def arrivals_source(self, ks, replicas, linear):
-        ks = list(ks)
-        cache: list[torch.Tensor] = []
-
-        def rows() -> torch.Tensor:
-            if not cache:
-                cache.append(replicas(ks))
-            return cache[0]
-
-        def weighted_sum(w: np.ndarray) -> torch.Tensor:
-            x = rows()
-            return torch.as_tensor(w, dtype=x.dtype) @ x
-
-        return weighted_sum, (None if linear else rows)
-
-    def barrier(self) -> None:
-        pass  # one process
-
-    def send(self, tensor: torch.Tensor, src: int, dst: int) -> None:
-        self._mail[(src, dst)].append(tensor.detach().clone())
-
-    def recv(self, tensor: torch.Tensor, src: int, dst: int) -> torch.Tensor:
-        box = self._mail[(src, dst)]
-        if not box:
-            raise RuntimeError(f"recv: worker {src} sent nothing to worker {dst}")
-        tensor.copy_(box.popleft())
-        return tensor
-
-    def summary_fields(self) -> dict[str, Any]:
-        return {}
-
-
 class Simulation:
     """A spec on the simulator: the cores and ports of its fidelity, run by the driver."""
 
@@ -381,8 +330,6 @@ def simulate(spec: Spec, out: str | Path | None = None, progress: ProgressFn | N
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    import torch
-
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
