@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from hetsim.errors import HetsimError, HetsimWarning, SpecError
 
@@ -146,7 +146,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from backends.torchmp.launcher import RunInterrupted, check_devices, check_event_driven
 
+    if args.repeat < 1:
+        raise SpecError(f"--repeat {args.repeat}: expected a number of runs >= 1")
+    if args.repeat > 1 and args.resume:
+        raise SpecError("--repeat N runs the config afresh N times; it does not --resume")
     spec, out = _spec_and_out(args, "torchmp")
+    if args.repeat > 1 and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise SpecError("--repeat under torchrun: start torchrun once per repetition (each its own --out)")
+    if args.repeat > 1:
+        return _run_repeated(args, spec, out)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import traceback
 
@@ -199,6 +207,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"{spec.name}: {s['rounds']} {_unit(s)} in {s['time_s']:.3g}s wall, {summary_outcome(s)}", file=sys.stderr)
     status = _report_divergence(s, out)
+    print(out)
+    return status
+
+
+def _run_repeated(args: argparse.Namespace, spec: Any, out: Path) -> int:
+    """`hetsim run --repeat N`: the config N times, into OUT/rep1 ... OUT/repN, one after the other, then
+    their noise floor (analysis.noise_floor: the compare metrics real vs real, median over the pairs),
+    printed and written to OUT/noise_floor.json."""
+    from backends.torchmp import run
+    from backends.torchmp.launcher import RunInterrupted
+    from hetsim.analysis import load_run, noise_floor
+    from hetsim.results import summary_outcome, write_json
+
+    if (out / "config.toml").exists():
+        raise SpecError(f"{out}: is a run directory; --repeat N writes N runs into OUT/rep1 ... OUT/repN: "
+                        f"give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = [out / f"rep{i}" for i in range(1, args.repeat + 1)]
+    status = 0
+    for i, d in enumerate(dirs, 1):
+        try:
+            result = run(spec, d, overwrite=args.overwrite)
+        except RunInterrupted as e:
+            print(f"hetsim: error: {e} (during repetition {i} of {args.repeat}; finished ones are in {out})",
+                  file=sys.stderr)
+            return 128 + e.signum
+        s = result.summary
+        print(f"{spec.name} [{i}/{args.repeat}]: {s['rounds']} {_unit(s)} in {s['time_s']:.3g}s wall, "
+              f"{summary_outcome(s)}", file=sys.stderr)
+        status = max(status, _report_divergence(s, d))
+    nf = noise_floor([load_run(d) for d in dirs])
+    write_json(out / "noise_floor.json", nf)
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"noise floor ({len(dirs)} runs, {nf['pairs']} pairs, medians): per-round {pct(nf['round_time_rel_error_median'])} "
+          f"(p90 {pct(nf['round_time_rel_error_p90'])}), total {pct(nf['total_time_rel_error'])}, time to accuracy "
+          f"{pct(nf['time_to_accuracy_rel_error'])}, KS {nf['round_time_ks']:.3f}", file=sys.stderr)
     print(out)
     return status
 
@@ -415,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/NAME-sSEED-IDENTITY-real)")
     r.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    r.add_argument("--repeat", type=int, default=1, metavar="N", help="run the config N times, into OUT/rep1 ... "
+                   "OUT/repN, and report their noise floor (the compare metrics real vs real; OUT/noise_floor.json)")
     r.set_defaults(func=cmd_run)
 
     pf = sub.add_parser("profile", help="measure a device's step, evaluation and exchange times into a profile file")

@@ -566,3 +566,45 @@ def test_compare_command_reports_and_plots(tiny_spec, tmp_path, capsys):
     assert report["round_time_rel_error_median"] == pytest.approx(0.002 / (0.010 + e), rel=1e-6)
     assert (tmp_path / "cmp" / "predicted_vs_measured.png").is_file()
     assert "per-round time error" in capsys.readouterr().out
+
+
+def test_run_repeat_writes_n_runs_and_their_noise_floor(tiny_spec, tmp_path, capsys):
+    from hetsim.analysis import compare_runs, load_run
+    from hetsim.cli import main
+
+    config = tmp_path / "two.toml"
+    config.write_text(to_toml(spec_to_dict(tiny_spec(*TWO, "stop.max_rounds=3"))))
+    assert main(["run", str(config), "--out", str(tmp_path / "reps"), "--repeat", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "reps")
+    assert "noise floor (2 runs, 1 pairs, medians): per-round" in captured.err
+    nf = json.loads((tmp_path / "reps" / "noise_floor.json").read_text())
+    # the one pair, compared as `hetsim compare` compares a prediction (the later run) with a measurement
+    pair = compare_runs(load_run(tmp_path / "reps" / "rep2"), load_run(tmp_path / "reps" / "rep1"))
+    assert nf["pairs"] == 1 and nf["round_time_rel_error_median"] == pair["round_time_rel_error_median"]
+    assert nf["round_time_ks"] == pair["round_time_ks"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--repeat", "0"], "--repeat 0: expected a number of runs >= 1"),
+    (["--repeat", "2", "--resume", "x"], "--repeat N runs the config afresh N times; it does not --resume"),
+])
+def test_run_repeat_refuses_bad_input_in_one_line(tiny_spec, tmp_path, capsys, extra, message):
+    from hetsim.cli import main
+
+    config = tmp_path / "two.toml"
+    config.write_text(to_toml(spec_to_dict(tiny_spec(*TWO))))
+    assert main(["run", str(config), "--out", str(tmp_path / "reps"), *extra]) == 2
+    assert capsys.readouterr().err == f"hetsim: error: {message}\n"
+    assert not (tmp_path / "reps").exists()
+
+
+def test_run_repeat_into_a_run_directory_is_refused(tiny_spec, tmp_path, capsys):
+    from hetsim.cli import main
+
+    config = tmp_path / "two.toml"
+    config.write_text(to_toml(spec_to_dict(tiny_spec(*TWO, "stop.max_rounds=2"))))
+    simulate(tiny_spec(*TWO, "stop.max_rounds=2"), tmp_path / "run")
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--repeat", "2"]) == 2
+    assert "is a run directory; --repeat N writes N runs into OUT/rep1 ... OUT/repN" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "rep1").exists()
