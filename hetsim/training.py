@@ -28,7 +28,7 @@ from torch import nn
 
 from hetsim.config import OptimSpec, Spec, worker_names
 from hetsim.losses import per_sample_loss
-from hetsim.errors import HetsimError
+from hetsim.errors import HetsimError, SpecError
 from hetsim.policies import Batch, WorkerInfo
 from hetsim.policies.sampling import EpochStream, LossScores, WindowScores, WindowStream
 from hetsim.seeding import derive, numpy_rng, torch_generator
@@ -306,9 +306,12 @@ class TrainingCore(DecisionCore):
             self.windows = placement.windows(spec, fixed_steps(spec, policies.scheduler), n)
             self.window_rng = numpy_rng(spec.seed, "placement-window")
         else:
-            shards = placement.shards(labels, kinds, b, numpy_rng(spec.seed, "placement"))
-            if shards is not None:
-                check_shard_sizes([len(s) for s in shards], kinds, b, spec.data.name)
+            try:  # checked against the data now: the run's name says which config, as a load's path does
+                shards = placement.shards(labels, kinds, b, numpy_rng(spec.seed, "placement"))
+                if shards is not None:
+                    check_shard_sizes([len(s) for s in shards], kinds, b, spec.data.name)
+            except SpecError as e:
+                raise SpecError(f"{spec.name}: {e}") from None
             self._data_summary = shard_summary(spec.data.name, spec.data.params, shards, labels,
                                                self.workload.n_classes, kinds)
         names = worker_names(kinds)
