@@ -645,3 +645,24 @@ def test_time_only_update_loop_ties_in_time_go_to_the_lower_index(tiny_spec, tmp
     assert first[:6] == [0, 1, 2, 0, 1, 2]  # 0.01 s: 0, 1, 2 by index; 0.02 s: the same
     for name in ("metrics.csv", "decisions.bin", "trace.json"):
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "general" / name).read_bytes(), name
+
+
+def test_a_wait_lands_on_the_arrival_time_exactly():
+    import simpy
+
+    from hetsim.sim.timeonly import timeout_until
+
+    # from this moment SimPy's now + (t - now) is 0.10340850259723561, one ulp short of t (found by the
+    # fast and general time-only paths disagreeing in the last digit)
+    now, t = 0.03264666608662332, 0.10340850259723562
+    assert now + (t - now) != t
+    env = simpy.Environment(initial_time=now)
+    landed = []
+
+    def wait():
+        yield from timeout_until(env, t)
+        landed.append(env.now)
+
+    env.process(wait())
+    env.run()
+    assert landed == [t]
