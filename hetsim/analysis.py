@@ -93,7 +93,9 @@ def load_run(path: str | Path) -> Run:
     needed = ["config.toml", "metrics.csv", "summary.json"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
-        raise HetsimError(f"{path}: not a finished run directory (missing {', '.join(missing)})")
+        reps = sorted(p.name for p in path.glob("rep[0-9]*") if (p / "summary.json").is_file()) if path.is_dir() else []
+        hint = f"; it holds the runs of `hetsim run --repeat`: give {path}/rep1 ... (or {path}/rep*)" if reps else ""
+        raise SpecError(f"{path}: not a finished run directory (missing {', '.join(missing)}){hint}")
     try:
         summary = json.loads((path / "summary.json").read_text())
     except json.JSONDecodeError as e:

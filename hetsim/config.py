@@ -370,6 +370,11 @@ def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = convert(hints[name], value, key)
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:  # a parameter without a default (a selector's k): named, not a TypeError's text
+        key = f"{where}.{required[0]}" if where else required[0]
+        raise SpecError(f"{key}: required ({getattr(cls, 'registered_name', cls.__name__)} has no default for it)")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -418,3 +418,23 @@ def test_compare_refuses_a_repeat_of_another_config(runs, tmp_path, capsys):
                  "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "are runs of different configs (optim.lr: 0.1 vs 0.05)" in err and err.count("\n") == 1
+
+
+def test_compare_refuses_swapped_runs_and_a_measurement_given_twice(runs, tmp_path, capsys):
+    real = tmp_path / "real"
+    shutil.copytree(runs / "sgd-a0", real)
+    summary = json.loads((real / "summary.json").read_text())
+    (real / "summary.json").write_text(json.dumps({**summary, "engine": "torchmp", "fidelity": "real"}))
+    assert main(["compare", str(real), str(runs / "sgd-a0"), "--out", str(tmp_path / "c")]) == 2
+    assert "the order is PREDICTED (hetsim simulate) then MEASURED (hetsim run)" in capsys.readouterr().err
+    assert main(["compare", str(runs / "sgd-a0"), str(real), str(real), "--out", str(tmp_path / "c")]) == 2
+    assert "given twice as a measurement" in capsys.readouterr().err
+    assert main(["compare", str(runs / "sgd-a0"), str(real), str(runs / "sgd-a0"), "--out", str(tmp_path / "c")]) == 2
+    assert "a sim run among torchmp measurements" in capsys.readouterr().err
+    # the parent of `hetsim run --repeat`'s runs is not a run: exit 2, pointing at its rep folders
+    (tmp_path / "reps").mkdir()
+    shutil.copytree(real, tmp_path / "reps" / "rep1")
+    assert main(["compare", str(runs / "sgd-a0"), str(tmp_path / "reps"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"give {tmp_path / 'reps'}/rep1 ..." in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()

@@ -567,7 +567,9 @@ def test_proportional_parameters_are_validated():
 
 def test_every_builtins_initial_state_loads_weights_only(tmp_path):
     ws = workers([1.0, 0.5])
-    states = {f"{c}:{n}": build(c, PolicySpec(n, {"source": "observed"} if n == "proportional" else {}))
+    params = {"scheduler:proportional": {"source": "observed"}, "selector:uniform": {"k": 1},
+              "selector:speed": {"k": 1}, "selector:utility": {"k": 1}}
+    states = {f"{c}:{n}": build(c, PolicySpec(n, params.get(f"{c}:{n}", {})))
               for c in ("scheduler", "sampler", "aggregator", "selector") for n in names(c)}
     for key, policy in states.items():
         category = key.split(":")[0]

@@ -279,3 +279,10 @@ def test_a_run_with_a_selector_resumes_bit_identically(tiny_spec, tmp_path, sele
     assert torch.equal(resumed.core.global_params(), whole.core.global_params())
     if "utility" in selector:  # the losses seen in rounds 1 and 2 were in the checkpoint
         assert not torch.isnan(run_state["selector_state"]["loss"]).all()
+
+
+@pytest.mark.parametrize("selector", ["uniform", "speed", "utility"])
+def test_a_selector_without_k_is_a_one_line_error_not_one_worker(tiny_spec, selector):
+    # k has no default: a forgotten k would otherwise quietly train on one worker a round
+    with pytest.raises(SpecError, match=rf"^tiny: selector.params.k: required \({selector} has no default for it\)$"):
+        tiny_spec(f"selector={{name='{selector}'}}")

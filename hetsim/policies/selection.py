@@ -68,7 +68,7 @@ class Uniform(Selector):
         Uniform(k=4).select(1, workers, np.random.default_rng(0), None)[0]   # 4 distinct indices
     """
 
-    k: int = 1
+    k: int
 
     def __post_init__(self) -> None:
         _check_k(self.k)
@@ -103,7 +103,7 @@ class Speed(Selector):
         Speed(k=2).select(1, workers, rng, None)[0]   # step times [0.01, 0.002, 0.005, 0.002] -> [1, 3]
     """
 
-    k: int = 1
+    k: int
     source: str = "profile"
 
     def __post_init__(self) -> None:
@@ -154,7 +154,7 @@ class Utility(Selector):
         Utility(k=4, alpha=2.0, epsilon=0.1)
     """
 
-    k: int = 1
+    k: int
     alpha: float = 2.0
     epsilon: float = 0.1
     preferred_s: float = 0.0
