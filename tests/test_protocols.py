@@ -499,3 +499,26 @@ def test_event_driven_evaluations_are_on_the_servers_track(tiny_spec):
     evals = [e for e in r.trace if e.get("name") == "eval"]
     assert [e["args"]["round"] for e in evals] == [2, 4] and all(e["tid"] == 3 for e in evals)
     assert all(e["dur"] == pytest.approx(0.01 * 1e6) for e in evals)
+
+
+def test_a_replay_of_a_real_sync_run_whose_digests_differ_says_why(tiny_spec, tmp_path, capsys, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import hetsim.sim.replay
+    from hetsim.cli import main
+
+    # a real sync run (summary engine torchmp) whose replay matched decisions but not digests: the all-reduce
+    spec = tiny_spec("stop.max_rounds=3")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"engine": "torchmp"}))
+    fake = SimpleNamespace(spec=spec, summary={"rounds": 3, "time_s": 0.1, "wall_time_s": 0.1, "protocol": "sync",
+                                               "replay": {"updates": 3, "digests_compared": 3, "digests_matched": 0}})
+    monkeypatch.setattr(hetsim.sim.replay, "replay", lambda *a, **k: fake)
+    assert main(["simulate", "--replay", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "a real sync run sums its replicas with an all-reduce" in err and err.count("\n") == 1
+    # a simulated run's differing digests get no such excuse
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"engine": "sim"}))
+    assert main(["simulate", "--replay", str(tmp_path / "run"), "--quiet"]) == 1
+    assert capsys.readouterr().err == ""
