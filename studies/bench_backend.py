@@ -9,8 +9,9 @@ On a 2-process CPU cluster (one torch thread each; one device slowed 4x by emula
 2. runs the system-aware config for real (`hetsim run`) and in the simulator with the profiles
    (`hetsim simulate`), and compares them (`hetsim compare`);
 3. prints backend efficiency = measured aggregate samples/s / sum of each device's standalone
-   samples/s (target >= 0.90 with >= 8 local steps per round), and simulator fidelity =
-   |predicted - measured| / measured of the round time (median; target <= 10%) and of the
+   samples/s (issue 12's targets: >= 0.95 on Fashion-MNIST, >= 0.85 on digits, whose 0.4 ms steps
+   weigh the per-round cost most; >= 0.90 on another workload), and simulator fidelity =
+   |predicted - measured| / measured of the round time (median; target <= 5%) and of the
    time to accuracy (target <= 10%; a target accuracy not reached is not measured: a miss).
 
 Each target prints PASS or FAIL; the exit status is 1 when any is missed.
@@ -31,6 +32,9 @@ from hetsim.config import spec_from_dict, spec_to_dict, to_toml
 
 from bench_targets import Targets
 
+
+#: issue 12's backend efficiency targets (aggregate samples/s / the devices' standalone sum), per workload
+EFFICIENCY_TARGETS = {"fashion_mnist": 0.95, "digits": 0.85}
 
 def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "hetsim.cli", *args], check=True, capture_output=True, text=True)
@@ -107,9 +111,10 @@ def main() -> None:
     print(f"emulated slowdown {args.slowdown:g}x; "
           f"local steps per round {steps[0]}; {args.rounds} rounds of {args.workload}")
     targets = Targets()
-    targets.check("backend efficiency", measured / standalone, ">=", 0.90,
+    efficiency_target = EFFICIENCY_TARGETS.get(args.workload, 0.90)
+    targets.check("backend efficiency", measured / standalone, ">=", efficiency_target,
                   f"(aggregate {measured:,.0f} samples/s vs {standalone:,.0f} standalone sum)")
-    targets.check("simulator fidelity: round time error (median)", report["round_time_rel_error_median"], "<=", 0.10,
+    targets.check("simulator fidelity: round time error (median)", report["round_time_rel_error_median"], "<=", 0.05,
                   f"(p90 {report['round_time_rel_error_p90']:.1%}; total time {report['total_time_rel_error']:.1%})")
     targets.check(f"simulator fidelity: time to {args.target:.0%} error", report["time_to_accuracy_rel_error"], "<=",
                   0.10)
