@@ -603,11 +603,11 @@ def test_encode_update_writes_encode_decisions_bytes():
 
 
 def test_the_order_by_time_breaks_ties_by_position():
-    from hetsim.sim.fastpath import _by_time
+    from hetsim.sim.timeonly import by_time
     rng = np.random.default_rng(0)
     for times in (rng.random(1000), rng.integers(0, 5, 1000).astype(float), np.zeros(7), np.array([2.0, 1.0]),
                   np.concatenate([rng.random(500), np.full(500, 0.5)])[rng.permutation(1000)], np.zeros(0)):
-        order, ordered = _by_time(times)
+        order, ordered = by_time(times)
         assert order.tolist() == np.argsort(times, kind="stable").tolist()
         assert ordered.tolist() == times[order].tolist()
 

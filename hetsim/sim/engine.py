@@ -37,7 +37,7 @@ from hetsim.resolve import Experiment, resolve
 from hetsim.results import RunResult
 from hetsim.seeding import numpy_rng
 from hetsim.sim.fastpath import TimeOnlyDriver, fast_protocol
-from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock, timeout_until
+from hetsim.sim.timeonly import FIDELITY_NOTES, TimeOnlyCore, VectorClock, earliest, timeout_until
 from hetsim.training import FlatParams, Tallies, TrainingCore
 from hetsim.workloads import Workload, build_model
 
@@ -104,21 +104,7 @@ class SimClock(Clock):
         in-flight arrival times; the clock advances to the last of them, or to the deadline if it comes
         first. One event per call, however many workers are in flight."""
         f = self._finish
-        if count == 1:
-            i = int(np.argmin(f))  # the first minimum: the lowest index among ties
-            chosen = np.array([i] if np.isfinite(f[i]) else [], dtype=np.int64)
-        else:
-            m = min(count, int(np.isfinite(f).sum()))
-            chosen = np.zeros(0, dtype=np.int64)
-            if m:
-                v = np.partition(f, m - 1)[m - 1]
-                below = np.flatnonzero(f < v)
-                chosen = np.concatenate([below, np.flatnonzero(f == v)[:m - len(below)]])
-                chosen = chosen[np.lexsort((chosen, f[chosen]))]
-        until = float(f[chosen[-1]]) if len(chosen) else self.env.now
-        if deadline is not None and (not len(chosen) or until > deadline):
-            chosen = chosen[f[chosen] <= deadline]
-            until = deadline
+        chosen, until = earliest(f, count, deadline, self.env.now)
         if until > self.env.now:
             yield from timeout_until(self.env, until)
         ks = chosen.tolist()

@@ -179,6 +179,45 @@ JUMP_MIN_STEPS = 64
 JUMP_SIGMAS = 6.0
 
 
+def by_time(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argsort(times, kind="stable"), the times in that order): the order by time, ties in their order in
+    `times`. Sorted by numpy's default (unstable, ~5x faster on 10^5 times); where times tie (a device group
+    of constant speed: many), each run of equal times is put in position order by one sort of (run,
+    position) as integers (which moves only equal times: the ordered times stay)."""
+    order = np.argsort(times)
+    ordered = times[order]
+    tie = ordered[1:] == ordered[:-1]
+    if not tie.any():
+        return order, ordered
+    n = len(times)
+    run = np.concatenate([[0], np.cumsum(~tie)])
+    return np.sort(run * n + order) % n, ordered
+
+
+def earliest(finish: np.ndarray, count: int, deadline: float | None, now: float) -> tuple[np.ndarray, float]:
+    """The clock's next arrivals: the workers of the earliest `count` finite times of `finish` (ties in time:
+    lower index first), by one partition, cut at `deadline` (absolute; None: none), in arrival order; and the
+    time the clock goes to (the last of them, the deadline if it comes first, or `now` when none)."""
+    if count == 1:
+        i = int(np.argmin(finish))  # the first minimum: the lowest index among ties
+        chosen = np.array([i] if np.isfinite(finish[i]) else [], dtype=np.int64)
+    else:
+        m = min(count, int(np.isfinite(finish).sum()))
+        chosen = np.zeros(0, dtype=np.int64)
+        if m:
+            v = np.partition(finish, m - 1)[m - 1]
+            below = np.flatnonzero(finish < v)
+            chosen = np.concatenate([below, np.flatnonzero(finish == v)[:m - len(below)]])
+            # by time, ties by index: chosen is in index order within each time (below: ascending; the ties
+            # at v, ascending, after them), so an order by time that keeps ties in place is enough
+            chosen = chosen[by_time(finish[chosen])[0]]
+    until = float(finish[chosen[-1]]) if len(chosen) else now
+    if deadline is not None and (not len(chosen) or until > deadline):
+        chosen = chosen[finish[chosen] <= deadline]
+        until = deadline
+    return chosen, until
+
+
 def timeout_until(env: Any, t: float) -> Any:
     """Wait (yield from) until exactly time t (> env.now). SimPy schedules at now + delay, and no delay may
     give exactly t (t - now rounded, then added back, can miss t by an ulp, and by a different ulp from a
