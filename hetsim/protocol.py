@@ -667,6 +667,32 @@ class Driver:
                 self._trace("idle", ks[i], float(work.finish[i]), close)
                 self._trace("comm", ks[i], close, end, bytes=self.core.model_bytes)
 
+    def combine_arrivals(self, at: np.ndarray, tallies: Tallies, staleness: np.ndarray, lr: float,
+                         weighted_sum: Callable[[np.ndarray], torch.Tensor], gathered: Callable[[], torch.Tensor] | None
+                         ) -> tuple[torch.Tensor, np.ndarray, Any, Arrivals]:
+        """The arrivals of workers `at` through the aggregator, by the one rule (`aggregate`): damped by
+        staleness, combined (the aggregator's contract checked: a one-line HetsimError naming it), mixed by
+        alpha. weighted_sum / gathered: where their replicas are (Comm.arrivals_source). Returns (the new
+        global model, the weights, the aggregator's new state, the Arrivals it saw); installs nothing."""
+        agg = self.aggregator
+        s = self.protocol.staleness_weights(staleness)
+        alpha = self.protocol.alpha
+        x = self.core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
+        if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
+            weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
+        arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
+                            staleness, self.round, lr, weighted_sum=weighted_sum, replicas=gathered)
+        out = agg.combine(x if agg.needs_previous_global else None, arrivals, self.aggregator_state)
+        if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
+                and np.shape(out[1]) == (len(at),)):
+            raise HetsimError(f"aggregator {self.spec.aggregator.name!r}: combine returned {_shape(out)} for "
+                              f"{len(at)} arrivals; expected (new global model, {len(at)} weights, state) "
+                              f"({POLICY_DOCS})")
+        new_global, weights, state = out
+        if alpha != 1.0:
+            new_global = x + alpha * (new_global - x)
+        return new_global, weights, state, arrivals
+
     def aggregate(self, ks: list[int], tallies: Tallies, time_budget_s: float | None, lr: float,
                   replicas: Callable[[list[int]], torch.Tensor] | None = None, pulled: np.ndarray | None = None,
                   work: Work | None = None, dropped: ArrivalBuffer | None = None) -> RoundRecord:
@@ -689,25 +715,10 @@ class Driver:
             pulled = self.pulled[np.asarray(ks, dtype=np.int64)]
         staleness = self.version - np.asarray(pulled, dtype=np.int64)
         if ks:
-            agg = self.aggregator
-            weighted_sum, gathered = self.comm.arrivals_source(ks, replicas or self.core.replicas, agg.linear)
-            s = self.protocol.staleness_weights(staleness)
-            alpha = self.protocol.alpha
-            x = self.core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
-            if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
-                weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
-            arrivals = Arrivals(at, self.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
-                                staleness, self.round, lr, weighted_sum=weighted_sum, replicas=gathered)
-            previous = x if agg.needs_previous_global else None
-            out = agg.combine(previous, arrivals, self.aggregator_state)
-            if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
-                    and np.shape(out[1]) == (len(ks),)):
-                raise HetsimError(f"aggregator {self.spec.aggregator.name!r}: combine returned {_shape(out)} for "
-                                  f"{len(ks)} arrivals; expected (new global model, {len(ks)} weights, state) "
-                                  f"({POLICY_DOCS})")
-            new_global, weights, self.aggregator_state = out
-            if alpha != 1.0:
-                new_global = x + alpha * (new_global - x)
+            weighted_sum, gathered = self.comm.arrivals_source(ks, replicas or self.core.replicas,
+                                                               self.aggregator.linear)
+            new_global, weights, self.aggregator_state, arrivals = self.combine_arrivals(
+                at, tallies, staleness, lr, weighted_sum, gathered)
             self.selector_state = self.selector.observe(self.round, arrivals, self.selector_state)
             self.core.install(new_global)
             self.version += 1

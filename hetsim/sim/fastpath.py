@@ -35,10 +35,8 @@ import numpy as np
 import torch
 
 from hetsim.cluster import exchange_time
-from hetsim.errors import HetsimError
-from hetsim.policies import Arrivals, WorkerInfo
-from hetsim.protocol import (POLICY_DOCS, ArrivalBuffer, Driver, Hooks, Protocol, Steps, SyncProtocol, Work, _damped,
-                             _Pending, _shape)
+from hetsim.policies import WorkerInfo
+from hetsim.protocol import ArrivalBuffer, Driver, Hooks, Protocol, Steps, SyncProtocol, Work, _Pending
 from hetsim.protocols import AsyncProtocol, BufferedAsyncProtocol, SemiSyncProtocol
 from hetsim.results import _cell, encode_arrival, encode_update, model_digest
 from hetsim.sim.timeonly import STAND_IN_LOSS, TimeOnlyCore, by_time, earliest, timeout_until
@@ -214,25 +212,11 @@ def aggregate(d: Driver, tallies: Tallies, budget: float | None, lr: float, pull
     new_global = None
     staleness = d.version - pulled
     if len(at):
-        agg = d.aggregator
         rows = core.replicas(at)  # the in-process comm's arrivals source over the core's (empty) replicas
         weighted_sum: Callable[[np.ndarray], torch.Tensor] = lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows
-        gathered = None if agg.linear else (lambda: rows)
-        s, alpha = protocol.staleness_weights(staleness), protocol.alpha
-        x = core.global_params() if (s is not None or alpha != 1.0 or agg.needs_previous_global) else None
-        if s is not None and x.numel():  # (the time-only core's model is empty: nothing to damp)
-            weighted_sum, gathered = _damped(x, s, weighted_sum, gathered)
-        arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(), staleness, d.round,
-                            lr, weighted_sum=weighted_sum, replicas=gathered)
-        out = agg.combine(x if agg.needs_previous_global else None, arrivals, d.aggregator_state)
-        if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
-                and np.shape(out[1]) == (len(at),)):
-            raise HetsimError(f"aggregator {d.spec.aggregator.name!r}: combine returned {_shape(out)} for "
-                              f"{len(at)} arrivals; expected (new global model, {len(at)} weights, state) "
-                              f"({POLICY_DOCS})")
-        new_global, weights, d.aggregator_state = out
-        if alpha != 1.0:
-            new_global = x + alpha * (new_global - x)
+        gathered = None if d.aggregator.linear else (lambda: rows)
+        new_global, weights, d.aggregator_state, arrivals = d.combine_arrivals(at, tallies, staleness, lr,
+                                                                               weighted_sum, gathered)
         d.selector_state = d.selector.observe(d.round, arrivals, d.selector_state)
         core.install(new_global)
         d.version += 1
@@ -706,22 +690,13 @@ class _UpdateLoop:
             return w
         d = self.d
         at = np.asarray(ks, dtype=np.int64)
-        tallies = d.core.tallies(at)
-        agg, protocol = d.aggregator, self.protocol
         rows = d.core.replicas(at)
         weighted_sum: Callable[[np.ndarray], torch.Tensor] = lambda w: torch.as_tensor(w, dtype=rows.dtype) @ rows
-        s = protocol.staleness_weights(np.asarray(staleness, dtype=np.int64))
-        x = d.core.global_params() if (s is not None or protocol.alpha != 1.0 or agg.needs_previous_global) else None
-        arrivals = Arrivals(at, d.kinds[at], tallies.steps, tallies.samples, tallies.mean_loss(),
-                            np.asarray(staleness, dtype=np.int64), d.round, lr, weighted_sum=weighted_sum,
-                            replicas=None if agg.linear else (lambda: rows))
-        out = agg.combine(x if agg.needs_previous_global else None, arrivals, d.aggregator_state)
-        if not (type(out) is tuple and len(out) == 3 and isinstance(out[0], torch.Tensor)
-                and np.shape(out[1]) == (len(at),)):
-            raise HetsimError(f"aggregator {d.spec.aggregator.name!r}: combine returned {_shape(out)} for "
-                              f"{len(at)} arrivals; expected (new global model, {len(at)} weights, state) "
-                              f"({POLICY_DOCS})")
-        w = self._weights[key] = np.asarray(out[1], dtype=np.float64).tolist()
+        gathered = None if d.aggregator.linear else (lambda: rows)
+        # (the aggregator is stateless here: the state it returns is the one it was given)
+        _, weights, _, _ = d.combine_arrivals(at, d.core.tallies(at), np.asarray(staleness, dtype=np.int64), lr,
+                                              weighted_sum, gathered)
+        w = self._weights[key] = np.asarray(weights, dtype=np.float64).tolist()
         return w
 
     def combine(self, arrived: list[tuple[int, int, float, float, int]], now: float, lr: float, round_: int,
