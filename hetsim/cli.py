@@ -11,6 +11,7 @@ became non-finite (summary.json `diverged_at_round`; the run directory is comple
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -297,8 +298,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             f"(cluster.devices[], workload, optim.batch_size)")
         spec = _spec_to_profile(args.config, args.set)
         print(f"profiling the {spec.n_workers} devices of {args.config} concurrently ...", file=sys.stderr)
-        for kind, path in profile_cluster(spec, args.out, args.max_seconds, args.exchange).items():
+        paths = profile_cluster(spec, args.out, args.max_seconds, args.exchange)
+        for kind, path in paths.items():
             print(f"{kind}: {path}")
+        if args.exchange:
+            link = json.loads(next(iter(paths.values())).read_text())["link"]
+            ov = (link.get("overhead") or {}).get(spec.protocol.name)
+            print(f"link {link['bandwidth_GBps']:.2f} GB/s, {link['latency_s'] * 1e6:.0f} us; " +
+                  (f"per-combine overhead under {spec.protocol.name}: {ov['fixed_s'] * 1e3:.2f} ms + "
+                   f"{ov['per_arrival_s'] * 1e3:.2f} ms per arrival (p10-p90 {ov['p10_s'] * 1e3:.2f}-"
+                   f"{ov['p90_s'] * 1e3:.2f} ms over {ov['combines']} combines)" if ov else
+                   f"per-combine overhead not measured for protocol {spec.protocol.name!r} (measured for "
+                   f"sync, semi_sync and async)"), file=sys.stderr)
         return 0
 
     if not (args.device == "cpu" or args.device.startswith("cuda")):

@@ -16,6 +16,14 @@ Under the event-driven protocols (semi_sync, async, buffered_async) the models g
 whatever `collective` says (as in the real backend: each arrival pushes its replica to the server and
 pulls the global model back), so an update combining n arrivals costs the parameter-server time above,
 with n = the arrivals: one arrival pays 2·a + 2·S/B, not nothing.
+
+Every combine also pays the backend's own per-combine overhead, which the alpha-beta terms do not see
+(control broadcasts, the tally gather, the aggregator's Python, the server's turnaround):
+  O = fixed + per_arrival·n
+measured on the real backend by `hetsim profile --config --exchange` per protocol (the profile's
+link.overhead), or set per device group (overhead_s, overhead_per_arrival_s); the largest of the
+participating groups' is charged. It is charged when n = 1 too: a world of one process still pays its
+round's bookkeeping.
 """
 
 from __future__ import annotations
@@ -131,6 +139,8 @@ class DeviceModel:
     straggler_prob: float = 0.0
     straggler_factor: float = 1.0
     offline: tuple[tuple[float, float], ...] = ()
+    overhead_s: float = 0.0  # per combine, beyond the alpha-beta exchange (module docstring)
+    overhead_per_arrival_s: float = 0.0
 
     def slowdown_at(self, t: float) -> float:
         return _piecewise(self.slowdown, t, 1.0)
@@ -260,7 +270,14 @@ def profile_entry(ref: str, workload: str, batch_size: int) -> tuple[StepTimeMod
                     f"(has: {', '.join(available) or 'none'}); profile that pair or give step_time inline")
 
 
-def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> DeviceModel:
+def profile_overhead(link: dict[str, Any], protocol: str) -> tuple[float, float]:
+    """(fixed_s, per_arrival_s) of a profile's measured per-combine overhead for `protocol`, (0, 0)
+    when the profile has none for it (measured for another protocol, or before overheads were measured)."""
+    m = (link.get("overhead") or {}).get(protocol) or {}
+    return float(m.get("fixed_s", 0.0)), float(m.get("per_arrival_s", 0.0))
+
+
+def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str, protocol: str = "sync") -> DeviceModel:
     if d.profile:
         try:
             step, eval_time, source = profile_entry(d.profile, workload, batch_size)
@@ -272,15 +289,19 @@ def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str) -> D
     if d.eval_time_s is not None:
         eval_time = d.eval_time_s
     bandwidth_GBps, latency = d.bandwidth_GBps, d.latency_s
+    overhead = (0.0, 0.0)
     if d.profile:  # a measured link (hetsim profile --exchange) unless the config overrides it
         link = load_profile(d.profile).get("link") or {}
         bandwidth_GBps = bandwidth_GBps if bandwidth_GBps is not None else link.get("bandwidth_GBps")
         latency = latency if latency is not None else link.get("latency_s")
+        overhead = profile_overhead(link, protocol)
+    overhead = (d.overhead_s if d.overhead_s is not None else overhead[0],
+                d.overhead_per_arrival_s if d.overhead_per_arrival_s is not None else overhead[1])
     bandwidth = bandwidth_GBps * 1e9 if bandwidth_GBps is not None else None
     slowdown = (read_slowdown_trace(d.slowdown_trace, f"{where}.slowdown_trace") if d.slowdown_trace
                 else tuple((float(a), float(b)) for a, b in d.slowdown))
     return DeviceModel(d.kind, step, eval_time, bandwidth, latency, source, slowdown, d.straggler_prob,
-                       d.straggler_factor, tuple((float(a), float(b)) for a, b in d.offline))
+                       d.straggler_factor, tuple((float(a), float(b)) for a, b in d.offline), *overhead)
 
 
 def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_bytes: int, t: float = 0.0,
@@ -289,15 +310,25 @@ def exchange_time(network: NetworkSpec, devices: Sequence[DeviceModel], model_by
     docstring; the network's bandwidth follows its bandwidth_schedule). With `n`, `devices` need only
     hold one model per device group present (the slowest link and latency are the same) and n is the
     number of participants. through_server: the models go through a server (the event-driven protocols),
-    the parameter-server formula whatever the collective, and a single participant pays it too."""
+    the parameter-server formula whatever the collective, and a single participant pays it too.
+    Plus the per-combine overhead O = fixed + per_arrival·n (module docstring), one worker included."""
     n = len(devices) if n is None else n
-    if n < 1 or (n == 1 and not through_server):  # one worker all-reducing with itself exchanges nothing
+    if n < 1:
         return 0.0
+    overhead = combine_overhead(devices, n)
+    if n == 1 and not through_server:  # one worker all-reducing with itself exchanges nothing
+        return overhead
     net_bw = network_bandwidth_at(network, t) * 1e9
     link_bw = min(d.bandwidth_Bps or net_bw for d in devices)
     latency = max(d.latency_s if d.latency_s is not None else network.latency_s for d in devices)
     if network.collective == "ring_allreduce" and not through_server:
-        return 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / link_bw
+        return overhead + 2 * (n - 1) * latency + 2 * (n - 1) / n * model_bytes / link_bw
     if network.collective == "tree_allreduce" and not through_server:
-        return 2 * math.ceil(math.log2(n)) * latency + 2 * (n - 1) / n * model_bytes / link_bw
-    return 2 * latency + 2 * max(n * model_bytes / net_bw, model_bytes / link_bw)
+        return overhead + 2 * math.ceil(math.log2(n)) * latency + 2 * (n - 1) / n * model_bytes / link_bw
+    return overhead + 2 * latency + 2 * max(n * model_bytes / net_bw, model_bytes / link_bw)
+
+
+def combine_overhead(devices: Sequence[DeviceModel], n: int) -> float:
+    """The per-combine overhead of n arrivals from `devices` (their groups): the largest fixed part plus
+    the largest per-arrival part times n (module docstring)."""
+    return max(d.overhead_s for d in devices) + n * max(d.overhead_per_arrival_s for d in devices)

@@ -85,6 +85,10 @@ class DeviceSpec:
     eval_time_s: seconds to evaluate the global model (the evaluating device's, eval.on, is charged); unset = the
         profile's, else 0.
     bandwidth_GBps / latency_s: this group's link; unset = the network's.
+    overhead_s / overhead_per_arrival_s: what a combine costs beyond the alpha-beta exchange (the
+        backend's control messages, tally gathers and Python, measured by `hetsim profile --config
+        --exchange` for the run's protocol): fixed_s + per_arrival_s x the arrivals combined, charged at
+        every combine (a world of one device too); unset = the profile's measurement, else 0.
 
     Changing conditions (both fidelities):
     slowdown: [[time_s, factor], ...] — from time_s on, every step takes `factor` x its profiled time
@@ -110,6 +114,8 @@ class DeviceSpec:
     eval_time_s: float | None = None
     bandwidth_GBps: float | None = None
     latency_s: float | None = None
+    overhead_s: float | None = None
+    overhead_per_arrival_s: float | None = None
     slowdown: tuple[tuple[float, ...], ...] = ()
     slowdown_trace: str = ""
     straggler_prob: float = 0.0
@@ -428,6 +434,9 @@ def check_schema(spec: Spec) -> None:
         _require(d.bandwidth_GBps is None or d.bandwidth_GBps > 0, f"{key}.bandwidth_GBps", "a number > 0",
                  d.bandwidth_GBps)
         _require(d.latency_s is None or d.latency_s >= 0, f"{key}.latency_s", "a number >= 0", d.latency_s)
+        for field in ("overhead_s", "overhead_per_arrival_s"):
+            v = getattr(d, field)
+            _require(v is None or v >= 0, f"{key}.{field}", "a number >= 0 (seconds)", v)
         _require(d.eval_time_s is None or d.eval_time_s >= 0, f"{key}.eval_time_s", "a number >= 0",
                  d.eval_time_s)
         _require(bool(d.profile) != (d.step_time is not None), f"{key}",

@@ -147,7 +147,7 @@ def build_devices(spec: Spec) -> list[DeviceModel]:
 
 def build_groups(spec: Spec) -> list[DeviceModel]:
     """The time model of each device group."""
-    return [device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]")
+    return [device_model(d, spec.workload.name, spec.optim.batch_size, f"cluster.devices[{i}]", spec.protocol.name)
             for i, d in enumerate(spec.cluster.devices)]
 
 

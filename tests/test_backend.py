@@ -608,3 +608,90 @@ def test_run_repeat_into_a_run_directory_is_refused(tiny_spec, tmp_path, capsys)
     assert main(["run", str(config), "--out", str(tmp_path / "run"), "--repeat", "2"]) == 2
     assert "is a run directory; --repeat N writes N runs into OUT/rep1 ... OUT/repN" in capsys.readouterr().err
     assert not (tmp_path / "run" / "rep1").exists()
+
+
+def _fake_run(decisions, evaluated=()):
+    from types import SimpleNamespace
+
+    rounds = [0] + [d["round"] for d in decisions]
+    return SimpleNamespace(decisions=decisions, metrics={
+        "round": rounds, "test_acc": [0.1] + [0.5 if r in evaluated else float("nan") for r in rounds[1:]]})
+
+
+def test_a_sync_rounds_overhead_runs_from_its_last_finish_to_the_next_rounds_first_start():
+    from hetsim.cluster import DeviceModel, StepTimeModel
+    from hetsim.config import NetworkSpec
+    from backends.torchmp.profiler import combine_overheads
+
+    link = DeviceModel("cpu", StepTimeModel("constant", 0.01), 0.0, 1e9, 1e-4, "inline")
+    net = NetworkSpec(collective="ring_allreduce")
+    run = _fake_run([
+        {"round": 1, "workers": [0, 1], "start_s": [0.0, 0.0], "finish_s": [0.10, 0.12]},
+        {"round": 2, "workers": [0, 1], "start_s": [0.13, 0.131], "finish_s": [0.20, 0.25]},
+        {"round": 3, "workers": [1], "start_s": [0.26], "finish_s": [0.30]},  # evaluated after: skipped
+        {"round": 4, "workers": [0, 1], "start_s": [0.50, 0.50], "finish_s": [0.60, 0.61]},  # last: skipped
+    ], evaluated={3})
+    # ring of 2 over 1 GB/s with 0.1 ms latency, 1000 bytes: 2a + S/B = 0.2 ms + 1 us
+    ab = 2 * 1e-4 + 1000 / 1e9
+    got = combine_overheads(run, net, [link], [0, 0], 1000, event_driven=False)
+    assert [n for n, _ in got] == [2, 2]
+    assert [o for _, o in got] == pytest.approx([0.13 - 0.12 - ab, 0.26 - 0.25 - ab])
+
+
+def test_an_async_arrivals_overhead_runs_to_its_workers_next_start():
+    from hetsim.cluster import DeviceModel, StepTimeModel
+    from hetsim.config import NetworkSpec
+    from backends.torchmp.profiler import combine_overheads
+
+    link = DeviceModel("cpu", StepTimeModel("constant", 0.01), 0.0, 1e9, 1e-4, "inline")
+    net = NetworkSpec()
+    run = _fake_run([
+        {"round": 1, "workers": [1], "start_s": [0.0], "finish_s": [0.05]},
+        {"round": 2, "workers": [1], "start_s": [0.06], "finish_s": [0.11]},   # worker 1 again: 0.06 - 0.05
+        {"round": 3, "workers": [0], "start_s": [0.0], "finish_s": [0.2]},     # worker 0 never again: skipped
+        {"round": 4, "workers": [1], "start_s": [0.125], "finish_s": [0.17]},  # 0.125 - 0.11
+        {"round": 5, "workers": [1], "start_s": [0.18], "finish_s": [0.22]},
+    ])
+    ab = 2 * 1e-4 + 2 * 1000 / 1e9  # through the server: a push and a pull of one model
+    got = combine_overheads(run, net, [link], [0, 0], 1000, event_driven=True)
+    assert [n for n, _ in got] == [1, 1, 1]
+    assert [o for _, o in got] == pytest.approx([0.01 - ab, 0.015 - ab, 0.01 - ab])
+
+
+def test_the_overhead_fit_goes_through_the_medians_per_arrival_count():
+    from backends.torchmp.profiler import fit_overhead
+
+    # medians 7 ms at n = 1 and 9 ms at n = 2 (an outlier of 1 s does not move a median): 5 ms + 2 ms x n
+    fit = fit_overhead([(1, 0.006), (1, 0.007), (1, 0.008), (2, 0.009), (2, 0.009), (2, 1.0)])
+    assert fit["fixed_s"] == pytest.approx(0.005) and fit["per_arrival_s"] == pytest.approx(0.002)
+    assert fit["combines"] == 6
+    # one arrival count: all of it is fixed; a falling line is noise, not a negative per-arrival cost
+    assert fit_overhead([(2, 0.004), (2, 0.006)])["fixed_s"] == pytest.approx(0.005)
+    falling = fit_overhead([(1, 0.009), (2, 0.007)])
+    assert falling["per_arrival_s"] == 0.0 and falling["fixed_s"] == pytest.approx(0.008)
+    with pytest.raises(HetsimError, match="no combine"):
+        fit_overhead([])
+
+
+def test_profile_config_exchange_stores_the_protocols_overhead_and_the_simulator_charges_it(tmp_path):
+    from backends.torchmp.profiler import profile_cluster
+    from hetsim.resolve import spec_from_dict, build_groups
+
+    spec = spec_from_dict({
+        "name": "ov", "workload": {"name": "digits"},
+        "cluster": {"devices": [{"kind": "a", "count": 1, "step_time": {"mean_s": 1.0}, "threads": 1},
+                                {"kind": "b", "count": 1, "step_time": {"mean_s": 1.0}, "threads": 1}]},
+        "scheduler": {"name": "fixed", "params": {"local_steps": 2}}, "optim": {"batch_size": 16},
+        "stop": {"max_rounds": 2}, "eval": {"every_rounds": 1, "every_epochs": 0}}, source="test")
+    paths = profile_cluster(spec, tmp_path / "p", max_seconds=0.5, exchange=True)
+    link = json.loads(paths["a"].read_text())["link"]
+    ov = link["overhead"]["sync"]
+    assert ov["fixed_s"] >= 0 and ov["per_arrival_s"] >= 0 and ov["combines"] > 0 and ov["world"] == 2
+    assert set(ov["median_s_by_arrivals"]) == {"2"}  # the run as it will run: both devices every round
+    # the simulator reads it for a sync run of devices on that profile
+    d = spec_from_dict({**spec_to_dict(spec), "cluster": {"devices": [
+        {"kind": "a", "count": 1, "profile": str(paths["a"])}, {"kind": "b", "count": 1, "profile": str(paths["b"])}]}},
+        source="test")
+    groups = build_groups(d)
+    assert groups[0].overhead_s == pytest.approx(ov["fixed_s"])
+    assert groups[0].overhead_per_arrival_s == pytest.approx(ov["per_arrival_s"])

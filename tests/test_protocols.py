@@ -480,6 +480,7 @@ def test_the_exchange_goes_through_the_server_under_event_driven_protocols():
 
     class Link:  # what exchange_time reads of a device
         bandwidth_Bps, latency_s = None, None
+        overhead_s, overhead_per_arrival_s = 0.0, 0.0
 
     ring = NetworkSpec(collective="ring_allreduce", bandwidth_GBps=2.0, latency_s=0.001)
     s = 4e9  # bytes: 2 s at 2 GB/s
@@ -488,6 +489,50 @@ def test_the_exchange_goes_through_the_server_under_event_driven_protocols():
     # n arrivals through the server: the server's link carries n models each way (the parameter-server formula)
     assert exchange_time(ring, [Link()], int(s), n=3, through_server=True) == pytest.approx(2 * 0.001 + 2 * 3 * 2.0)
     assert exchange_time(ring, [Link()], int(s), n=0, through_server=True) == 0.0
+
+
+def test_every_combine_pays_the_measured_overhead_on_top_of_the_exchange():
+    from hetsim.cluster import exchange_time
+    from hetsim.config import NetworkSpec
+
+    class Link:
+        bandwidth_Bps, latency_s = None, None
+
+        def __init__(self, fixed, per):
+            self.overhead_s, self.overhead_per_arrival_s = fixed, per
+
+    ring = NetworkSpec(collective="ring_allreduce", bandwidth_GBps=2.0, latency_s=0.001)
+    s = 4e9  # 2 s at 2 GB/s
+    a, b = Link(0.005, 0.001), Link(0.002, 0.003)
+    # a world of one: no all-reduce, but the round's bookkeeping: 5 ms + 1 x 1 ms
+    assert exchange_time(ring, [a], int(s), n=1) == pytest.approx(0.006)
+    # ring of 2: 2(n-1)a + 2(n-1)/n S/B, plus the largest fixed part (5 ms) and per-arrival part (3 ms) x 2
+    assert exchange_time(ring, [a, b], int(s), n=2) == pytest.approx(2 * 0.001 + 2.0 + 0.005 + 2 * 0.003)
+    # through the server, 3 arrivals: 2a + 2 n S/B + overhead
+    assert exchange_time(ring, [a], int(s), n=3, through_server=True) == pytest.approx(
+        2 * 0.001 + 2 * 3 * 2.0 + 0.005 + 3 * 0.001)
+    assert exchange_time(ring, [a], int(s), n=0) == 0.0  # no combine, no overhead
+
+
+def test_a_simulated_sync_round_is_its_slowest_work_plus_exchange_plus_overhead(tiny_spec):
+    # constant steps: round time = max(steps x step) + the ring's exchange + fixed + per-arrival x n (by hand)
+    spec = tiny_spec("stop.max_rounds=3", "cluster.devices.0.overhead_s=0.004",
+                     "cluster.devices.1.overhead_per_arrival_s=0.0005")
+    r = simulate(spec)
+    base = simulate(tiny_spec("stop.max_rounds=3"))
+    n = len(spec.worker_kinds())
+    per_round = 0.004 + 0.0005 * n
+    got = np.diff(r.metrics["time_s"]) - np.diff(base.metrics["time_s"])
+    assert got == pytest.approx([per_round] * 3, abs=1e-12)
+    assert r.summary["combine_overhead_s"] == {"fixed": 0.004, "per_arrival": 0.0005}
+    fast = simulate(tiny_spec("stop.max_rounds=3", "cluster.devices.0.overhead_s=0.004", "sim.fidelity='time_only'",
+                              "cluster.devices.1.overhead_per_arrival_s=0.0005"))
+    assert fast.metrics["time_s"] == pytest.approx(r.metrics["time_s"], abs=1e-12)  # the same charge in time-only
+
+
+def test_a_negative_overhead_is_a_one_line_error(tiny_spec):
+    with pytest.raises(SpecError, match=r"cluster.devices\[0\].overhead_s: expected a number >= 0"):
+        tiny_spec("cluster.devices.0.overhead_s=-0.001")
 
 
 def test_event_driven_evaluations_are_on_the_servers_track(tiny_spec):

@@ -15,6 +15,12 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   with its threads and emulated slowdown, as `hetsim run` will run them: cores, caches and memory
   bandwidth are then shared as in the real run (a device that has its samples keeps stepping, untimed,
   until all have). One file per device group, `DIR/<kind>.json`, pooling the group's samples.
+- `--config CONFIG --exchange` also measures the per-combine overhead of the config's protocol
+  (`measure_overhead`): short real runs of the config on the backend, with the step times just
+  measured; per combine, the time from the last arrival's finish to the next local step's start, less
+  the alpha-beta exchange, is what the simulator does not otherwise see (control broadcasts, the tally
+  gather, the aggregator, the server's turnaround). Fitted as fixed + per_arrival x arrivals and stored
+  as link.overhead[protocol] with its spread.
 
 Entries for other (workload, batch size) pairs already in the file are kept.
 """
@@ -258,6 +264,7 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
         raise HetsimError("concurrent profiling failed in a device process")
     link = measure_exchange(_model_bytes(spec)) if exchange else None
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for kind in dict.fromkeys(d.kind for d in devices):
         group = [results[k] for k, d in enumerate(devices) if d.kind == kind]
@@ -270,7 +277,116 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
         measured.update(entry=entry, link=link)
         paths[kind] = out_dir / f"{kind}.json"
         write_profile(paths[kind], kind, measured)
+    if link is not None and spec.protocol.name in OVERHEAD_PROTOCOLS:
+        overhead = measure_overhead(spec, paths)
+        for kind, path in paths.items():
+            data = json.loads(path.read_text())
+            data["link"].setdefault("overhead", {})[spec.protocol.name] = overhead
+            write_json(path, data, indent=1)
     return paths
+
+
+#: the protocols whose overhead `measure_overhead` can read off a run's decisions: a worker's next job
+#: starts after the combine its arrival went into (buffered_async re-dispatches at once: not measured)
+OVERHEAD_PROTOCOLS = ("sync", "semi_sync", "async")
+
+
+def calibration_spec(spec: Spec, paths: dict[str, Path], rounds: int) -> Spec:
+    """`spec` as a short calibration run: its devices on the profiles just written (so the scheduler plans
+    the run's steps), `rounds` rounds, one evaluation at the end, no per-combine overhead of its own."""
+    from hetsim.config import spec_to_dict
+
+    d = spec_to_dict(spec)
+    for g in d["cluster"]["devices"]:
+        g.pop("step_time", None)
+        g["profile"] = str(Path(paths[g["kind"]]).resolve())
+        g["overhead_s"] = g["overhead_per_arrival_s"] = 0.0
+    d["name"] = f"{spec.name}-overhead"
+    d["stop"] = {"max_rounds": rounds, "target_accuracy": spec.stop.target_accuracy}
+    d["eval"] = {**d.get("eval", {}), "every_rounds": rounds, "every_epochs": 0}
+    d["run"] = {**d.get("run", {}), "checkpoint_every": 0}
+    return spec_from_dict(d, source=f"{spec.name} (overhead calibration)")
+
+
+def combine_overheads(run: Any, network: Any, groups: list[Any], group_of: list[int], model_bytes: int,
+                      event_driven: bool) -> list[tuple[int, float]]:
+    """(arrivals n, overhead s) per combine of a real run, less the alpha-beta exchange of n models
+    (cluster.exchange_time with no overhead). A sync round's runs from its last finish to the next round's
+    first start; an event-driven update's from its last arrival's finish to the earliest next start of the
+    workers it combined (they are dispatched again after it). Combines followed by an evaluation, and those
+    with no next start, are skipped."""
+    from hetsim.cluster import exchange_time
+
+    evaluated = {int(r) for r, acc in zip(run.metrics["round"], run.metrics["test_acc"]) if acc == acc}
+    decisions = run.decisions
+    next_start: list[float | None] = [None] * len(decisions)
+    if event_driven:
+        seen: dict[int, float] = {}  # a worker's start in a later update
+        for i in range(len(decisions) - 1, -1, -1):
+            d = decisions[i]
+            later = [seen.get(w) for w in d["workers"]]
+            next_start[i] = None if None in later or not later else min(later)
+            seen.update(zip(d["workers"], d["start_s"]))
+    else:
+        for i in range(len(decisions) - 1):
+            next_start[i] = min(decisions[i + 1]["start_s"])
+    out = []
+    for i, d in enumerate(decisions):
+        ks = d["workers"]
+        if not ks or d["round"] in evaluated or next_start[i] is None:
+            continue
+        gone = max(d["finish_s"])
+        present = [groups[g] for g in sorted({group_of[w] for w in ks})]
+        ab = exchange_time(network, present, model_bytes, gone, n=len(ks), through_server=event_driven)
+        out.append((len(ks), next_start[i] - gone - ab))
+    return out
+
+
+def fit_overhead(samples: list[tuple[int, float]]) -> dict[str, Any]:
+    """fixed + per_arrival x n through the medians per n (robust to a noisy machine's outliers); with one n
+    observed, all of it is fixed. Both parts are clamped at 0 (a negative cost is noise)."""
+    if not samples:
+        raise HetsimError("overhead calibration: no combine with a clean next start (too few rounds?)")
+    by_n: dict[int, list[float]] = {}
+    for n, o in samples:
+        by_n.setdefault(n, []).append(o)
+    ns = sorted(by_n)
+    med = np.array([statistics.median(by_n[n]) for n in ns])
+    per = 0.0
+    if len(ns) > 1:
+        per = max(0.0, float(np.polyfit(np.array(ns, dtype=float), med, 1)[0]))
+    fixed = max(0.0, float(np.median(med - per * np.array(ns))))
+    values = np.array([o for _, o in samples])
+    return {"fixed_s": fixed, "per_arrival_s": per, "median_s_by_arrivals": {str(n): float(m) for n, m in zip(ns, med)},
+            "p10_s": float(np.quantile(values, 0.1)), "p90_s": float(np.quantile(values, 0.9)),
+            "combines": len(samples)}
+
+
+def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30) -> dict[str, Any]:
+    """The per-combine overhead of `spec`'s protocol on the real backend (module docstring), from one
+    calibration run of `rounds` combines of the config as it will run. The per-arrival part is fitted only
+    where the run's own combines vary in size (semi_sync with a deadline, say); a run made to vary it (one
+    participant a round) measures another regime: its ranks idle longer in the collectives, and on this
+    project's 2-core VM that made a one-arrival combine cost 1.7x a two-arrival one, not less."""
+    import tempfile
+
+    from backends.torchmp.launcher import run as run_real
+    from hetsim.analysis import load_run
+    from hetsim.protocols import event_driven
+    from hetsim.resolve import build_groups
+
+    cal = calibration_spec(spec, paths, rounds)
+    groups = build_groups(cal)
+    group_of = [g for g, d in enumerate(cal.cluster.devices) for _ in range(d.count)]
+    with tempfile.TemporaryDirectory(prefix="hetsim-overhead-") as tmp:
+        run_real(cal, Path(tmp) / "run")
+        real = load_run(Path(tmp) / "run")  # (its decisions are read from the folder: use them inside)
+        samples = combine_overheads(real, cal.cluster.network, groups, group_of, int(real.summary["model_bytes"]),
+                                    event_driven(spec.protocol.name))
+    out = fit_overhead(samples)
+    out.update(world=len(group_of) + (1 if event_driven(spec.protocol.name) else 0),
+               measured_with=f"a calibration run of {rounds} combines of {spec.name!r}")
+    return out
 
 
 def _model_bytes(spec: Spec) -> int:
@@ -294,7 +410,11 @@ def write_profile(path: str | Path, device_kind: str, measured: dict[str, Any]) 
     data.update(source="measured", hardware=measured["hardware"],
                 measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=versions())
     if measured.get("link"):
-        data["link"] = measured["link"]
+        # overheads measured earlier for other protocols stay (each is its own measurement)
+        kept = (data.get("link") or {}).get("overhead") or {}
+        data["link"] = dict(measured["link"])
+        if kept:
+            data["link"]["overhead"] = {**kept, **(measured["link"].get("overhead") or {})}
     write_json(path, data, indent=1)
     return data
 

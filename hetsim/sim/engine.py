@@ -145,7 +145,10 @@ class SimClock(Clock):
     def summary_fields(self) -> dict[str, Any]:
         names = worker_names(self.spec.worker_kinds())
         return {"fidelity": self.spec.sim.fidelity, "fidelity_notes": self.fidelity_notes,
-                "device_sources": {name: d.source for name, d in zip(names, self.devices)}}
+                "device_sources": {name: d.source for name, d in zip(names, self.devices)},
+                # what every combine is charged beyond the alpha-beta exchange (cluster.combine_overhead)
+                "combine_overhead_s": {"fixed": max(g.overhead_s for g in self.groups),
+                                       "per_arrival": max(g.overhead_per_arrival_s for g in self.groups)}}
 
 
 class EmulatedClock(SimClock):
