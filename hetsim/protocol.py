@@ -498,9 +498,15 @@ class Driver:
     # -- the protocol's building blocks ------------------------------------------------------------
 
     def stop_check(self) -> tuple[str, float]:
-        """(stop reason or "", share of the budget used): the leader's, on its clock, in every process."""
+        """(stop reason or "", share of the budget used): the leader's, on its clock, in every process.
+
+        Only a time budget (stop.max_time_s) reads a clock, and the processes' clocks differ: then the
+        leader decides and one broadcast tells the others. Without one, the rule reads only what every
+        process holds alike (rounds, epochs, the shared accuracy, divergence of the shared model), so
+        each decides for itself and the round saves a collective."""
         index, progress = 0.0, 0.0
-        if self.comm.leader:
+        local = not self.spec.stop.max_time_s
+        if self.comm.leader or local:
             reached = self.last_acc >= self.spec.stop.target_accuracy  # NaN: False
             now, epochs = self.clock.now(), self.core.epochs
             reason = self.schedule.stop_reason(self.round, now, epochs, reached)
@@ -508,7 +514,8 @@ class Driver:
                 reason = "replayed"  # a replay ends where the run it replays ended
             index = STOP_REASONS.index(reason)
             progress = self.schedule.progress(self.round, now, epochs)
-        index, progress = self.comm.agree([index, progress])
+        if not local:
+            index, progress = self.comm.agree([index, progress])
         return STOP_REASONS[int(index)], progress
 
     def begin_round(self, progress: float) -> float:

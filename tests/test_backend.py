@@ -610,32 +610,34 @@ def test_run_repeat_into_a_run_directory_is_refused(tiny_spec, tmp_path, capsys)
     assert not (tmp_path / "run" / "rep1").exists()
 
 
-def _fake_run(decisions, evaluated=()):
+def _fake_run(decisions, times=None, evaluated=()):
     from types import SimpleNamespace
 
     rounds = [0] + [d["round"] for d in decisions]
+    times = times or [0.0] * len(rounds)
     return SimpleNamespace(decisions=decisions, metrics={
-        "round": rounds, "test_acc": [0.1] + [0.5 if r in evaluated else float("nan") for r in rounds[1:]]})
+        "round": rounds, "time_s": times,
+        "test_acc": [0.1] + [0.5 if r in evaluated else float("nan") for r in rounds[1:]]})
 
 
-def test_a_sync_rounds_overhead_runs_from_its_last_finish_to_the_next_rounds_first_start():
+def test_a_sync_rounds_overhead_is_its_duration_less_its_longest_work_and_the_exchange():
     from hetsim.cluster import DeviceModel, StepTimeModel
     from hetsim.config import NetworkSpec
     from backends.torchmp.profiler import combine_overheads
 
     link = DeviceModel("cpu", StepTimeModel("constant", 0.01), 0.0, 1e9, 1e-4, "inline")
     net = NetworkSpec(collective="ring_allreduce")
-    run = _fake_run([
-        {"round": 1, "workers": [0, 1], "start_s": [0.0, 0.0], "finish_s": [0.10, 0.12]},
-        {"round": 2, "workers": [0, 1], "start_s": [0.13, 0.131], "finish_s": [0.20, 0.25]},
-        {"round": 3, "workers": [1], "start_s": [0.26], "finish_s": [0.30]},  # evaluated after: skipped
-        {"round": 4, "workers": [0, 1], "start_s": [0.50, 0.50], "finish_s": [0.60, 0.61]},  # last: skipped
-    ], evaluated={3})
+    run = _fake_run([  # work on each worker's own clock (rank 1 started 2 ms later than rank 0's zero)
+        {"round": 1, "workers": [0, 1], "start_s": [0.0, 0.002], "finish_s": [0.10, 0.122]},   # longest 0.12
+        {"round": 2, "workers": [0, 1], "start_s": [0.13, 0.133], "finish_s": [0.20, 0.253]},  # longest 0.12
+        {"round": 3, "workers": [1], "start_s": [0.26], "finish_s": [0.30]},  # evaluated: skipped
+        {"round": 4, "workers": [0, 1], "start_s": [0.50, 0.50], "finish_s": [0.60, 0.61]},   # longest 0.11
+    ], times=[0.0, 0.13, 0.265, 0.40, 0.53], evaluated={3})
     # ring of 2 over 1 GB/s with 0.1 ms latency, 1000 bytes: 2a + S/B = 0.2 ms + 1 us
     ab = 2 * 1e-4 + 1000 / 1e9
     got = combine_overheads(run, net, [link], [0, 0], 1000, event_driven=False)
-    assert [n for n, _ in got] == [2, 2]
-    assert [o for _, o in got] == pytest.approx([0.13 - 0.12 - ab, 0.26 - 0.25 - ab])
+    assert [n for n, _ in got] == [2, 2, 2]
+    assert [o for _, o in got] == pytest.approx([0.13 - 0.12 - ab, 0.135 - 0.12 - ab, 0.13 - 0.11 - ab])
 
 
 def test_an_async_arrivals_overhead_runs_to_its_workers_next_start():

@@ -127,8 +127,10 @@ def test_gather_tallies_gives_every_participants_tally_and_work_in_order(ranks):
     for res in ranks:
         for name, ks in (("all", [0, 1, 2]), ("without_1", [0, 2])):
             got = dict(res[name])
-            # a fixed-size stats gather plus one padded gather of the observations; nothing pickled
-            assert got.pop("calls") == {"all_gather": 2, "all_reduce": 0, "broadcast": 0}
+            # nothing pickled. The first gather has no room for observations yet: the stats row, then one
+            # padded gather of them; the next finds room sized by the first (the same on every rank): one gather
+            gathers = 2 if name == "all" else 1
+            assert got.pop("calls") == {"all_gather": gathers, "all_reduce": 0, "broadcast": 0}
             assert got == _expected_tallies(ks)
         assert res["none"]["calls"] == {"all_gather": 0, "all_reduce": 0, "broadcast": 0}
         assert res["none"]["workers"] == [] and res["none"]["work"] == ["Work", [], [], []]

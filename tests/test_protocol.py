@@ -513,3 +513,17 @@ def test_run_to_end_refuses_a_clock_that_yields():
     assert run_to_end(returns()) == 7
     with pytest.raises(RuntimeError, match="a clock without an event loop yielded 'an event'"):
         run_to_end(yields())
+
+
+@pytest.mark.parametrize("budget, agreed", [("stop.max_rounds=3", 0), ("stop.max_time_s=10", 7)])
+def test_the_stop_check_is_broadcast_only_when_a_time_budget_reads_the_leaders_clock(tiny_spec, budget, agreed):
+    # rounds, epochs and the shared accuracy are the same in every process: each decides alone (no collective
+    # a round); a time budget reads the leader's clock: the leader decides and broadcasts (3 rounds + the stop)
+    spec = tiny_spec(budget, "stop.max_rounds=3", "stop.target_accuracy=1.0")
+    sim = Simulation(spec)
+    calls = []
+    agree = sim.driver.comm.agree
+    sim.driver.comm.agree = lambda values: calls.append(list(values)) or agree(values)
+    r = sim.run()
+    assert len(r.metrics["round"]) == 4 and r.summary["stopped_by"] == "max_rounds"
+    assert len(calls) == agreed

@@ -7,9 +7,9 @@ come back through `_host`, the one place where a communicated tensor is read on 
 
 A round costs a fixed number of collectives, whatever the workers did:
 
-- `gather_tallies`: one all_gather of a fixed-size float64 stats row per rank, then, only when some
-  worker observed per-sample losses, one padded all_gather of the observations (indices and losses;
-  float64 holds indices exactly below 2**53). No pickling (`all_gather_object`).
+- `gather_tallies`: one all_gather of a float64 row per rank: its stats and its observed per-sample
+  losses (indices and losses; float64 holds indices exactly below 2**53), in room sized by the previous
+  round's need; only a round that outgrows the room pays a second gather. No pickling.
 - `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k; the replicas themselves
   (one all_gather) only for an aggregator that declared itself non-linear.
 
@@ -54,6 +54,7 @@ class TorchComm(Comm):
         self.leader = rank == 0
         self.local = [rank]
         self.device = torch.device(device)
+        self._obs_width = 0  # room for observations in the tally gather's rows (gather_tallies)
 
     # -- control values -----------------------------------------------------------------------------
 
@@ -80,7 +81,12 @@ class TorchComm(Comm):
 
     def gather_tallies(self, ks: Sequence[int], tallies: Tallies, work: Work) -> tuple[Tallies, Work]:
         """Every participant's tally and work, in ks order, in every process; `tallies` and `work` hold
-        this process's worker when it is among ks (else nothing)."""
+        this process's worker when it is among ks (else nothing).
+
+        One all_gather a round: each rank's stats row followed by room for `_obs_width` observations
+        (indices, then losses), the largest count any rank had in the previous gather (the same on every
+        rank, as it is read from gathered data). Only a round whose observations outgrow that room pays a
+        second, padded gather of them; the room then follows the last round's need (bounded by it)."""
         ks = [int(k) for k in ks]
         mine = self.rank in ks
         if len(tallies.workers) != int(mine) or len(work.steps) != int(mine):
@@ -88,23 +94,34 @@ class TorchComm(Comm):
                              f"{len(work.steps)} workers; it holds {int(mine)} of the participants {ks}")
         if not ks:
             return Tallies.of([], []), Work([], np.zeros(0), np.zeros(0))
-        row = np.zeros(_COLUMNS)
+        width = self._obs_width
+        row = np.zeros(_COLUMNS + 2 * width)
+        idx = loss = np.zeros(0)
         if mine:
             obs = [o for o in tallies.observations if len(o[0])]
-            row[:] = (work.steps[0], tallies.samples[0], tallies.biased[0], tallies.loss_sum[0], work.start[0],
-                      work.finish[0], sum(len(o[0]) for o in obs))
-        gathered = _host(self._all_gather(torch.from_numpy(row).to(self.device)))[ks]  # [len(ks), columns]
+            if obs:
+                idx, loss = np.concatenate([o[0] for o in obs]), np.concatenate([o[1] for o in obs])
+            row[:_COLUMNS] = (work.steps[0], tallies.samples[0], tallies.biased[0], tallies.loss_sum[0], work.start[0],
+                              work.finish[0], len(idx))
+            if len(idx) <= width:
+                row[_COLUMNS:_COLUMNS + len(idx)] = idx
+                row[_COLUMNS + width:_COLUMNS + width + len(idx)] = loss
+        rows = _host(self._all_gather(torch.from_numpy(row).to(self.device)))  # [world, columns + 2 width]
+        gathered = rows[ks]
         n_obs = gathered[:, _N_OBS].astype(np.int64)
+        need = int(rows[:, _N_OBS].max())
         observations = []
-        width = int(n_obs.max())
-        if width:  # one padded gather of every rank's observations: indices in row 0, losses in row 1
-            padded = np.zeros((2, width))
-            if mine and obs:
-                idx = np.concatenate([o[0] for o in obs])
-                padded[0, :len(idx)], padded[1, :len(idx)] = idx, np.concatenate([o[1] for o in obs])
-            everyone = _host(self._all_gather(torch.from_numpy(padded).to(self.device)))[ks]  # [len(ks), 2, width]
+        if need > width:  # outgrown: one padded gather of every rank's observations (indices, then losses)
+            padded = np.zeros((2, need))
+            padded[0, :len(idx)], padded[1, :len(idx)] = idx, loss
+            everyone = _host(self._all_gather(torch.from_numpy(padded).to(self.device)))[ks]  # [len(ks), 2, need]
             observations = [(everyone[i, 0, :n].astype(np.int64), everyone[i, 1, :n].copy())
                             for i, n in enumerate(n_obs) if n]
+        else:
+            observations = [(gathered[i, _COLUMNS:_COLUMNS + n].astype(np.int64),
+                             gathered[i, _COLUMNS + width:_COLUMNS + width + n].copy())
+                            for i, n in enumerate(n_obs) if n]
+        self._obs_width = need
         steps = gathered[:, _STEPS].astype(np.int64)
         out = Tallies(np.array(ks, dtype=np.int64), steps, gathered[:, _SAMPLES].astype(np.int64),
                       gathered[:, _BIASED].astype(np.int64), gathered[:, _LOSS_SUM].copy(), observations)

@@ -311,34 +311,42 @@ def calibration_spec(spec: Spec, paths: dict[str, Path], rounds: int) -> Spec:
 def combine_overheads(run: Any, network: Any, groups: list[Any], group_of: list[int], model_bytes: int,
                       event_driven: bool) -> list[tuple[int, float]]:
     """(arrivals n, overhead s) per combine of a real run, less the alpha-beta exchange of n models
-    (cluster.exchange_time with no overhead). A sync round's runs from its last finish to the next round's
-    first start; an event-driven update's from its last arrival's finish to the earliest next start of the
-    workers it combined (they are dispatched again after it). Combines followed by an evaluation, and those
-    with no next start, are skipped."""
+    (cluster.exchange_time with no overhead), each read on one process's clock (the ranks' clocks agree
+    only up to their start barrier's release skew, a few ms on a loaded machine):
+    - sync: the round's duration on the leader's clock (metrics time_s) less its longest local work
+      (finish - start, on that worker's clock): what the simulator charges beyond max(compute);
+    - event-driven: from an arrival's finish to its worker's next start, both on the worker's clock
+      (its turnaround through the server), the earliest over the update's arrivals.
+    Evaluated rounds (their duration includes the evaluation, charged separately) and updates whose
+    workers never start again are skipped."""
     from hetsim.cluster import exchange_time
 
-    evaluated = {int(r) for r, acc in zip(run.metrics["round"], run.metrics["test_acc"]) if acc == acc}
+    rounds = [int(r) for r in run.metrics["round"]]
+    times = dict(zip(rounds, run.metrics["time_s"]))
+    evaluated = {r for r, acc in zip(rounds, run.metrics["test_acc"]) if acc == acc}
     decisions = run.decisions
-    next_start: list[float | None] = [None] * len(decisions)
+    overhead: list[float | None] = [None] * len(decisions)
     if event_driven:
         seen: dict[int, float] = {}  # a worker's start in a later update
         for i in range(len(decisions) - 1, -1, -1):
             d = decisions[i]
             later = [seen.get(w) for w in d["workers"]]
-            next_start[i] = None if None in later or not later else min(later)
+            if later and None not in later:
+                overhead[i] = min(t - f for t, f in zip(later, d["finish_s"]))
             seen.update(zip(d["workers"], d["start_s"]))
     else:
-        for i in range(len(decisions) - 1):
-            next_start[i] = min(decisions[i + 1]["start_s"])
+        for i, d in enumerate(decisions):
+            r = int(d["round"])
+            if r - 1 in times and r in times and d["workers"]:
+                overhead[i] = times[r] - times[r - 1] - max(f - s for s, f in zip(d["start_s"], d["finish_s"]))
     out = []
     for i, d in enumerate(decisions):
         ks = d["workers"]
-        if not ks or d["round"] in evaluated or next_start[i] is None:
+        if not ks or int(d["round"]) in evaluated or overhead[i] is None:
             continue
-        gone = max(d["finish_s"])
         present = [groups[g] for g in sorted({group_of[w] for w in ks})]
-        ab = exchange_time(network, present, model_bytes, gone, n=len(ks), through_server=event_driven)
-        out.append((len(ks), next_start[i] - gone - ab))
+        ab = exchange_time(network, present, model_bytes, max(d["finish_s"]), n=len(ks), through_server=event_driven)
+        out.append((len(ks), overhead[i] - ab))
     return out
 
 
