@@ -61,6 +61,11 @@ class StepTimeModel:
     std_s: float = 0.0
     samples_s: tuple[float, ...] = ()
 
+    def scaled(self, factor: float) -> "StepTimeModel":
+        """The same distribution, every step `factor` times as long."""
+        return StepTimeModel(self.dist, self.mean_s * factor, self.std_s * factor,
+                             tuple(x * factor for x in self.samples_s))
+
     @classmethod
     def from_spec(cls, spec: StepTimeSpec, where: str) -> "StepTimeModel":
         if spec.dist not in DISTRIBUTIONS:
@@ -247,8 +252,14 @@ def load_profile(ref: str) -> dict[str, Any]:
     return data
 
 
-def profile_entry(ref: str, workload: str, batch_size: int) -> tuple[StepTimeModel, float, str]:
-    """(step-time model, eval time, source label) of a profile's entry for workload and batch size."""
+def profile_entry(ref: str, workload: str, batch_size: int, protocol: str = "sync"
+                  ) -> tuple[StepTimeModel, float, str]:
+    """(step-time model, eval time, source label) of a profile's entry for workload and batch size.
+
+    An entry measured with `hetsim profile --config --exchange` also holds, per protocol, how much longer
+    (or shorter) the device's steps took in a real run of the config than in the profile's tight loop
+    (`in_run[protocol].factor`: cold caches after each pull, the collectives' wake-ups, the other
+    processes' load): the run's steps are the profile's times that factor, and the label says so."""
     data = load_profile(ref)
     path = _profile_path(ref)
     available = []
@@ -265,6 +276,13 @@ def profile_entry(ref: str, workload: str, batch_size: int) -> tuple[StepTimeMod
         if isinstance(eval_time, bool) or not isinstance(eval_time, (int, float)) or eval_time < 0:
             raise SpecError(f"{where}.eval_time_s: expected a number >= 0, got {eval_time!r}")
         label = f"{data.get('source', 'measured')}: {data.get('hardware', 'unknown hardware')}"
+        in_run = (entry.get("in_run") or {}).get(protocol)
+        if in_run:
+            factor = in_run.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise SpecError(f"{where}.in_run.{protocol}.factor: expected a number > 0, got {factor!r}")
+            model = model.scaled(float(factor))
+            label += f"; steps x{factor:.3f} as in a real {protocol} run"
         return model, float(eval_time), label
     raise SpecError(f"{ref}: no entry for workload {workload!r} at batch size {batch_size} "
                     f"(has: {', '.join(available) or 'none'}); profile that pair or give step_time inline")
@@ -280,7 +298,7 @@ def profile_overhead(link: dict[str, Any], protocol: str) -> tuple[float, float]
 def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str, protocol: str = "sync") -> DeviceModel:
     if d.profile:
         try:
-            step, eval_time, source = profile_entry(d.profile, workload, batch_size)
+            step, eval_time, source = profile_entry(d.profile, workload, batch_size, protocol)
         except SpecError as e:
             raise SpecError(f"{where}.profile: {e}") from None
     else:

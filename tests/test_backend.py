@@ -697,3 +697,12 @@ def test_profile_config_exchange_stores_the_protocols_overhead_and_the_simulator
     groups = build_groups(d)
     assert groups[0].overhead_s == pytest.approx(ov["fixed_s"])
     assert groups[0].overhead_per_arrival_s == pytest.approx(ov["per_arrival_s"])
+    # the calibration run's steps: their median over the profile's scales the simulator's step times
+    entry = json.loads(paths["a"].read_text())["entries"][0]
+    in_run = entry["in_run"]["sync"]
+    assert in_run["rounds"] > 0 and in_run["factor"] == pytest.approx(in_run["median_s"] / entry["median_s"])
+    assert groups[0].step_time.samples_s == pytest.approx([x * in_run["factor"] for x in entry["step_time"]["samples_s"]])
+    assert "as in a real sync run" in groups[0].source
+    # under another protocol neither applies (measured for sync only)
+    other = build_groups(spec_from_dict({**spec_to_dict(d), "protocol": {"name": "async"}}, source="test"))
+    assert other[0].overhead_s == 0 and other[0].step_time.samples_s == pytest.approx(entry["step_time"]["samples_s"])

@@ -85,6 +85,21 @@ def _ranks(rank, init, out):
         res[f"replicas_again_{name}"] = gather().tolist()  # gathered once
         res[f"replicas_calls_{name}"] = delta(before)
 
+    # a small model rides in the tally gather once attached: one collective for the whole round
+    fused = TorchComm(rank, WORLD, torch.device("cpu"))
+    fused.attach(replicas)
+    ks = [0, 2]
+    mine = [rank] if rank in ks else []
+    work = _work(rank) if mine else Work([], np.zeros(0), np.zeros(0))
+    before = dict(calls)
+    tallies, _ = fused.gather_tallies(ks, Tallies.of(mine, [_tally(k) for k in mine]), work)
+    weighted_sum, _ = fused.arrivals_source(ks, replicas, linear=True)
+    res["fused_sum"] = weighted_sum(np.arange(len(ks)) + 0.5).tolist()
+    res["fused_workers"] = tallies.workers.tolist()
+    _, gather = fused.arrivals_source(ks, replicas, linear=False)  # a later combine: the rows were this round's
+    res["fused_again"] = gather().tolist()
+    res["fused_calls"] = delta(before)
+
     if rank == 0:
         comm.send(torch.tensor([1.0, 2.0, 3.0]), 0, 2)
         res["recv"] = comm.recv(torch.zeros(2), 2, 0).tolist()
@@ -146,6 +161,19 @@ def test_weighted_sum_is_one_all_reduce_and_replicas_one_all_gather(ranks):
             assert res[f"linear_gather_{name}"] is None  # a linear aggregator gets no replicas
             assert res[f"replicas_{name}"] == res[f"replicas_again_{name}"] == [x[k].tolist() for k in ks]
             assert res[f"replicas_calls_{name}"] == {"all_gather": 1, "all_reduce": 0, "broadcast": 0}
+
+
+def test_an_attached_small_model_travels_with_the_tallies_in_one_collective(ranks):
+    x = {k: _replica(k) for k in range(WORLD)}
+    expected = (0.5 * x[0] + 1.5 * x[2]).tolist()
+    for res in ranks:
+        assert res["fused_workers"] == [0, 2]
+        assert np.allclose(res["fused_sum"], expected, rtol=1e-6)
+        assert res["fused_sum"] == ranks[0]["fused_sum"]  # the same bits in every process
+        # the first gather of this comm has no room for observations yet: the rows, then the observations;
+        # Σ w x from the gathered rows (no all_reduce); a second arrivals_source gathers the replicas afresh
+        assert res["fused_again"] == [x[k].tolist() for k in (0, 2)]
+        assert res["fused_calls"] == {"all_gather": 3, "all_reduce": 0, "broadcast": 0}
 
 
 def test_send_and_recv_address_workers(ranks):

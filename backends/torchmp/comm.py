@@ -12,6 +12,11 @@ A round costs a fixed number of collectives, whatever the workers did:
   round's need; only a round that outgrows the room pays a second gather. No pickling.
 - `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k; the replicas themselves
   (one all_gather) only for an aggregator that declared itself non-linear.
+- A small model (at most `FUSE_BYTES`, under gloo) travels in the tally gather itself, once `attach`
+  has told the comm where the replicas are: the round then costs ONE collective, and Σ w_k x_k and the
+  replicas are computed from the gathered rows in every process alike (in ks order, one worker at a
+  time, so every process gets the same bits whatever its thread count). With two ranks an all_gather
+  moves as many bytes as an all_reduce; the second collective's latency is what is saved.
 
 Example (in every process of a gloo group of 2)::
 
@@ -35,6 +40,8 @@ from hetsim.training import Tallies
 # the columns of a rank's row in the stats tensor that gather_tallies all_gathers
 _STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS = range(7)
 _COLUMNS = 7
+#: a replica at most this large (bytes) rides in the tally gather (`TorchComm.attach`)
+FUSE_BYTES = 1 << 20
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -55,6 +62,14 @@ class TorchComm(Comm):
         self.local = [rank]
         self.device = torch.device(device)
         self._obs_width = 0  # room for observations in the tally gather's rows (gather_tallies)
+        self._replicas: Callable[[list[int]], torch.Tensor] | None = None  # attach()
+        self._fused: tuple[tuple[int, ...], torch.Tensor] | None = None  # this round's gathered replicas
+
+    def attach(self, replicas: Callable[[list[int]], torch.Tensor]) -> None:
+        """Where this process's replicas are (the core's `replicas`): a small model then travels in the tally
+        gather (module docstring). Only under gloo: nccl's tensors live on the GPU, not in a host row."""
+        if self.device.type == "cpu":
+            self._replicas = replicas
 
     # -- control values -----------------------------------------------------------------------------
 
@@ -95,7 +110,12 @@ class TorchComm(Comm):
         if not ks:
             return Tallies.of([], []), Work([], np.zeros(0), np.zeros(0))
         width = self._obs_width
-        row = np.zeros(_COLUMNS + 2 * width)
+        own = self._replicas([self.rank])[0] if self._replicas is not None else None
+        fuse = own is not None and own.numel() * own.element_size() <= FUSE_BYTES
+        p = own.numel() if fuse else 0
+        row = np.zeros(_COLUMNS + 2 * width + p)
+        if fuse and mine:  # float64 holds float32 (and float64) values exactly
+            row[_COLUMNS + 2 * width:] = own.detach().to("cpu", torch.float64).numpy()
         idx = loss = np.zeros(0)
         if mine:
             obs = [o for o in tallies.observations if len(o[0])]
@@ -106,8 +126,10 @@ class TorchComm(Comm):
             if len(idx) <= width:
                 row[_COLUMNS:_COLUMNS + len(idx)] = idx
                 row[_COLUMNS + width:_COLUMNS + width + len(idx)] = loss
-        rows = _host(self._all_gather(torch.from_numpy(row).to(self.device)))  # [world, columns + 2 width]
+        rows = _host(self._all_gather(torch.from_numpy(row).to(self.device)))  # [world, columns + 2 width + p]
         gathered = rows[ks]
+        self._fused = ((tuple(ks), torch.from_numpy(gathered[:, _COLUMNS + 2 * width:]).to(own.device, own.dtype))
+                       if fuse else None)  # where the replicas live (a GPU's under gloo)
         n_obs = gathered[:, _N_OBS].astype(np.int64)
         need = int(rows[:, _N_OBS].max())
         observations = []
@@ -139,6 +161,20 @@ class TorchComm(Comm):
         one all_gather, or None when `linear` (the aggregator only reads weighted sums). Both return
         tensors where the replicas live."""
         ks = [int(k) for k in ks]
+        fused, self._fused = self._fused, None  # this round's only: a later combine gathers afresh
+        if fused is not None and fused[0] == tuple(ks):  # gathered with the tallies: no collective
+            rows = fused[1]
+
+            def fused_sum(w: np.ndarray) -> torch.Tensor:
+                w = np.asarray(w, dtype=np.float64)
+                if w.shape != (len(ks),):
+                    raise ValueError(f"weighted_sum: expected {len(ks)} weights (one per arrival), got shape {w.shape}")
+                out = rows[0] * float(w[0])
+                for i in range(1, len(ks)):
+                    out += rows[i] * float(w[i])
+                return out
+
+            return fused_sum, (None if linear else (lambda: rows))
         mine = ks.index(self.rank) if self.rank in ks else None
         # a rank sitting the round out still takes part in the collectives, with zeros of the right shape
         own = replicas([self.rank])[0]

@@ -20,7 +20,10 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   measured; per combine, the time from the last arrival's finish to the next local step's start, less
   the alpha-beta exchange, is what the simulator does not otherwise see (control broadcasts, the tally
   gather, the aggregator, the server's turnaround). Fitted as fixed + per_arrival x arrivals and stored
-  as link.overhead[protocol] with its spread.
+  as link.overhead[protocol] with its spread. The same run gives each device's steps as the run takes
+  them (cold caches after each pull, wake-ups after the collectives, the other processes' load): their
+  median over the profile's is stored as the entry's in_run[protocol].factor, which the simulator
+  applies to the profiled step times.
 
 Entries for other (workload, batch size) pairs already in the file are kept.
 """
@@ -278,10 +281,15 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
         paths[kind] = out_dir / f"{kind}.json"
         write_profile(paths[kind], kind, measured)
     if link is not None and spec.protocol.name in OVERHEAD_PROTOCOLS:
-        overhead = measure_overhead(spec, paths)
+        overhead, in_run = measure_overhead(spec, paths)
         for kind, path in paths.items():
             data = json.loads(path.read_text())
             data["link"].setdefault("overhead", {})[spec.protocol.name] = overhead
+            entry = next(e for e in data["entries"]
+                         if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
+            if kind in in_run:
+                entry.setdefault("in_run", {})[spec.protocol.name] = {
+                    **in_run[kind], "factor": in_run[kind]["median_s"] / entry["median_s"]}
             write_json(path, data, indent=1)
     return paths
 
@@ -370,9 +378,22 @@ def fit_overhead(samples: list[tuple[int, float]]) -> dict[str, Any]:
             "combines": len(samples)}
 
 
-def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30) -> dict[str, Any]:
+def in_run_steps(run: Any, kinds: list[str]) -> dict[str, dict[str, Any]]:
+    """Per device kind, the median of its workers' mean step time per round (local work / steps) in a real
+    run, evaluated rounds included (an evaluation is not local work)."""
+    per: dict[str, list[float]] = {}
+    for d in run.decisions:
+        for w, s, f, n in zip(d["workers"], d["start_s"], d["finish_s"], d["local_steps"]):
+            if n:
+                per.setdefault(kinds[w], []).append((f - s) / n)
+    return {k: {"median_s": float(statistics.median(v)), "rounds": len(v)} for k, v in per.items()}
+
+
+def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The per-combine overhead of `spec`'s protocol on the real backend (module docstring), from one
-    calibration run of `rounds` combines of the config as it will run. The per-arrival part is fitted only
+    calibration run of `rounds` combines of the config as it will run, and each device kind's steps in
+    that run (`in_run_steps`: the profile's entry stores their median over its own as `in_run`). The per-arrival part is fitted only
     where the run's own combines vary in size (semi_sync with a deadline, say); a run made to vary it (one
     participant a round) measures another regime: its ranks idle longer in the collectives, and on this
     project's 2-core VM that made a one-arrival combine cost 1.7x a two-arrival one, not less."""
@@ -391,10 +412,11 @@ def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30) -> di
         real = load_run(Path(tmp) / "run")  # (its decisions are read from the folder: use them inside)
         samples = combine_overheads(real, cal.cluster.network, groups, group_of, int(real.summary["model_bytes"]),
                                     event_driven(spec.protocol.name))
+        steps = in_run_steps(real, [d.kind for d in cal.cluster.devices for _ in range(d.count)])
     out = fit_overhead(samples)
     out.update(world=len(group_of) + (1 if event_driven(spec.protocol.name) else 0),
                measured_with=f"a calibration run of {rounds} combines of {spec.name!r}")
-    return out
+    return out, steps
 
 
 def _model_bytes(spec: Spec) -> int:

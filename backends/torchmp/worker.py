@@ -239,6 +239,7 @@ def _run(rank: int, world: int, spec: Spec, out: Path | None, init_method: str, 
     experiment = resolve(spec)
     core = TrainingCore(spec, experiment.policies, experiment.workload, local=[rank], device=device,
                         profile_step_times=[d.step_time.mean_s for d in experiment.devices])
+    comm.attach(core.replicas)  # a small model then travels with the round's tallies (one collective a round)
     emulated = {n: d.emulated_slowdown for n, d in zip(names, devices_spec) if d.emulated_slowdown > 1}
     clock = WallClock(device, comm, devices_spec[rank].emulated_slowdown, summary={
         "devices": {n: d.device for n, d in zip(names, devices_spec)},
