@@ -706,3 +706,14 @@ def test_profile_config_exchange_stores_the_protocols_overhead_and_the_simulator
     # under another protocol neither applies (measured for sync only)
     other = build_groups(spec_from_dict({**spec_to_dict(d), "protocol": {"name": "async"}}, source="test"))
     assert other[0].overhead_s == 0 and other[0].step_time.samples_s == pytest.approx(entry["step_time"]["samples_s"])
+
+
+def test_concurrent_profiling_measures_the_configs_workload_as_configured(tiny_spec):
+    # n_test sizes the evaluation whose time is profiled (and charged): the config's [workload] goes along whole
+    from backends.torchmp.profiler import _device_kwargs, _spec
+
+    kw = _device_kwargs(tiny_spec("workload.n_test=17"), 2.0)[0]
+    assert kw["workload_table"]["n_test"] == 17 and kw["workload_table"]["name"] == "synthetic"
+    spec = _spec(kw["workload"], kw["batch_size"], kw["device"], kw["data_path"], kw["kind"], None,
+                 kw["workload_table"])
+    assert spec.workload.n_test == 17 and spec.workload.n_features == 8

