@@ -302,8 +302,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         if args.exchange:
-            link = json.loads(next(iter(paths.values())).read_text())["link"]
-            ov = (link.get("overhead") or {}).get(spec.protocol.name)
+            data = json.loads(next(iter(paths.values())).read_text())
+            link = data["link"]
+            entry = next(e for e in data["entries"]
+                         if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
+            ov = ((entry.get("in_run") or {}).get(spec.protocol.name) or {}).get("overhead")
             print(f"link {link['bandwidth_GBps']:.2f} GB/s, {link['latency_s'] * 1e6:.0f} us; " +
                   (f"per-combine overhead under {spec.protocol.name}: {ov['fixed_s'] * 1e3:.2f} ms + "
                    f"{ov['per_arrival_s'] * 1e3:.2f} ms per arrival (p10-p90 {ov['p10_s'] * 1e3:.2f}-"

@@ -20,8 +20,8 @@ with n = the arrivals: one arrival pays 2·a + 2·S/B, not nothing.
 Every combine also pays the backend's own per-combine overhead, which the alpha-beta terms do not see
 (control broadcasts, the tally gather, the aggregator's Python, the server's turnaround):
   O = fixed + per_arrival·n
-measured on the real backend by `hetsim profile --config --exchange` per protocol (the profile's
-link.overhead), or set per device group (overhead_s, overhead_per_arrival_s); the largest of the
+measured on the real backend by `hetsim profile --config --exchange` per protocol (the profile entry's
+in_run[protocol].overhead), or set per device group (overhead_s, overhead_per_arrival_s); the largest of the
 participating groups' is charged. It is charged when n = 1 too: a world of one process still pays its
 round's bookkeeping.
 """
@@ -253,13 +253,16 @@ def load_profile(ref: str) -> dict[str, Any]:
 
 
 def profile_entry(ref: str, workload: str, batch_size: int, protocol: str = "sync"
-                  ) -> tuple[StepTimeModel, float, str]:
-    """(step-time model, eval time, source label) of a profile's entry for workload and batch size.
+                  ) -> tuple[StepTimeModel, float, str, tuple[float, float]]:
+    """(step-time model, eval time, source label, (overhead fixed_s, per_arrival_s)) of a profile's entry for
+    workload and batch size.
 
-    An entry measured with `hetsim profile --config --exchange` also holds, per protocol, how much longer
-    (or shorter) the device's steps took in a real run of the config than in the profile's tight loop
-    (`in_run[protocol].factor`: cold caches after each pull, the collectives' wake-ups, the other
-    processes' load): the run's steps are the profile's times that factor, and the label says so."""
+    An entry measured with `hetsim profile --config --exchange` also holds, per protocol, what a real run
+    of the config showed (`in_run[protocol]`): `factor`, how much longer (or shorter) the device's steps took
+    there than in the profile's tight loop (cold caches after each pull, the collectives' wake-ups, the other
+    processes' load), so the run's steps are the profile's times that factor, and the label says so; and
+    `overhead`, the per-combine overhead (fixed_s + per_arrival_s x arrivals) beyond the alpha-beta
+    exchange. (0, 0) where the entry has none for the protocol."""
     data = load_profile(ref)
     path = _profile_path(ref)
     available = []
@@ -276,43 +279,46 @@ def profile_entry(ref: str, workload: str, batch_size: int, protocol: str = "syn
         if isinstance(eval_time, bool) or not isinstance(eval_time, (int, float)) or eval_time < 0:
             raise SpecError(f"{where}.eval_time_s: expected a number >= 0, got {eval_time!r}")
         label = f"{data.get('source', 'measured')}: {data.get('hardware', 'unknown hardware')}"
-        in_run = (entry.get("in_run") or {}).get(protocol)
-        if in_run:
-            factor = in_run.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-                raise SpecError(f"{where}.in_run.{protocol}.factor: expected a number > 0, got {factor!r}")
-            model = model.scaled(float(factor))
+        in_run = entry.get("in_run") or {}
+        if not isinstance(in_run, dict) or not isinstance(in_run.get(protocol, {}), dict):
+            raise SpecError(f"{where}.in_run: expected a table of protocols, each a table")
+        m = in_run.get(protocol)
+        overhead = (0.0, 0.0)
+        if m:
+            factor = _positive(m.get("factor"), f"{where}.in_run.{protocol}.factor", strict=True)
+            model = model.scaled(factor)
             label += f"; steps x{factor:.3f} as in a real {protocol} run"
-        return model, float(eval_time), label
+            ov = m.get("overhead") or {}
+            overhead = (_positive(ov.get("fixed_s", 0.0), f"{where}.in_run.{protocol}.overhead.fixed_s"),
+                        _positive(ov.get("per_arrival_s", 0.0), f"{where}.in_run.{protocol}.overhead.per_arrival_s"))
+        return model, float(eval_time), label, overhead
     raise SpecError(f"{ref}: no entry for workload {workload!r} at batch size {batch_size} "
                     f"(has: {', '.join(available) or 'none'}); profile that pair or give step_time inline")
 
 
-def profile_overhead(link: dict[str, Any], protocol: str) -> tuple[float, float]:
-    """(fixed_s, per_arrival_s) of a profile's measured per-combine overhead for `protocol`, (0, 0)
-    when the profile has none for it (measured for another protocol, or before overheads were measured)."""
-    m = (link.get("overhead") or {}).get(protocol) or {}
-    return float(m.get("fixed_s", 0.0)), float(m.get("per_arrival_s", 0.0))
+def _positive(v: Any, where: str, strict: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if strict else v >= 0):
+        raise SpecError(f"{where}: expected a number {'>' if strict else '>='} 0, got {v!r}")
+    return float(v)
 
 
 def device_model(d: DeviceSpec, workload: str, batch_size: int, where: str, protocol: str = "sync") -> DeviceModel:
     if d.profile:
         try:
-            step, eval_time, source = profile_entry(d.profile, workload, batch_size, protocol)
+            step, eval_time, source, overhead = profile_entry(d.profile, workload, batch_size, protocol)
         except SpecError as e:
             raise SpecError(f"{where}.profile: {e}") from None
     else:
         assert d.step_time is not None
         step, eval_time, source = StepTimeModel.from_spec(d.step_time, f"{where}.step_time"), 0.0, "inline"
+        overhead = (0.0, 0.0)
     if d.eval_time_s is not None:
         eval_time = d.eval_time_s
     bandwidth_GBps, latency = d.bandwidth_GBps, d.latency_s
-    overhead = (0.0, 0.0)
     if d.profile:  # a measured link (hetsim profile --exchange) unless the config overrides it
         link = load_profile(d.profile).get("link") or {}
         bandwidth_GBps = bandwidth_GBps if bandwidth_GBps is not None else link.get("bandwidth_GBps")
         latency = latency if latency is not None else link.get("latency_s")
-        overhead = profile_overhead(link, protocol)
     overhead = (d.overhead_s if d.overhead_s is not None else overhead[0],
                 d.overhead_per_arrival_s if d.overhead_per_arrival_s is not None else overhead[1])
     bandwidth = bandwidth_GBps * 1e9 if bandwidth_GBps is not None else None

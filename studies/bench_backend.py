@@ -48,7 +48,8 @@ from hetsim.config import spec_from_dict, spec_to_dict, to_toml
 from bench_targets import Targets
 
 
-#: issue 12's backend efficiency targets (aggregate samples/s / the devices' standalone sum), per workload
+#: issue 12's backend efficiency targets (aggregate samples/s / the sum of the devices' step rates in the run:
+#: see the module docstring for why not a profile's), per workload
 EFFICIENCY_TARGETS = {"fashion_mnist": 0.95, "digits": 0.85}
 
 def lost_throughput(real, profiled: dict[str, float]) -> tuple[float, str]:

@@ -15,7 +15,7 @@ import torch
 from hetsim.analysis import compare_runs, load_run
 from hetsim.results import read_decisions, read_trace
 from hetsim.config import spec_to_dict, to_toml
-from hetsim.errors import HetsimError
+from hetsim.errors import HetsimError, SpecError
 from hetsim.sim import simulate
 
 from backends.torchmp import run
@@ -686,26 +686,60 @@ def test_profile_config_exchange_stores_the_protocols_overhead_and_the_simulator
         "scheduler": {"name": "fixed", "params": {"local_steps": 2}}, "optim": {"batch_size": 16},
         "stop": {"max_rounds": 2}, "eval": {"every_rounds": 1, "every_epochs": 0}}, source="test")
     paths = profile_cluster(spec, tmp_path / "p", max_seconds=0.5, exchange=True)
-    link = json.loads(paths["a"].read_text())["link"]
-    ov = link["overhead"]["sync"]
-    assert ov["fixed_s"] >= 0 and ov["per_arrival_s"] >= 0 and ov["combines"] > 0 and ov["world"] == 2
+    entry = json.loads(paths["a"].read_text())["entries"][0]
+    in_run = entry["in_run"]["sync"]
+    ov = in_run["overhead"]
+    assert ov["combines"] > 0 and ov["world"] == 2 and ov["p10_s"] <= ov["p90_s"]
     assert set(ov["median_s_by_arrivals"]) == {"2"}  # the run as it will run: both devices every round
-    # the simulator reads it for a sync run of devices on that profile
+    assert in_run["rounds"] > 0
+    # the simulator reads both for a sync run of devices on that profile
     d = spec_from_dict({**spec_to_dict(spec), "cluster": {"devices": [
         {"kind": "a", "count": 1, "profile": str(paths["a"])}, {"kind": "b", "count": 1, "profile": str(paths["b"])}]}},
         source="test")
     groups = build_groups(d)
     assert groups[0].overhead_s == pytest.approx(ov["fixed_s"])
     assert groups[0].overhead_per_arrival_s == pytest.approx(ov["per_arrival_s"])
-    # the calibration run's steps: their median over the profile's scales the simulator's step times
-    entry = json.loads(paths["a"].read_text())["entries"][0]
-    in_run = entry["in_run"]["sync"]
-    assert in_run["rounds"] > 0 and in_run["factor"] == pytest.approx(in_run["median_s"] / entry["median_s"])
     assert groups[0].step_time.samples_s == pytest.approx([x * in_run["factor"] for x in entry["step_time"]["samples_s"]])
     assert "as in a real sync run" in groups[0].source
     # under another protocol neither applies (measured for sync only)
     other = build_groups(spec_from_dict({**spec_to_dict(d), "protocol": {"name": "async"}}, source="test"))
     assert other[0].overhead_s == 0 and other[0].step_time.samples_s == pytest.approx(entry["step_time"]["samples_s"])
+
+
+def test_a_profiles_in_run_calibration_is_checked_on_load(tmp_path):
+    from hetsim.cluster import profile_entry
+
+    def entry_with(in_run):
+        p = tmp_path / "p.json"
+        p.write_text(json.dumps({"format": "hetsim-profile/1", "entries": [
+            {"workload": "digits", "batch_size": 16, "step_time": {"dist": "constant", "mean_s": 0.01},
+             "in_run": in_run}]}))
+        return str(p)
+
+    step, _, label, overhead = profile_entry(entry_with({"sync": {"factor": 1.5, "overhead": {
+        "fixed_s": 0.002, "per_arrival_s": 0.0005}}}), "digits", 16)
+    assert step.mean_s == pytest.approx(0.015) and overhead == (0.002, 0.0005) and "x1.500" in label
+    for bad, key in (({"sync": {"factor": 0}}, "factor"), ({"sync": {"factor": 1, "overhead": {"fixed_s": -1}}},
+                                                            "overhead.fixed_s"),
+                     ({"sync": {"factor": 1, "overhead": {"per_arrival_s": "x"}}}, "overhead.per_arrival_s")):
+        with pytest.raises(SpecError, match=rf"in_run.sync.{key}: expected a number"):
+            profile_entry(entry_with(bad), "digits", 16)
+    with pytest.raises(SpecError, match="in_run: expected a table"):
+        profile_entry(entry_with({"sync": 3}), "digits", 16)
+
+
+def test_a_calibration_run_measures_against_the_measured_link_and_keeps_the_decisions(tmp_path, tiny_spec):
+    from backends.torchmp.profiler import calibration_spec
+
+    spec = tiny_spec("cluster.devices.0.latency_s=0.5", "cluster.network.collective='parameter_server'",
+                     "stop.max_time_s=30", "trace.decisions=false")
+    for kind in ("cpu", "gpu"):
+        (tmp_path / f"{kind}.json").write_text(json.dumps({"format": "hetsim-profile/1", "entries": [
+            {"workload": "synthetic", "batch_size": 8, "step_time": {"dist": "constant", "mean_s": 0.01}}]}))
+    cal = calibration_spec(spec, {"cpu": tmp_path / "cpu.json", "gpu": tmp_path / "gpu.json"}, 7)
+    assert cal.cluster.devices[0].latency_s is None and cal.cluster.network.collective == "ring_allreduce"
+    assert cal.stop.max_rounds == 7 and cal.stop.max_time_s > 1e6  # the time budget's broadcast is paid
+    assert cal.trace.decisions and cal.eval.every_rounds == 7
 
 
 def test_concurrent_profiling_measures_the_configs_workload_as_configured(tiny_spec):

@@ -101,7 +101,8 @@ def test_single_device_needs_no_exchange():
 def test_builtin_profiles_are_well_formed():
     data = load_profile("builtin:assumed-gpu")
     assert data["source"] == "assumed" and "ASSUMED" in data["hardware"]
-    step, eval_time, label = profile_entry("builtin:assumed-gpu", "digits", 16)
+    step, eval_time, label, overhead = profile_entry("builtin:assumed-gpu", "digits", 16)
+    assert overhead == (0.0, 0.0)  # assumed speeds: no measured per-combine overhead
     assert step.mean_s > 0 and eval_time == 0.0 and label.startswith("assumed")
 
 

@@ -99,6 +99,18 @@ def _ranks(rank, init, out):
     _, gather = fused.arrivals_source(ks, replicas, linear=False)  # a later combine: the rows were this round's
     res["fused_again"] = gather().tolist()
     res["fused_calls"] = delta(before)
+    before = dict(calls)  # a second round: the observations find their room, the replica sits after it
+    tallies, _ = fused.gather_tallies(ks, Tallies.of(mine, [_tally(k) for k in mine]), work)
+    weighted_sum, _ = fused.arrivals_source(ks, replicas, linear=True)
+    res["fused2_sum"] = weighted_sum(np.array([2.0, -1.0])).tolist()
+    res["fused2_observations"] = [[o[0].tolist(), o[1].tolist()] for o in tallies.observations]
+    res["fused2_calls"] = delta(before)
+    # a protocol's own replicas (not the attached core's) are never swapped for the gathered rows
+    fused.gather_tallies(ks, Tallies.of(mine, [_tally(k) for k in mine]), work)
+    before = dict(calls)
+    weighted_sum, _ = fused.arrivals_source(ks, lambda ks_: replicas(ks_) * 0, linear=True)
+    res["own_replicas_sum"] = weighted_sum(np.array([1.0, 1.0])).tolist()
+    res["own_replicas_calls"] = delta(before)
 
     if rank == 0:
         comm.send(torch.tensor([1.0, 2.0, 3.0]), 0, 2)
@@ -174,6 +186,10 @@ def test_an_attached_small_model_travels_with_the_tallies_in_one_collective(rank
         # Σ w x from the gathered rows (no all_reduce); a second arrivals_source gathers the replicas afresh
         assert res["fused_again"] == [x[k].tolist() for k in (0, 2)]
         assert res["fused_calls"] == {"all_gather": 3, "all_reduce": 0, "broadcast": 0}
+        assert np.allclose(res["fused2_sum"], (2.0 * x[0] - 1.0 * x[2]).tolist(), rtol=1e-6)
+        assert res["fused2_observations"] == [o[:2] for o in _expected_tallies([0, 2])["observations"]]
+        assert res["fused2_calls"] == {"all_gather": 1, "all_reduce": 0, "broadcast": 0}
+        assert res["own_replicas_sum"] == [0.0] * 5 and res["own_replicas_calls"]["all_reduce"] == 1
 
 
 def test_send_and_recv_address_workers(ranks):

@@ -12,11 +12,13 @@ A round costs a fixed number of collectives, whatever the workers did:
   round's need; only a round that outgrows the room pays a second gather. No pickling.
 - `arrivals_source`: the aggregator's Σ w_k x_k as ONE all_reduce of w_k·x_k; the replicas themselves
   (one all_gather) only for an aggregator that declared itself non-linear.
-- A small model (at most `FUSE_BYTES`, under gloo) travels in the tally gather itself, once `attach`
-  has told the comm where the replicas are: the round then costs ONE collective, and Σ w_k x_k and the
-  replicas are computed from the gathered rows in every process alike (in ks order, one worker at a
-  time, so every process gets the same bits whatever its thread count). With two ranks an all_gather
-  moves as many bytes as an all_reduce; the second collective's latency is what is saved.
+- A small model (all ranks' float64 rows of it at most `FUSE_BYTES`, under gloo) travels in the tally
+  gather itself, once `attach` has told the comm where the replicas are: the round then costs ONE
+  collective (two in a round whose observations outgrow their room, e.g. the first), and Σ w_k x_k
+  and the replicas are computed from the gathered rows in every process alike (in ks order, one
+  worker at a time, so every process gets the same bits whatever its thread count). The gather moves
+  more bytes than an all_reduce would (world x float64 rows); for models this small the second
+  collective's latency is what costs, not the bytes.
 
 Example (in every process of a gloo group of 2)::
 
@@ -40,7 +42,8 @@ from hetsim.training import Tallies
 # the columns of a rank's row in the stats tensor that gather_tallies all_gathers
 _STEPS, _SAMPLES, _BIASED, _LOSS_SUM, _START, _FINISH, _N_OBS = range(7)
 _COLUMNS = 7
-#: a replica at most this large (bytes) rides in the tally gather (`TorchComm.attach`)
+#: a model whose float64 rows from every rank add up to at most this (bytes) rides in the tally gather
+#: (`TorchComm.attach`)
 FUSE_BYTES = 1 << 20
 
 
@@ -67,8 +70,9 @@ class TorchComm(Comm):
 
     def attach(self, replicas: Callable[[list[int]], torch.Tensor]) -> None:
         """Where this process's replicas are (the core's `replicas`): a small model then travels in the tally
-        gather (module docstring). Only under gloo: nccl's tensors live on the GPU, not in a host row."""
-        if self.device.type == "cpu":
+        gather (module docstring), decided once here: when every rank's row of it (float64) adds up to at
+        most FUSE_BYTES. Only under gloo: nccl's tensors live on the GPU, not in a host row."""
+        if self.device.type == "cpu" and 8 * replicas([self.rank])[0].numel() * self.world <= FUSE_BYTES:
             self._replicas = replicas
 
     # -- control values -----------------------------------------------------------------------------
@@ -110,8 +114,8 @@ class TorchComm(Comm):
         if not ks:
             return Tallies.of([], []), Work([], np.zeros(0), np.zeros(0))
         width = self._obs_width
-        own = self._replicas([self.rank])[0] if self._replicas is not None else None
-        fuse = own is not None and own.numel() * own.element_size() <= FUSE_BYTES
+        fuse = self._replicas is not None
+        own = self._replicas([self.rank])[0] if fuse else None
         p = own.numel() if fuse else 0
         row = np.zeros(_COLUMNS + 2 * width + p)
         if fuse and mine:  # float64 holds float32 (and float64) values exactly
@@ -162,7 +166,8 @@ class TorchComm(Comm):
         tensors where the replicas live."""
         ks = [int(k) for k in ks]
         fused, self._fused = self._fused, None  # this round's only: a later combine gathers afresh
-        if fused is not None and fused[0] == tuple(ks):  # gathered with the tallies: no collective
+        # gathered with the tallies (the core's replicas, of these ks): no collective
+        if fused is not None and fused[0] == tuple(ks) and replicas == self._replicas:
             rows = fused[1]
 
             def fused_sum(w: np.ndarray) -> torch.Tensor:

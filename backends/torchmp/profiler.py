@@ -8,7 +8,7 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   samples are stored (dist 'empirical'), with median / p10 / p90 for readers;
 - evaluation time: the median of 3 evaluations of the test set;
 - exchange (optional, `--exchange`): two gloo processes on loopback run the backend's round
-  synchronisation through its TorchComm (stop check, tally gather, all-reduce) with a tiny and a large model (at least
+  synchronisation through its TorchComm (tally gather, all-reduce) with a tiny and a large model (at least
   4 MB, so that bandwidth rather than latency dominates); for a ring of 2, T = 2a + S/B gives the
   latency a (which absorbs the fixed per-round costs) and the bandwidth B;
 - `--config CONFIG`: every device of a config is measured at the same time, each in its own process
@@ -20,10 +20,11 @@ For one device (cpu with a thread count, or cuda:i; optionally an emulated slowd
   measured; per combine, the time from the last arrival's finish to the next local step's start, less
   the alpha-beta exchange, is what the simulator does not otherwise see (control broadcasts, the tally
   gather, the aggregator, the server's turnaround). Fitted as fixed + per_arrival x arrivals and stored
-  as link.overhead[protocol] with its spread. The same run gives each device's steps as the run takes
-  them (cold caches after each pull, wake-ups after the collectives, the other processes' load): their
-  median over the profile's is stored as the entry's in_run[protocol].factor, which the simulator
-  applies to the profiled step times.
+  as the entry's in_run[protocol].overhead with its spread. The same run gives each device's steps as
+  the run takes them (cold caches after each pull, wake-ups after the collectives, the other processes'
+  load): their median over the profile's is in_run[protocol].factor, which the simulator applies to
+  the profiled step times. Both describe this config's shape (protocol, local steps, sampler) and go
+  with the entry: re-profiling the workload replaces them.
 
 Entries for other (workload, batch size) pairs already in the file are kept.
 """
@@ -143,10 +144,11 @@ def measure_exchange(model_bytes: int, repeats: int = 20) -> dict[str, float]:
 
 
 def _exchange_worker(rank: int, init: str, nbytes: int, repeats: int, result: Any) -> None:
-    """Time the backend's whole synchronisation, not just the all-reduce: the round's stop check
-    (comm.agree), the tally gather (comm.gather_tallies) and the combine's one all-reduce of n floats
-    (a linear aggregator's weighted_sum), through the backend's own TorchComm. Its fixed costs end up
-    in the fitted latency, which is what the simulator should charge per exchange."""
+    """Time the backend's synchronisation of a round through its own TorchComm: the tally gather
+    (comm.gather_tallies) and the combine's all-reduce of n floats (a linear aggregator's weighted_sum),
+    with no model attached to the gather, so that the all-reduce's bytes are timed (the 4 MB model never
+    rides in the gather). The alpha-beta fit's latency therefore holds a gather's latency too; the rest of
+    a round's fixed cost is measured on the real run (`measure_overhead`), less this fit's prediction."""
     import torch.distributed as dist
 
     from backends.torchmp.comm import TorchComm
@@ -165,7 +167,6 @@ def _exchange_worker(rank: int, init: str, nbytes: int, repeats: int, result: An
             x = torch.ones(1, n)
 
             def sync() -> None:
-                comm.agree([0.0, 0.0])
                 comm.gather_tallies([0, 1], tallies, work)
                 comm.arrivals_source([0, 1], lambda ks: x, linear=True)[0](weights)
 
@@ -287,12 +288,12 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
         overhead, in_run = measure_overhead(spec, paths)
         for kind, path in paths.items():
             data = json.loads(path.read_text())
-            data["link"].setdefault("overhead", {})[spec.protocol.name] = overhead
             entry = next(e for e in data["entries"]
                          if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
-            if kind in in_run:
-                entry.setdefault("in_run", {})[spec.protocol.name] = {
-                    **in_run[kind], "factor": in_run[kind]["median_s"] / entry["median_s"]}
+            # a kind whose devices took no step in the calibration run keeps its profiled steps (factor 1)
+            steps = in_run.get(kind, {"median_s": entry["median_s"], "rounds": 0})
+            entry.setdefault("in_run", {})[spec.protocol.name] = {
+                **steps, "factor": steps["median_s"] / entry["median_s"], "overhead": overhead}
             write_json(path, data, indent=1)
     return paths
 
@@ -312,8 +313,16 @@ def calibration_spec(spec: Spec, paths: dict[str, Path], rounds: int) -> Spec:
         g.pop("step_time", None)
         g["profile"] = str(Path(paths[g["kind"]]).resolve())
         g["overhead_s"] = g["overhead_per_arrival_s"] = 0.0
+        # the exchange subtracted is the measured link's (the real backend's all-reduce), not a network the
+        # config emulates: that would fold real time into the overhead, or hide it under a slower network
+        g.pop("bandwidth_GBps", None)
+        g.pop("latency_s", None)
+    d["cluster"]["network"] = {"collective": "ring_allreduce"}
     d["name"] = f"{spec.name}-overhead"
-    d["stop"] = {"max_rounds": rounds, "target_accuracy": spec.stop.target_accuracy}
+    # a time budget makes every round broadcast the leader's stop check: keep one (never reached) to pay it
+    d["stop"] = {"max_rounds": rounds, "target_accuracy": spec.stop.target_accuracy,
+                 **({"max_time_s": 1e9} if spec.stop.max_time_s else {})}
+    d["trace"] = {**d.get("trace", {}), "decisions": True}  # what the overhead is read from
     d["eval"] = {**d.get("eval", {}), "every_rounds": rounds, "every_epochs": 0}
     d["run"] = {**d.get("run", {}), "checkpoint_every": 0}
     return spec_from_dict(d, source=f"{spec.name} (overhead calibration)")
@@ -443,11 +452,7 @@ def write_profile(path: str | Path, device_kind: str, measured: dict[str, Any]) 
     data.update(source="measured", hardware=measured["hardware"],
                 measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=versions())
     if measured.get("link"):
-        # overheads measured earlier for other protocols stay (each is its own measurement)
-        kept = (data.get("link") or {}).get("overhead") or {}
-        data["link"] = dict(measured["link"])
-        if kept:
-            data["link"]["overhead"] = {**kept, **(measured["link"].get("overhead") or {})}
+        data["link"] = measured["link"]
     write_json(path, data, indent=1)
     return data
 
