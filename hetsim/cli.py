@@ -285,7 +285,7 @@ PROFILE_DEVICE_DEFAULTS = {"device": "cpu", "threads": 0, "emulated_slowdown": 1
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from backends.torchmp.profiler import profile_cluster, profile_device, write_profile
+    from backends.torchmp.profiler import profile_cluster, profile_device, spec_entry, write_profile
 
     if not args.max_seconds > 0:
         raise SpecError(f"--max-seconds {args.max_seconds!r}: expected a number of seconds > 0")
@@ -303,9 +303,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             print(f"{kind}: {path}")
         if args.exchange:
             data = json.loads(next(iter(paths.values())).read_text())
-            link = data["link"]
-            entry = next(e for e in data["entries"]
-                         if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
+            link, entry = data["link"], spec_entry(data, spec)
             ov = ((entry.get("in_run") or {}).get(spec.protocol.name) or {}).get("overhead")
             print(f"link {link['bandwidth_GBps']:.2f} GB/s, {link['latency_s'] * 1e6:.0f} us; " +
                   (f"per-combine overhead under {spec.protocol.name}: {ov['fixed_s'] * 1e3:.2f} ms + "

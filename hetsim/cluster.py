@@ -275,9 +275,7 @@ def profile_entry(ref: str, workload: str, batch_size: int, protocol: str = "syn
             continue
         step = convert(StepTimeSpec, entry.get("step_time", {}), f"{where}.step_time")
         model = StepTimeModel.from_spec(step, f"{where}.step_time")
-        eval_time = entry.get("eval_time_s", 0.0)
-        if isinstance(eval_time, bool) or not isinstance(eval_time, (int, float)) or eval_time < 0:
-            raise SpecError(f"{where}.eval_time_s: expected a number >= 0, got {eval_time!r}")
+        eval_time = _positive(entry.get("eval_time_s", 0.0), f"{where}.eval_time_s")
         label = f"{data.get('source', 'measured')}: {data.get('hardware', 'unknown hardware')}"
         in_run = entry.get("in_run") or {}
         if not isinstance(in_run, dict) or not isinstance(in_run.get(protocol, {}), dict):
@@ -291,12 +289,13 @@ def profile_entry(ref: str, workload: str, batch_size: int, protocol: str = "syn
             ov = m.get("overhead") or {}
             overhead = (_positive(ov.get("fixed_s", 0.0), f"{where}.in_run.{protocol}.overhead.fixed_s"),
                         _positive(ov.get("per_arrival_s", 0.0), f"{where}.in_run.{protocol}.overhead.per_arrival_s"))
-        return model, float(eval_time), label, overhead
+        return model, eval_time, label, overhead
     raise SpecError(f"{ref}: no entry for workload {workload!r} at batch size {batch_size} "
                     f"(has: {', '.join(available) or 'none'}); profile that pair or give step_time inline")
 
 
 def _positive(v: Any, where: str, strict: bool = False) -> float:
+    """A profile's number (not a bool) >= 0, or > 0 when strict; else a one-line SpecError naming `where`."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if strict else v >= 0):
         raise SpecError(f"{where}: expected a number {'>' if strict else '>='} 0, got {v!r}")
     return float(v)

@@ -42,6 +42,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from backends.torchmp.profiler import sync_rounds
 from hetsim.analysis import compare_runs, load_run
 from hetsim.config import spec_from_dict, spec_to_dict, to_toml
 
@@ -57,21 +58,13 @@ def lost_throughput(real, profiled: dict[str, float]) -> tuple[float, str]:
     and where its time went, as shares of its training time (evaluated rounds left out): the backend's
     per-round overhead (duration less the longest work), the barrier idle (each device's wait for the
     longest work, averaged over devices), and the devices' steps against their profiled medians."""
-    rounds = [int(r) for r in real.metrics["round"]]
-    times = dict(zip(rounds, real.metrics["time_s"]))
-    evaluated = {r for r, a in zip(rounds, real.metrics["test_acc"]) if a == a}
-    names = real.config["cluster"]["devices"]
-    kinds = [g["kind"] for g in names for _ in range(g["count"])]
+    kinds = spec_from_dict(real.config, source=str(real.path)).worker_kinds()
     total = overhead = idle = 0.0
     per_step: dict[str, list[float]] = {}
     samples: dict[int, float] = {}
     busy_s: dict[int, float] = {}
-    for d in real.decisions:
-        r = int(d["round"])
-        if r in evaluated or r - 1 not in times:
-            continue
+    for d, duration in sync_rounds(real):  # the rounds the profiler's overhead calibration reads too
         busy = [f - s for s, f in zip(d["start_s"], d["finish_s"])]
-        duration = times[r] - times[r - 1]
         total += duration
         overhead += duration - max(busy)
         idle += sum(max(busy) - b for b in busy) / len(busy)

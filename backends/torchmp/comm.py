@@ -47,6 +47,14 @@ _COLUMNS = 7
 FUSE_BYTES = 1 << 20
 
 
+def _weights(w: np.ndarray, n: int) -> np.ndarray:
+    """An aggregator's weights for n arrivals as float64, or a ValueError naming the shape it got."""
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weighted_sum: expected {n} weights (one per arrival), got shape {w.shape}")
+    return w
+
+
 def _host(t: torch.Tensor) -> np.ndarray:
     """A communicated tensor's values on the host (float64 numpy)."""
     return t.detach().to("cpu", torch.float64).numpy()
@@ -171,9 +179,7 @@ class TorchComm(Comm):
             rows = fused[1]
 
             def fused_sum(w: np.ndarray) -> torch.Tensor:
-                w = np.asarray(w, dtype=np.float64)
-                if w.shape != (len(ks),):
-                    raise ValueError(f"weighted_sum: expected {len(ks)} weights (one per arrival), got shape {w.shape}")
+                w = _weights(w, len(ks))
                 out = rows[0] * float(w[0])
                 for i in range(1, len(ks)):
                     out += rows[i] * float(w[i])
@@ -185,9 +191,7 @@ class TorchComm(Comm):
         own = replicas([self.rank])[0]
 
         def weighted_sum(w: np.ndarray) -> torch.Tensor:
-            w = np.asarray(w, dtype=np.float64)
-            if w.shape != (len(ks),):
-                raise ValueError(f"weighted_sum: expected {len(ks)} weights (one per arrival), got shape {w.shape}")
+            w = _weights(w, len(ks))
             if mine is None:
                 x = torch.zeros(own.numel(), dtype=own.dtype, device=self.device)
             else:

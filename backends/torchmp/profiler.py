@@ -288,14 +288,19 @@ def profile_cluster(spec: Spec, out_dir: str | Path, max_seconds: float = 30.0, 
         overhead, in_run = measure_overhead(spec, paths)
         for kind, path in paths.items():
             data = json.loads(path.read_text())
-            entry = next(e for e in data["entries"]
-                         if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
+            entry = spec_entry(data, spec)
             # a kind whose devices took no step in the calibration run keeps its profiled steps (factor 1)
             steps = in_run.get(kind, {"median_s": entry["median_s"], "rounds": 0})
             entry.setdefault("in_run", {})[spec.protocol.name] = {
                 **steps, "factor": steps["median_s"] / entry["median_s"], "overhead": overhead}
             write_json(path, data, indent=1)
     return paths
+
+
+def spec_entry(data: dict[str, Any], spec: Spec) -> dict[str, Any]:
+    """The entry of a profile file (as read) for spec's workload and batch size."""
+    return next(e for e in data["entries"]
+                if (e["workload"], e["batch_size"]) == (spec.workload.name, spec.optim.batch_size))
 
 
 #: the protocols whose overhead `measure_overhead` can read off a run's decisions: a worker's next job
@@ -328,6 +333,20 @@ def calibration_spec(spec: Spec, paths: dict[str, Path], rounds: int) -> Spec:
     return spec_from_dict(d, source=f"{spec.name} (overhead calibration)")
 
 
+def evaluated_rounds(run: Any) -> set[int]:
+    """The rounds (updates) of a run after which the global model was evaluated."""
+    return {int(r) for r, acc in zip(run.metrics["round"], run.metrics["test_acc"]) if acc == acc}
+
+
+def sync_rounds(run: Any) -> list[tuple[dict[str, Any], float]]:
+    """(decision, duration on the leader's clock) of each round of a real sync run that had work and was not
+    evaluated (an evaluated round's duration includes its evaluation, charged separately)."""
+    times = dict(zip((int(r) for r in run.metrics["round"]), run.metrics["time_s"]))
+    evaluated = evaluated_rounds(run)
+    return [(d, times[r] - times[r - 1]) for d in run.decisions
+            if (r := int(d["round"])) not in evaluated and r - 1 in times and r in times and d["workers"]]
+
+
 def combine_overheads(run: Any, network: Any, groups: list[Any], group_of: list[int], model_bytes: int,
                       event_driven: bool) -> list[tuple[int, float]]:
     """(arrivals n, overhead s) per combine of a real run, less the alpha-beta exchange of n models
@@ -341,32 +360,25 @@ def combine_overheads(run: Any, network: Any, groups: list[Any], group_of: list[
     workers never start again are skipped."""
     from hetsim.cluster import exchange_time
 
-    rounds = [int(r) for r in run.metrics["round"]]
-    times = dict(zip(rounds, run.metrics["time_s"]))
-    evaluated = {r for r, acc in zip(rounds, run.metrics["test_acc"]) if acc == acc}
-    decisions = run.decisions
-    overhead: list[float | None] = [None] * len(decisions)
+    spans: list[tuple[dict[str, Any], float]] = []  # (decision, its overhead before the exchange)
     if event_driven:
+        evaluated = evaluated_rounds(run)
         seen: dict[int, float] = {}  # a worker's start in a later update
-        for i in range(len(decisions) - 1, -1, -1):
-            d = decisions[i]
+        for d in reversed(list(run.decisions)):
             later = [seen.get(w) for w in d["workers"]]
-            if later and None not in later:
-                overhead[i] = min(t - f for t, f in zip(later, d["finish_s"]))
+            if later and None not in later and int(d["round"]) not in evaluated:
+                spans.append((d, min(t - f for t, f in zip(later, d["finish_s"]))))
             seen.update(zip(d["workers"], d["start_s"]))
+        spans.reverse()
     else:
-        for i, d in enumerate(decisions):
-            r = int(d["round"])
-            if r - 1 in times and r in times and d["workers"]:
-                overhead[i] = times[r] - times[r - 1] - max(f - s for s, f in zip(d["start_s"], d["finish_s"]))
+        spans = [(d, duration - max(f - s for s, f in zip(d["start_s"], d["finish_s"])))
+                 for d, duration in sync_rounds(run)]
     out = []
-    for i, d in enumerate(decisions):
+    for d, overhead in spans:
         ks = d["workers"]
-        if not ks or int(d["round"]) in evaluated or overhead[i] is None:
-            continue
         present = [groups[g] for g in sorted({group_of[w] for w in ks})]
         ab = exchange_time(network, present, model_bytes, max(d["finish_s"]), n=len(ks), through_server=event_driven)
-        out.append((len(ks), overhead[i] - ab))
+        out.append((len(ks), overhead - ab))
     return out
 
 
@@ -405,8 +417,8 @@ def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30
                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The per-combine overhead of `spec`'s protocol on the real backend (module docstring), from one
     calibration run of `rounds` combines of the config as it will run, and each device kind's steps in
-    that run (`in_run_steps`: the profile's entry stores their median over its own as `in_run`). The per-arrival part is fitted only
-    where the run's own combines vary in size (semi_sync with a deadline, say); a run made to vary it (one
+    that run (`in_run_steps`: the profile's entry stores their median over its own as `in_run`). The
+    per-arrival part is fitted only where the run's own combines vary in size (semi_sync with a deadline, say); a run made to vary it (one
     participant a round) measures another regime: its ranks idle longer in the collectives, and on this
     project's 2-core VM that made a one-arrival combine cost 1.7x a two-arrival one, not less."""
     import tempfile
@@ -424,7 +436,7 @@ def measure_overhead(spec: Spec, paths: dict[str, Path], rounds: int = 30
         real = load_run(Path(tmp) / "run")  # (its decisions are read from the folder: use them inside)
         samples = combine_overheads(real, cal.cluster.network, groups, group_of, int(real.summary["model_bytes"]),
                                     event_driven(spec.protocol.name))
-        steps = in_run_steps(real, [d.kind for d in cal.cluster.devices for _ in range(d.count)])
+        steps = in_run_steps(real, cal.worker_kinds())
     out = fit_overhead(samples)
     out.update(world=len(group_of) + (1 if event_driven(spec.protocol.name) else 0),
                measured_with=f"a calibration run of {rounds} combines of {spec.name!r}")
