@@ -44,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "studies" / "nlp_shakespeare"))
 
+from backends.torchmp.profiler import spec_entry  # noqa: E402
 from hetsim.analysis import compare_runs, load_run, noise_floor  # noqa: E402
+from hetsim.resolve import load_spec  # noqa: E402
 from hetsim.config import to_toml  # noqa: E402
 
 WORKLOADS = {  # name -> (workload table, batch size, local steps H of the fast device)
@@ -93,10 +95,6 @@ def hetsim(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"hetsim {' '.join(args)} (in {cwd}) failed:\n{p.stderr[-2000:]}")
 
 
-def tta(run, target: float) -> float | None:
-    return run.time_to_accuracy(target)
-
-
 def run_cell(out: Path, workload: str, ratio: int, protocol: str, repeats: int, seconds: float,
              data: str | None) -> dict:
     name = f"{workload}-1to{ratio}-{protocol}"
@@ -142,8 +140,8 @@ def run_cell(out: Path, workload: str, ratio: int, protocol: str, repeats: int, 
         "predicted_round_s": float(sim.metrics["time_s"][-1] / rounds),
         "measured_round_s": float(np.median([r.metrics["time_s"][-1] / (len(r.metrics["time_s"]) - 1)
                                              for r in reals])),
-        "overhead": json.loads((d / "profiles" / "fast.json").read_text())["link"].get("overhead", {}).get(
-            cfg_protocol(protocol)),
+        "overhead": ((spec_entry(json.loads((d / "profiles" / "fast.json").read_text()), load_spec(cfg))
+                      .get("in_run") or {}).get(cfg_protocol(protocol)) or {}).get("overhead"),
         "same_decisions": all(r["same_decisions"] for r in reports) if protocol in ("sync_sgd", "local_sgd")
         else None,
         "wall_s": time.monotonic() - t0,
